@@ -1,0 +1,196 @@
+"""The site runtime: what the ``tag(...)`` calls placed by source patches do.
+
+Instrumented model code calls ``tag(owner_module, "local_name", value)`` at every
+activation site. With no run active this is one context-variable read and the value
+comes straight back, so an idle instrumented model computes exactly what the
+unpatched one does. Inside a run (``InstrumentedModel.run``, ``intervene``, ``walk``,
+a sweep, ...) the active :class:`RunContext` maps ``(owner, local_name)`` to a
+canonical site name and passes the value through the handlers registered there
+(cache recorders, interventions), in order.
+
+Runs live in a :class:`contextvars.ContextVar`, so they are per thread and per
+asyncio task: two threads experimenting on one model never see each other's
+interventions or caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Handler",
+    "RunContext",
+    "SiteEvent",
+    "SiteKey",
+    "active_context",
+    "activate",
+    "begin_forward",
+    "skip_layer",
+    "tag",
+]
+
+# (id(owner module), local name) -> how a tag call is looked up.
+SiteKey = tuple[int, str]
+
+_ACTIVE: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar("mishax_py_run", default=None)
+
+
+def tag(owner: object, name: str, value: Any, transpose: tuple[int, int] | None = None) -> Any:
+    """Expose ``value`` as the site ``name`` of ``owner``; return it or its replacement.
+
+    ``transpose``: the canonical layout of the site is ``value.transpose(*transpose)``
+    (e.g. per-head tensors that the model keeps as ``[batch, head, pos, d_head]`` are
+    shown as ``[batch, pos, head, d_head]``). The transpose is only done when a run
+    is active, and a replacement is transposed back.
+    """
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return value
+    return ctx.dispatch(owner, name, value, transpose)
+
+
+def begin_forward(owner: object, past_key_values: Any) -> None:
+    """Called by the patched model at the start of each forward: note the KV-cache offset.
+
+    During generation with a KV cache, the positions of a forward start at the number of
+    tokens already cached; interventions that select absolute positions use this.
+    """
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return
+    ctx.position_offset = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+
+
+def skip_layer(owner: object, layer: int) -> bool:
+    """Whether the patched model should skip decoder layer ``layer`` in this forward.
+
+    Sweeps that only intervene at layers >= l start the batch from a cached clean
+    ``resid_pre`` of layer l (set by a handler at that site) and skip layers < l.
+    """
+    ctx = _ACTIVE.get()
+    return ctx is not None and layer < ctx.start_layer
+
+
+# A handler receives the site's value (canonical layout) and the event; it returns the
+# value to pass on (the same tensor to leave it unchanged).
+Handler = Callable[[torch.Tensor, "SiteEvent"], torch.Tensor]
+
+
+@dataclass
+class SiteEvent:
+    """What a handler knows about the site call it is handling.
+
+    Attributes:
+        site: canonical site name, e.g. ``"blocks.3.attn.z"``.
+        layer: the layer index, or ``None`` for sites outside the blocks.
+        context: the active run (positions offset during generation, recording).
+        rows: for batched sweeps, the batch rows this handler applies to (a
+            LongTensor), else ``None`` for all rows.
+    """
+
+    site: str
+    layer: int | None
+    context: RunContext
+    rows: torch.Tensor | None = None
+
+    @property
+    def position_offset(self) -> int:
+        """Absolute index of the first position in this forward (> 0 when decoding with a KV cache)."""
+        return self.context.position_offset
+
+    def record(self, suffix: str, value: torch.Tensor) -> None:
+        """Offer a derived tensor ``f"{site}.{suffix}"`` (e.g. SAE features) to the run's cache."""
+        self.context.record_derived(f"{self.site}.{suffix}", value)
+
+
+@dataclass
+class _SiteEntry:
+    site: str
+    layer: int | None
+    handlers: list[tuple[Handler, torch.Tensor | None]] = field(default_factory=list)
+
+
+class RunContext:
+    """One active run: the site table and the handlers registered on it.
+
+    ``table`` maps ``(id(owner), local_name)`` to the canonical site and its handlers.
+    Only keys with at least one handler are in the table, so untouched sites cost a
+    single dict lookup. ``fire_counts`` (when ``count_fires``) records how often each
+    site fired, which the tests use to check that every site fires once per forward.
+    """
+
+    def __init__(self, parent: RunContext | None = None, *, count_fires: bool = False) -> None:
+        self.table: dict[SiteKey, _SiteEntry] = {}
+        self.derived_sinks: list[Callable[[str, torch.Tensor], None]] = []
+        self.position_offset: int = 0
+        self.start_layer: int = 0
+        self.count_fires = count_fires
+        self.fire_counts: dict[str, int] = {}
+        if parent is not None:  # nested runs see the outer run's handlers first
+            for key, entry in parent.table.items():
+                self.table[key] = _SiteEntry(entry.site, entry.layer, list(entry.handlers))
+            self.derived_sinks = list(parent.derived_sinks)
+            self.count_fires = self.count_fires or parent.count_fires
+
+    def add(
+        self,
+        key: SiteKey,
+        site: str,
+        layer: int | None,
+        handler: Handler,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """Register ``handler`` at ``key`` (applied after handlers registered before it)."""
+        entry = self.table.get(key)
+        if entry is None:
+            entry = self.table[key] = _SiteEntry(site, layer)
+        entry.handlers.append((handler, rows))
+
+    def dispatch(self, owner: object, name: str, value: Any, transpose: tuple[int, int] | None) -> Any:
+        entry = self.table.get((id(owner), name))
+        if entry is None:
+            return value
+        if self.count_fires:
+            self.fire_counts[entry.site] = self.fire_counts.get(entry.site, 0) + 1
+        canonical = value.transpose(*transpose) if transpose is not None else value
+        out = canonical
+        for handler, rows in entry.handlers:
+            out = handler(out, SiteEvent(entry.site, entry.layer, self, rows))
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"handler {handler!r} at site {entry.site!r} returned {type(out).__name__}, "
+                    "expected a Tensor"
+                )
+        if out is canonical:
+            return value
+        if out.shape != canonical.shape:
+            raise ValueError(
+                f"intervention at site {entry.site!r} returned shape {tuple(out.shape)}, "
+                f"expected {tuple(canonical.shape)}"
+            )
+        return out.transpose(*transpose) if transpose is not None else out
+
+    def record_derived(self, name: str, value: torch.Tensor) -> None:
+        for sink in self.derived_sinks:
+            sink(name, value)
+
+
+def active_context() -> RunContext | None:
+    """The run active in this thread/task, if any."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def activate(ctx: RunContext) -> Iterator[RunContext]:
+    """Make ``ctx`` the active run for the duration of the block (restored on exit, even on error)."""
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
