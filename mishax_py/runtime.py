@@ -121,22 +121,18 @@ class RunContext:
 
     ``table`` maps ``(id(owner), local_name)`` to the canonical site and its handlers.
     Only keys with at least one handler are in the table, so untouched sites cost a
-    single dict lookup. ``fire_counts`` (when ``count_fires``) records how often each
-    site fired, which the tests use to check that every site fires once per forward.
+    single dict lookup.
     """
 
-    def __init__(self, parent: RunContext | None = None, *, count_fires: bool = False) -> None:
+    def __init__(self, parent: RunContext | None = None) -> None:
         self.table: dict[SiteKey, _SiteEntry] = {}
         self.derived_sinks: list[Callable[[str, torch.Tensor], None]] = []
         self.position_offset: int = 0
         self.start_layer: int = 0
-        self.count_fires = count_fires
-        self.fire_counts: dict[str, int] = {}
         if parent is not None:  # nested runs see the outer run's handlers first
             for key, entry in parent.table.items():
                 self.table[key] = _SiteEntry(entry.site, entry.layer, list(entry.handlers))
             self.derived_sinks = list(parent.derived_sinks)
-            self.count_fires = self.count_fires or parent.count_fires
 
     def add(
         self,
@@ -156,8 +152,6 @@ class RunContext:
         entry = self.table.get((id(owner), name))
         if entry is None:
             return value
-        if self.count_fires:
-            self.fire_counts[entry.site] = self.fire_counts.get(entry.site, 0) + 1
         canonical = value.transpose(*transpose) if transpose is not None else value
         out = canonical
         for handler, rows in entry.handlers:

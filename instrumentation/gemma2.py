@@ -1,0 +1,260 @@
+"""Gemma 2 instrumentation: source patches of transformers' ``modeling_gemma2`` and its site catalogue.
+
+``install()`` rewrites the Gemma 2 forward functions in place (their code objects) to
+call ``tag(self, "<local>", value)`` at every site of SPEC §2; ``uninstall()`` puts the
+original code back. ``instrument(model)`` installs, switches the model to eager
+attention (``scores``/``pattern`` only exist there), and returns an
+:class:`~mishax_py.InstrumentedModel` whose catalogue maps each tag call of this
+model instance to its canonical name and TransformerLens alias.
+
+Verified against the transformers versions in ``VERIFIED_TRANSFORMERS``; on another
+version the patches either match (and the tests hold) or ``install()`` raises
+:class:`~mishax_py.ast_patcher.PatchError` showing the code that changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import transformers
+import transformers.models.gemma2.modeling_gemma2 as modeling_gemma2
+from torch import nn
+
+from mishax_py.ast_patcher import ModuleASTPatcher, Replace
+from mishax_py.instrumented import InstrumentedModel
+from mishax_py.runtime import begin_forward, skip_layer, tag
+from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
+
+__all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "install", "installed", "instrument", "patcher", "uninstall"]
+
+VERIFIED_TRANSFORMERS = ("5.23.0",)
+
+# Each patch names a function of modeling_gemma2 and the snippets rewritten in it.
+# `tag(owner, local, value)` returns `value` unchanged unless a run is active.
+PATCHES: dict[str, list[Replace]] = {
+    "Gemma2Model.forward": [
+        Replace(
+            "hidden_states = inputs_embeds",
+            "begin_forward(self, past_key_values)\nhidden_states = tag(self, 'embed', inputs_embeds)",
+        ),
+        Replace(
+            """for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
+                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings, position_ids=position_ids, past_key_values=past_key_values, **kwargs)""",  # noqa: E501
+            """for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
+                   if skip_layer(self, i):
+                       continue
+                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings, position_ids=position_ids, past_key_values=past_key_values, **kwargs)""",  # noqa: E501
+        ),
+        Replace(
+            "hidden_states = self.norm(hidden_states)",
+            "hidden_states = tag(self, 'ln_final', self.norm(hidden_states))",
+        ),
+    ],
+    "Gemma2DecoderLayer.forward": [
+        Replace(
+            "residual = hidden_states\nhidden_states = self.input_layernorm(hidden_states)",
+            "hidden_states = tag(self, 'resid_pre', hidden_states)\nresidual = hidden_states\n"
+            "hidden_states = tag(self, 'ln1', self.input_layernorm(hidden_states))",
+        ),
+        Replace(
+            "hidden_states = self.post_attention_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
+            "hidden_states = tag(self, 'attn_out', self.post_attention_layernorm(tag(self, 'attn_out_pre_norm', hidden_states)))\n"  # noqa: E501
+            "hidden_states = tag(self, 'resid_mid', residual + hidden_states)",
+        ),
+        Replace(
+            "hidden_states = self.pre_feedforward_layernorm(hidden_states)",
+            "hidden_states = tag(self, 'ln2', self.pre_feedforward_layernorm(hidden_states))",
+        ),
+        Replace(
+            "hidden_states = self.post_feedforward_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
+            "hidden_states = tag(self, 'mlp_out', self.post_feedforward_layernorm(tag(self, 'mlp_out_pre_norm', hidden_states)))\n"  # noqa: E501
+            "hidden_states = tag(self, 'resid_post', residual + hidden_states)",
+        ),
+    ],
+    "Gemma2Attention.forward": [
+        Replace(
+            "query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "query_states = tag(self, 'q', self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+        ),
+        Replace(
+            "key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "key_states = tag(self, 'k', self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+        ),
+        Replace(
+            "value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "value_states = tag(self, 'v', self.v_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+        ),
+        Replace(
+            "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
+            "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)\n"
+            "query_states = tag(self, 'rot_q', query_states, (1, 2))\n"
+            "key_states = tag(self, 'rot_k', key_states, (1, 2))",
+        ),
+        Replace(
+            "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+            "attn_output = tag(self, 'z', attn_output).reshape(*input_shape, -1).contiguous()",
+        ),
+    ],
+    "eager_attention_forward": [
+        Replace(
+            "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask",
+            "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask\n"
+            "attn_weights = tag(module, 'scores', attn_weights)",
+        ),
+        Replace(
+            "attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)",
+            "attn_weights = tag(module, 'pattern', "
+            "nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype))",
+        ),
+    ],
+    "Gemma2MLP.forward": [
+        Replace(
+            "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+            "down_proj = self.down_proj(tag(self, 'post', self.act_fn(tag(self, 'pre', self.gate_proj(x))) "
+            "* tag(self, 'pre_linear', self.up_proj(x))))",
+        ),
+    ],
+    "Gemma2RMSNorm.forward": [
+        Replace("output = self._norm(x.float())", "output = tag(self, 'normalized', self._norm(x.float()))"),
+    ],
+    "Gemma2ForCausalLM.forward": [
+        Replace("loss = None", "logits = tag(self, 'logits', logits)\nloss = None"),
+    ],
+}
+
+_PATCHER: ModuleASTPatcher | None = None
+
+
+def patcher() -> ModuleASTPatcher:
+    """The (single) patcher for ``modeling_gemma2``."""
+    global _PATCHER
+    if _PATCHER is None:
+        _PATCHER = ModuleASTPatcher(
+            modeling_gemma2,
+            PATCHES,
+            extra_globals={"tag": tag, "begin_forward": begin_forward, "skip_layer": skip_layer},
+        )
+    return _PATCHER
+
+
+def install() -> None:
+    """Patch transformers' Gemma 2 code (idempotent). Existing model instances are covered too."""
+    if transformers.__version__ not in VERIFIED_TRANSFORMERS and not getattr(install, "_warned", False):
+        warnings.warn(
+            f"mishax-py's Gemma 2 patches are verified against transformers {', '.join(VERIFIED_TRANSFORMERS)}; "
+            f"found {transformers.__version__}. They applied, but run the test suite to be sure.",
+            stacklevel=2,
+        )
+        install._warned = True  # type: ignore[attr-defined]
+    patcher().install()
+
+
+def uninstall() -> None:
+    """Restore transformers' original Gemma 2 code objects exactly (idempotent)."""
+    patcher().uninstall()
+
+
+def installed() -> bool:
+    return patcher().installed
+
+
+def instrument(model: nn.Module, *, switch_to_eager: bool = True) -> InstrumentedModel:
+    """Install the patches and wrap ``model`` (a ``Gemma2ForCausalLM``); idempotent per model.
+
+    ``scores`` and ``pattern`` exist only under eager attention, so a model loaded with
+    another implementation is switched to eager with a warning; pass
+    ``switch_to_eager=False`` to get an error instead.
+    """
+    if not isinstance(model, modeling_gemma2.Gemma2ForCausalLM):
+        raise TypeError(
+            f"instrumentation.gemma2.instrument() needs a transformers Gemma2ForCausalLM, got "
+            f"{type(model).__module__}.{type(model).__name__}. Load the model with "
+            f"Gemma2ForCausalLM.from_pretrained(...) (or AutoModelForCausalLM for a gemma2 checkpoint)."
+        )
+    existing = model.__dict__.get("_mishax_py_instrumented")
+    if isinstance(existing, InstrumentedModel):
+        install()
+        return existing
+    impl = model.config._attn_implementation
+    if impl != "eager":
+        if not switch_to_eager:
+            raise ValueError(
+                f"the model uses attn_implementation={impl!r}; the sites attn.scores and attn.pattern exist only "
+                "under eager attention. Load with attn_implementation='eager' or pass switch_to_eager=True."
+            )
+        warnings.warn(
+            f"switching the model from attn_implementation={impl!r} to 'eager' so that attention scores and "
+            "patterns are observable (Gemma 2's logit soft-cap also needs eager for exact results).",
+            stacklevel=2,
+        )
+        model.set_attn_implementation("eager")
+    install()
+    im = InstrumentedModel(model, build_catalogue(model), install, family="gemma2")
+    model.__dict__["_mishax_py_instrumented"] = im
+    return im
+
+
+def build_catalogue(model: modeling_gemma2.Gemma2ForCausalLM) -> SiteCatalogue:
+    """The sites of one Gemma 2 model instance, in forward order."""
+    cfg = model.config
+    d_model, d_mlp, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    stream = (BATCH, POS, d_model)
+    base = model.model
+    specs: list[SiteSpec] = [
+        SiteSpec("embed", base, "embed", None, stream, "Gemma2Model.forward: embed_tokens(input_ids) (× √d_model)",
+                 "hook_embed"),
+    ]
+    for L, layer in enumerate(base.layers):
+        b = f"blocks.{L}"
+        attn, mlp = layer.self_attn, layer.mlp
+        where_l, where_a = "Gemma2DecoderLayer.forward", "Gemma2Attention.forward"
+        heads_q, heads_kv = (BATCH, POS, n_heads, d_head), (BATCH, POS, n_kv, d_head)
+        attn_map = (BATCH, n_heads, POS, KEY_POS)
+        specs += [
+            SiteSpec(f"{b}.resid_pre", layer, "resid_pre", L, stream, f"{where_l}: layer input",
+                     f"{b}.hook_resid_pre"),
+            SiteSpec(f"{b}.ln1", layer, "ln1", L, stream, f"{where_l}: input_layernorm output"),
+            SiteSpec(f"{b}.attn.q", attn, "q", L, heads_q, f"{where_a}: q_proj, per head, pre-RoPE",
+                     f"{b}.attn.hook_q"),
+            SiteSpec(f"{b}.attn.k", attn, "k", L, heads_kv, f"{where_a}: k_proj, per kv head, pre-RoPE",
+                     f"{b}.attn.hook_k"),
+            SiteSpec(f"{b}.attn.v", attn, "v", L, heads_kv, f"{where_a}: v_proj, per kv head",
+                     f"{b}.attn.hook_v"),
+            SiteSpec(f"{b}.attn.rot_q", attn, "rot_q", L, heads_q, f"{where_a}: query after RoPE",
+                     f"{b}.attn.hook_rot_q"),
+            SiteSpec(f"{b}.attn.rot_k", attn, "rot_k", L, heads_kv, f"{where_a}: key after RoPE (before KV cache)",
+                     f"{b}.attn.hook_rot_k"),
+            SiteSpec(f"{b}.attn.scores", attn, "scores", L, attn_map,
+                     "eager_attention_forward: scaled, soft-capped, masked logits", f"{b}.attn.hook_attn_scores"),
+            SiteSpec(f"{b}.attn.pattern", attn, "pattern", L, attn_map, "eager_attention_forward: softmax",
+                     f"{b}.attn.hook_pattern"),
+            SiteSpec(f"{b}.attn.z", attn, "z", L, heads_q, f"{where_a}: per-head output before o_proj",
+                     f"{b}.attn.hook_z"),
+            SiteSpec(f"{b}.attn_out_pre_norm", layer, "attn_out_pre_norm", L, stream, f"{where_l}: o_proj output"),
+            SiteSpec(f"{b}.attn_out", layer, "attn_out", L, stream, f"{where_l}: post_attention_layernorm output",
+                     f"{b}.hook_attn_out"),
+            SiteSpec(f"{b}.resid_mid", layer, "resid_mid", L, stream, f"{where_l}: residual after attention",
+                     f"{b}.hook_resid_mid"),
+            SiteSpec(f"{b}.ln2_normalized", layer.pre_feedforward_layernorm, "normalized", L, stream,
+                     "Gemma2RMSNorm.forward: x·rsqrt(mean(x²)+eps), fp32, before the (1+w) gain",
+                     f"{b}.ln2.hook_normalized", dtype=torch.float32),
+            SiteSpec(f"{b}.ln2", layer, "ln2", L, stream, f"{where_l}: pre_feedforward_layernorm output"),
+            SiteSpec(f"{b}.mlp.pre", mlp, "pre", L, (BATCH, POS, d_mlp), "Gemma2MLP.forward: gate_proj(x)",
+                     f"{b}.mlp.hook_pre"),
+            SiteSpec(f"{b}.mlp.pre_linear", mlp, "pre_linear", L, (BATCH, POS, d_mlp), "Gemma2MLP.forward: up_proj(x)",
+                     f"{b}.mlp.hook_pre_linear"),
+            SiteSpec(f"{b}.mlp.post", mlp, "post", L, (BATCH, POS, d_mlp), "Gemma2MLP.forward: act(gate) * up",
+                     f"{b}.mlp.hook_post"),
+            SiteSpec(f"{b}.mlp_out_pre_norm", layer, "mlp_out_pre_norm", L, stream, f"{where_l}: down_proj output"),
+            SiteSpec(f"{b}.mlp_out", layer, "mlp_out", L, stream, f"{where_l}: post_feedforward_layernorm output",
+                     f"{b}.hook_mlp_out"),
+            SiteSpec(f"{b}.resid_post", layer, "resid_post", L, stream, f"{where_l}: layer output",
+                     f"{b}.hook_resid_post"),
+        ]
+    specs += [
+        SiteSpec("ln_final", base, "ln_final", None, stream, "Gemma2Model.forward: final norm output"),
+        SiteSpec("logits", model, "logits", None, (BATCH, POS, vocab), "Gemma2ForCausalLM.forward: after soft-cap"),
+    ]
+    return SiteCatalogue(specs)

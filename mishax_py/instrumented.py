@@ -1,0 +1,285 @@
+"""InstrumentedModel: a Hugging Face model whose activation sites can be read and rewritten.
+
+The model itself is unchanged (``im.model`` is the same object and still works as a
+HF model); its family's source patches placed ``tag(...)`` calls at every site, and
+this class decides, per run, what those calls do: record values (``run_with_cache``),
+apply interventions (``run``, ``intervene``), batch many experiments (``sweep``) or
+hand each value to a Python loop (``walk``).
+
+Everything here is model-agnostic: a family module (``instrumentation.gemma2``)
+supplies the site catalogue and an ``ensure_installed`` callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mishax_py.cache import ActivationCache
+from mishax_py.interventions import Hook, Intervention
+from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
+from mishax_py.sites import SiteCatalogue, SiteInfo, UnknownSiteError
+
+if TYPE_CHECKING:
+    from mishax_py.walk import Walker
+
+__all__ = ["InstrumentedModel", "Interventions"]
+
+InterventionLike = Intervention | Callable[..., torch.Tensor | None]
+# {site name, alias or glob: one intervention or a list applied in order}
+Interventions = Mapping[str, InterventionLike | Sequence[InterventionLike]]
+
+
+def as_intervention_list(value: InterventionLike | Sequence[InterventionLike]) -> list[Intervention]:
+    """Normalise one intervention, a plain function, or a list of them, to a list of Interventions."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    out: list[Intervention] = []
+    for item in items:
+        if isinstance(item, Intervention):
+            out.append(item)
+        elif callable(item):
+            out.append(Hook(item))
+        else:
+            raise TypeError(f"expected an Intervention or a function, got {type(item).__name__}: {item!r}")
+    return out
+
+
+class InstrumentedModel:
+    """A HF causal LM with named sites; see the README for a tour.
+
+    Args:
+        model: the HF model (already patched by its family's ``install()``).
+        catalogue: the model's sites in forward order.
+        ensure_installed: re-installs the family's patches if they were uninstalled.
+        family: the family's name, e.g. ``"gemma2"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        catalogue: SiteCatalogue,
+        ensure_installed: Callable[[], None],
+        family: str,
+    ) -> None:
+        self.model = model
+        self.catalogue = catalogue
+        self.family = family
+        self._ensure_installed = ensure_installed
+
+    # -- the catalogue ------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return 1 + max((s.layer for s in self.catalogue.specs if s.layer is not None), default=-1)
+
+    def site_names(self, pattern: str | None = None) -> list[str]:
+        """Canonical site names in forward order (optionally those matching a name/alias/glob)."""
+        return self.catalogue.names() if pattern is None else self.catalogue.resolve(pattern)
+
+    def site_info(self, name: str) -> SiteInfo:
+        """Shape (symbolic), dtype and source location of a site (name or alias)."""
+        spec = self.catalogue.by_name[self.catalogue.canonical(name)]
+        dtype = spec.dtype if spec.dtype is not None else _model_dtype(self.model)
+        return SiteInfo(spec.name, spec.layer, spec.dims, dtype, spec.where, spec.alias)
+
+    def resolve(self, patterns: str | Iterable[str]) -> list[str]:
+        """Canonical names for names, aliases and globs, in forward order."""
+        return self.catalogue.resolve_all(patterns)
+
+    # -- building runs --------------------------------------------------------------------
+    def context(
+        self,
+        interventions: Interventions | None = None,
+        *,
+        batch: int | None = None,
+        pos: int | None = None,
+        rows: torch.Tensor | None = None,
+        parent: RunContext | None = None,
+    ) -> RunContext:
+        """A run context with ``interventions`` registered (validated first; nothing is active yet).
+
+        Nests in ``parent`` (default: the run active in this thread), whose handlers apply first.
+        ``rows`` restricts every intervention to those batch rows (used by sweeps).
+        """
+        self._ensure_installed()
+        planned: list[tuple[str, Intervention]] = []
+        for pattern, value in (interventions or {}).items():
+            ivs = as_intervention_list(value)
+            for name in self.catalogue.resolve(pattern):
+                shape = self.site_info(name).concrete_shape(batch, pos)
+                for iv in ivs:
+                    iv.check(name, shape)
+                    planned.append((name, iv))
+        planned.sort(key=lambda item: self.catalogue.order(item[0]))
+        ctx = RunContext(parent if parent is not None else active_context())
+        for name, iv in planned:
+            spec = self.catalogue.by_name[name]
+            ctx.add(spec.key, name, spec.layer, iv, rows)
+        return ctx
+
+    def add_handler(self, ctx: RunContext, site: str, handler: Callable[[torch.Tensor, SiteEvent], torch.Tensor],
+                    rows: torch.Tensor | None = None) -> None:
+        """Register a raw handler at ``site`` (name or alias) in ``ctx``."""
+        spec = self.catalogue.by_name[self.catalogue.canonical(site)]
+        ctx.add(spec.key, spec.name, spec.layer, handler, rows)
+
+    # -- running --------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, **hf_kwargs: Any) -> torch.Tensor:
+        """The model's forward returning logits (runs whatever context is active)."""
+        hf_kwargs.setdefault("use_cache", False)
+        return self.model(input_ids=ids, **hf_kwargs).logits
+
+    def run(self, ids: Any, interventions: Interventions | None = None, **hf_kwargs: Any) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` of a forward pass with ``interventions`` applied.
+
+        ``ids``: token ids ``[batch, pos]`` (or ``[pos]``, or a list). HF keyword arguments
+        (``attention_mask``, ...) pass through. Autograd follows the caller's grad mode.
+        """
+        ids = as_ids(ids, self.model)
+        ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
+        with activate(ctx):
+            return self.forward(ids, **hf_kwargs)
+
+    def run_with_cache(
+        self,
+        ids: Any,
+        sites: str | Iterable[str] | None = None,
+        *,
+        grad: bool = False,
+        interventions: Interventions | None = None,
+        **hf_kwargs: Any,
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """Logits and an :class:`ActivationCache` of the requested sites (default: all).
+
+        ``sites``: names, TL aliases or globs; derived names such as
+        ``"blocks.1.resid_post.sae.features"`` (offered by interventions like SAE
+        splices) are accepted too. Values are recorded after the site's interventions.
+        With ``grad=False`` cached tensors are detached (no graph kept). With
+        ``grad=True`` they stay in the graph and receive ``.grad`` on ``backward()``.
+        """
+        ids = as_ids(ids, self.model)
+        names, derived = self._cache_plan(sites)
+        ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
+        store: dict[str, torch.Tensor] = {}
+        for name in names:
+            self.add_handler(ctx, name, _recorder(store, name, grad))
+        if derived:
+            ctx.derived_sinks.append(_derived_recorder(store, derived, grad))
+        with activate(ctx):
+            logits = self.forward(ids, **hf_kwargs)
+        order = {n: i for i, n in enumerate(names)}
+        ordered = dict(sorted(store.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+        return logits, ActivationCache(ordered, self.catalogue.canonical)
+
+    @contextlib.contextmanager
+    def intervene(self, interventions: Interventions) -> Iterator[RunContext]:
+        """Apply ``interventions`` to every forward in the block, ``model.generate(...)`` included.
+
+        During generation with a KV cache, positions are absolute (see the interventions'
+        ``positions=`` docs); nested blocks compose, outer interventions first.
+        """
+        ctx = self.context(interventions)
+        with activate(ctx):
+            yield ctx
+
+    def sweep(self, ids: Any, variants: Sequence[Interventions], metric: Callable[..., Any] | None = None,
+              batch_size: int | None = None, **kwargs: Any) -> Any:
+        """Run many intervention variants batched; see :func:`mishax_py.sweep.sweep`."""
+        from mishax_py.sweep import sweep
+
+        return sweep(self, ids, variants, metric=metric, batch_size=batch_size, **kwargs)
+
+    def walk(self, ids: Any, **hf_kwargs: Any) -> Walker:
+        """A Mishax-style loop over ``(site, value)`` in forward order; see :mod:`mishax_py.walk`."""
+        from mishax_py.walk import Walker
+
+        return Walker(self, ids, **hf_kwargs)
+
+    def _cache_plan(self, sites: str | Iterable[str] | None) -> tuple[list[str], list[tuple[list[str], str]]]:
+        if sites is None:
+            return self.catalogue.names(), []
+        patterns = [sites] if isinstance(sites, str) else list(sites)
+        names: list[str] = []
+        derived: list[tuple[list[str], str]] = []
+        for pattern in patterns:
+            try:
+                names.extend(self.catalogue.resolve(pattern))
+            except UnknownSiteError:
+                split = self._split_derived(pattern)
+                if split is None:
+                    raise
+                derived.append(split)
+        return list(dict.fromkeys(names)), derived
+
+    def _split_derived(self, pattern: str) -> tuple[list[str], str] | None:
+        """``"blocks.*.resid_post.sae.features"`` -> (matching sites, ``"sae.features"``)."""
+        parts = pattern.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                sites = self.catalogue.resolve(".".join(parts[:cut]))
+            except UnknownSiteError:
+                continue
+            return sites, ".".join(parts[cut:])
+        return None
+
+    def __repr__(self) -> str:
+        return f"InstrumentedModel({self.family}, {self.n_layers} layers, {len(self.catalogue.specs)} sites)"
+
+
+Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]
+
+
+def _recorder(store: dict[str, torch.Tensor], name: str, grad: bool) -> Handler:
+    def record(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        if not grad:
+            store[name] = value.detach()
+            return value
+        if value.requires_grad:
+            value.retain_grad()
+        else:  # nothing upstream needs gradients: make this value a leaf that receives them
+            value = value.detach().requires_grad_(True)
+        store[name] = value
+        return value.view_as(value)  # downstream must flow through the stored tensor
+
+    return record
+
+
+def _derived_recorder(
+    store: dict[str, torch.Tensor], derived: list[tuple[list[str], str]], grad: bool
+) -> Callable[[str, torch.Tensor], None]:
+    import fnmatch
+
+    def sink(name: str, value: torch.Tensor) -> None:
+        for sites, suffix in derived:
+            for site in sites:
+                if name.startswith(site + ".") and fnmatch.fnmatchcase(name[len(site) + 1 :], suffix):
+                    if grad and value.requires_grad:
+                        value.retain_grad()
+                    store[name] = value if grad else value.detach()
+                    return
+
+    return sink
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def as_ids(ids: Any, model: nn.Module | None = None) -> torch.Tensor:
+    """Token ids as a LongTensor ``[batch, pos]`` on the model's device."""
+    t = torch.as_tensor(ids)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token ids must be integers, got dtype {t.dtype}")
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2:
+        raise ValueError(f"token ids must have shape [batch, pos] or [pos], got {tuple(t.shape)}")
+    if model is not None:
+        device = next(model.parameters()).device
+        t = t.to(device)
+    return t.long()
