@@ -161,8 +161,10 @@ class RunContext:
                     f"handler {handler!r} at site {entry.site!r} returned {type(out).__name__}, "
                     "expected a Tensor"
                 )
-        if out is canonical:
+        if out is canonical and transpose is None:
             return value
+        # Transposed sites always continue through the canonical view (even when unchanged),
+        # so gradients taken with respect to the tensor a handler saw are connected.
         if out.shape != canonical.shape:
             raise ValueError(
                 f"intervention at site {entry.site!r} returned shape {tuple(out.shape)}, "
