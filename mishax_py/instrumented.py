@@ -186,11 +186,16 @@ class InstrumentedModel:
             yield ctx
 
     def sweep(self, ids: Any, variants: Sequence[Interventions], metric: Callable[..., Any] | None = None,
-              batch_size: int | None = None, **kwargs: Any) -> Any:
-        """Run many intervention variants batched; see :func:`mishax_py.sweep.sweep`."""
+              batch_size: int | None = None, progress: bool | None = None, **kwargs: Any) -> list[Any]:
+        """Run many intervention variants batched: one result per variant, equal to running each alone.
+
+        ``metric(logits [B, pos, vocab])`` per variant (default: the logits); ``batch_size`` in rows;
+        ``progress`` a tqdm bar (``None``: automatic). Other keywords (``share_prefix=``, HF kwargs
+        such as ``attention_mask``) pass through; see :func:`mishax_py.sweep.sweep`.
+        """
         from mishax_py.sweep import sweep
 
-        return sweep(self, ids, variants, metric=metric, batch_size=batch_size, **kwargs)
+        return sweep(self, ids, variants, metric=metric, batch_size=batch_size, progress=progress, **kwargs)
 
     def walk(self, ids: Any, **hf_kwargs: Any) -> Walker:
         """A Mishax-style loop over ``(site, value)`` in forward order; see :mod:`mishax_py.walk`."""
