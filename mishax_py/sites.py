@@ -85,9 +85,10 @@ class SiteInfo:
         return tuple(sub[d] if isinstance(d, str) else d for d in self.dims)
 
     def __str__(self) -> str:
-        dims = ", ".join(str(d) for d in self.dims)
+        dims = "[" + ", ".join(str(d) for d in self.dims) + "]"
+        dtype = str(self.dtype).replace("torch.", "")
         alias = f"  (TL: {self.alias})" if self.alias else ""
-        return f"{self.name:32s} [{dims}]  {str(self.dtype).replace('torch.', '')}  {self.where}{alias}"
+        return f"{self.name:28s} {dims:26s} {dtype:8s} {self.where}{alias}"
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
