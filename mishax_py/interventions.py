@@ -472,23 +472,24 @@ class _Selective(Intervention):
         lay, offset = sel.layout, scope.offset
         for d in range(nd):
             s, full = t.shape[d], shape[d]
-            if s == 1 and full != 1:
-                continue
+            positional = d == lay.pos_dim or (lay.is_map and d == 3)
+            if s == 1 and (d == 0 or not site_shaped):
+                continue  # broadcast (site-shaped sources must cover positions and units exactly)
             if not site_shaped and d in sel.maps and s == sel.maps[d][0]:
-                t = t.index_select(d, sel.maps[d][1])
+                t = t.index_select(d, sel.maps[d][1])  # one entry per selected index, in the order given
                 continue
             if d == 0:
                 if s == full:
                     continue
                 if scope.rows is not None and s == scope.full_batch:
-                    t = t.index_select(0, scope.rows)
+                    t = t.index_select(0, scope.rows)  # the full run's rows, read at event.rows
                     continue
             elif d == lay.pos_dim:
-                if s >= offset + full:
+                if s >= offset + full:  # read at this forward's absolute positions
                     t = t.narrow(d, offset, full)
                     continue
-            elif lay.is_map and d == 3:
-                end = offset + shape[lay.pos_dim]  # the key columns present end at the newest position
+            elif positional:  # key columns of an attention map: the ones present end at the newest position
+                end = offset + shape[lay.pos_dim]  # type: ignore[index]
                 if s == full:
                     continue
                 if s >= end >= full:
@@ -727,6 +728,11 @@ class Ablate(_Selective):
             dims = (0,) if not self.mean_over_positions or sel.layout.pos_dim is None else (0, sel.layout.pos_dim)
             ref = ref.to(device=value.device, dtype=torch.float32 if ref.dtype.is_floating_point else None)
             mean = ref.mean(dim=dims, keepdim=True)
+            if len(dims) == 2:  # one mean for every position: cover this forward's absolute positions
+                pos = sel.layout.pos_dim
+                sizes = list(mean.shape)
+                sizes[pos] = scope.offset + value.shape[pos]  # type: ignore[index]
+                mean = mean.expand(sizes)
             return self._fit(mean, value, scope, sel, "Ablate mean", site_shaped=True)
         return self._fit(ref, value, scope, sel, "Ablate mean", site_shaped=False)
 
