@@ -240,7 +240,7 @@ Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]
 def _recorder(store: dict[str, torch.Tensor], name: str, grad: bool) -> Handler:
     def record(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         if not grad:
-            store[name] = value.detach()
+            store[name] = value.detach() if value.requires_grad else value
             return value
         if value.requires_grad:
             value.retain_grad()

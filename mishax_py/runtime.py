@@ -113,7 +113,8 @@ class SiteEvent:
 class _SiteEntry:
     site: str
     layer: int | None
-    handlers: list[tuple[Handler, torch.Tensor | None]] = field(default_factory=list)
+    # (handler, its event): events are built once at registration, not per call.
+    handlers: list[tuple[Handler, SiteEvent]] = field(default_factory=list)
 
 
 class RunContext:
@@ -131,7 +132,9 @@ class RunContext:
         self.start_layer: int = 0
         if parent is not None:  # nested runs see the outer run's handlers first
             for key, entry in parent.table.items():
-                self.table[key] = _SiteEntry(entry.site, entry.layer, list(entry.handlers))
+                # re-bind the parent's handlers to this context (so .record and offsets reach this run)
+                handlers = [(h, SiteEvent(ev.site, ev.layer, self, ev.rows)) for h, ev in entry.handlers]
+                self.table[key] = _SiteEntry(entry.site, entry.layer, handlers)
             self.derived_sinks = list(parent.derived_sinks)
 
     def add(
@@ -146,7 +149,7 @@ class RunContext:
         entry = self.table.get(key)
         if entry is None:
             entry = self.table[key] = _SiteEntry(site, layer)
-        entry.handlers.append((handler, rows))
+        entry.handlers.append((handler, SiteEvent(site, layer, self, rows)))
 
     def dispatch(self, owner: object, name: str, value: Any, transpose: tuple[int, int] | None) -> Any:
         entry = self.table.get((id(owner), name))
@@ -154,8 +157,8 @@ class RunContext:
             return value
         canonical = value.transpose(*transpose) if transpose is not None else value
         out = canonical
-        for handler, rows in entry.handlers:
-            out = handler(out, SiteEvent(entry.site, entry.layer, self, rows))
+        for handler, event in entry.handlers:
+            out = handler(out, event)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(
                     f"handler {handler!r} at site {entry.site!r} returned {type(out).__name__}, "

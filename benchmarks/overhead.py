@@ -1,0 +1,109 @@
+"""Overhead of instrumentation: idle instrumented and cache-everything forwards vs the unpatched model.
+
+Same weights, same inputs, measured in one run, alternating the three modes so machine
+noise hits them alike; prints medians and ratios against the unpatched baseline.
+
+    python benchmarks/overhead.py            # both configs
+    python benchmarks/overhead.py --quick    # fewer repetitions
+
+Targets (issue 2): idle ≤ 1.02× on 12 layers × d_model 768 (batch 4 × 128 tokens),
+≤ 1.10× on 4 layers × d_model 256 (batch 1 × 16 tokens); cache-all ≤ 1.15×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+import instrumentation.gemma2 as g2
+
+CONFIGS = {
+    "12L-d768 (batch 4 x 128)": dict(
+        layers=12, d_model=768, heads=12, kv_heads=4, d_head=64, d_mlp=3072, vocab=2048, batch=4, pos=128
+    ),
+    "4L-d256 (batch 1 x 16)": dict(
+        layers=4, d_model=256, heads=4, kv_heads=2, d_head=64, d_mlp=1024, vocab=2048, batch=1, pos=16
+    ),
+}
+
+
+def build(spec: dict[str, int]) -> Gemma2ForCausalLM:
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+        head_dim=spec["d_head"], sliding_window=64, max_position_embeddings=1024, attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+def time_per_call(fn: Callable[[], object], min_seconds: float) -> float:
+    """Mean seconds per call over a burst lasting at least ``min_seconds``."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / n
+
+
+def bench(name: str, spec: dict[str, int], rounds: int, burst: float) -> dict[str, float]:
+    model = build(spec)
+    ids = torch.randint(4, spec["vocab"], (spec["batch"], spec["pos"]))
+    g2.uninstall()
+    im = g2.instrument(model)  # installs
+
+    def unpatched() -> object:
+        g2.uninstall()
+        try:
+            return model(ids, use_cache=False).logits
+        finally:
+            g2.install()
+
+    # install/uninstall themselves are not timed: switch once per burst instead.
+    modes: dict[str, Callable[[], object]] = {
+        "unpatched": lambda: model(ids, use_cache=False).logits,
+        "idle": lambda: model(ids, use_cache=False).logits,
+        "cache_all": lambda: im.run_with_cache(ids)[0],
+    }
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for mode, fn in modes.items():
+                if mode == "unpatched":
+                    g2.uninstall()
+                times[mode].append(time_per_call(fn, burst))
+                if mode == "unpatched":
+                    g2.install()
+        # sanity: the three agree
+        ref = unpatched()
+        assert torch.equal(ref, model(ids, use_cache=False).logits)
+        assert torch.equal(ref, im.run_with_cache(ids)[0])
+    med = {m: statistics.median(t) for m, t in times.items()}
+    print(f"\n{name}: {len(im.site_names())} sites, {rounds} alternations, medians")
+    for mode in modes:
+        print(f"  {mode:10s} {med[mode] * 1e3:9.3f} ms   ratio vs unpatched {med[mode] / med['unpatched']:.3f}x")
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rounds, burst = (3, 0.5) if args.quick else (7, 1.0)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    for name, spec in CONFIGS.items():
+        bench(name, spec, rounds, burst)
+
+
+if __name__ == "__main__":
+    main()
