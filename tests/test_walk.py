@@ -91,7 +91,7 @@ def test_exception_in_body_aborts_and_leaves_nothing_active(tiny_im, ids):
                     raise KeyError("boom")
     assert w._child is None  # the forward greenlet was unwound
     with pytest.raises(RuntimeError, match="did not finish"):
-        w.output
+        _ = w.output
     assert active_context() is None
     assert torch.equal(tiny_im.run(ids), ref)
     assert torch.equal(tiny_im.model(input_ids=ids).logits, ref)
@@ -103,7 +103,7 @@ def test_exception_without_with_block_leaves_nothing_active(tiny_im, ids):
     with pytest.raises(ZeroDivisionError):
         for site, _ in w:
             if site == "blocks.0.mlp.post":
-                1 / 0
+                raise ZeroDivisionError
     assert w._child is None
     assert active_context() is None
     assert torch.equal(tiny_im.run(ids), ref)
@@ -128,7 +128,7 @@ def test_close_aborts(tiny_im, ids):
     next(it)
     w.close()
     with pytest.raises(RuntimeError):
-        w.output
+        _ = w.output
 
 
 def test_run_context_is_not_visible_in_the_loop_body(tiny_im, ids):
@@ -153,7 +153,7 @@ def test_enclosing_intervene_applies_first(tiny_im, ids):
 
 def test_bad_replacements(tiny_im, ids):
     with tiny_im.walk(ids, sites="blocks.0.attn.z") as w:
-        for site, value in w:
+        for _site, value in w:
             with pytest.raises(ValueError, match=r"blocks\.0\.attn\.z.*\(2, 10, 4, 7\).*\(2, 10, 4, 8\)"):
                 w.replace(torch.zeros(2, 10, 4, 7))
             with pytest.raises(TypeError, match="blocks.0.attn.z"):
@@ -165,7 +165,7 @@ def test_bad_replacements(tiny_im, ids):
     with pytest.raises(RuntimeError, match="once"):
         iter(w)
     with pytest.raises(RuntimeError, match="iterate"):
-        tiny_im.walk(ids).output
+        _ = tiny_im.walk(ids).output
 
 
 def test_unknown_site(tiny_im, ids):
