@@ -582,7 +582,12 @@ def _no_heads_message(site: str, shape: Sequence[int | None]) -> str:
 
 
 def _site_shaped_check(
-    what: str, tshape: Sequence[int], site: str, shape: tuple[int | None, ...], lay: _Layout
+    what: str,
+    tshape: Sequence[int],
+    site: str,
+    shape: tuple[int | None, ...],
+    lay: _Layout,
+    free_dims: Sequence[int] = (),
 ) -> None:
     """Before-the-run check of a site-shaped source: the site's shape, batch 1 or any (checked by the caller).
 
@@ -592,7 +597,7 @@ def _site_shaped_check(
     if len(tshape) != len(shape):
         raise ValueError(f"{what} of shape {_fmt(tshape)} does not match site {site!r} of shape {_fmt(shape)}")
     for d, (s, full) in enumerate(zip(tshape, shape, strict=True)):
-        if full is None or s == full or d == 0 and s == 1:
+        if full is None or s == full or d == 0 and s == 1 or d in free_dims:
             continue
         raise ValueError(
             f"{what} of shape {_fmt(tshape)} does not match site {site!r} of shape {_fmt(shape)} (dim {d}): "
@@ -744,15 +749,9 @@ class Ablate(_Selective):
         if self.mean is None:
             return
         ref = self._reference(site)
-        if ref.ndim == len(shape):
-            ref_shape = list(ref.shape)
-            ref_shape[0] = 1
-            if self.mean_over_positions and layout.pos_dim is not None:
-                ref_shape[layout.pos_dim] = 1
-            check_shape = list(shape)
-            if self.mean_over_positions and layout.pos_dim is not None:
-                check_shape[layout.pos_dim] = None
-            _site_shaped_check("Ablate mean reference", ref_shape, site, tuple(check_shape), layout)
+        if ref.ndim == len(shape):  # reference activations: any batch; any positions if averaged over them
+            free = [0] + ([layout.pos_dim] if self.mean_over_positions and layout.pos_dim is not None else [])
+            _site_shaped_check("Ablate mean reference", tuple(ref.shape), site, shape, layout, free)
         else:
             _selection_shaped_check(self, "Ablate mean", tuple(ref.shape), site, shape, layout)
 
