@@ -1,0 +1,854 @@
+"""Attribution patching: gradient estimates of activation patching, for every element at once.
+
+Activation patching runs the model once per patched element (a layer and position, a
+head, ...) and reads the metric. Attribution patching (AtP; Nanda 2022, Syed et al.
+2023) replaces each of those runs by the first-order Taylor estimate
+
+    metric(patched) - metric(target)  ~=  (a_source - a_target) . d metric / d a |_target
+
+so one forward pass per input and *one* backward pass give the estimate for every
+element of every layer. The conventions follow :func:`mishax_py.patching.activation_patching`:
+
+* ``direction="denoising"`` (default): clean activations are patched into the corrupt
+  run; the target run is the corrupt one, where the gradient is taken.
+* ``direction="noising"``: corrupt activations are patched into the clean run.
+* ``values`` is the estimated *change* of the metric, ``metric(patched) - metric(target)``;
+  ``metric_target`` (the unpatched target run's metric) is stored alongside, so
+  ``values + metric_target`` estimates the patched metric itself.
+* The metric maps the logits ``[batch, pos, vocab]`` of the whole batch to a scalar
+  (typically a mean over rows); a patch applies to every row at once, so an estimate
+  sums the per-row products (a batch is one experiment, as in activation patching).
+
+Shapes of ``values`` (``n_layers`` = the layers attributed, default all):
+
+=========================================================  ==========  =============================
+site                                                       ``by``      ``values``
+=========================================================  ==========  =============================
+resid_pre/resid_mid/resid_post/attn_out/mlp_out (any       ``"pos"``   ``[n_layers, n_pos]``
+``[batch, pos, d]`` site: ln1, mlp.post, ...)              ``"layer"`` ``[n_layers]``
+attn.q/k/v/rot_q/rot_k/z (``[batch, pos, head, d_head]``)  ``"head"``  ``[n_layers, n_heads]``
+                                                           ``"head_pos"`` ``[n_layers, n_pos, n_heads]``
+                                                           ``"pos"``   ``[n_layers, n_pos]``
+attn.scores/pattern (``[batch, head, q_pos, k_pos]``;      same as above, ``pos`` = the query position
+``head_pos`` patches one query row of one head)
+=========================================================  ==========  =============================
+
+``k``/``v``/``rot_k`` have ``n_kv_heads`` heads (GQA). ``by="head"`` patches a head at
+every position; ``by="head_pos"`` one head at one position.
+
+Methods
+-------
+``method="atp"``
+    Plain AtP (the formula above).
+``method="atp*"`` (Kramár et al. 2024, "AtP*")
+    AtP with the two fixes of the paper, each also available alone (``qk_fix=True``,
+    ``graddrop=True`` with ``method="atp"``):
+
+    *QK fix* (attention saturation): for nodes that act on the attention scores
+    (``attn.q``, ``attn.k``, ``attn.rot_q``, ``attn.rot_k``, ``attn.scores``) the
+    change of the attention *pattern* is computed exactly -- the softmax is recomputed
+    for the patched queries/keys -- and only the map from the pattern to the metric is
+    linearised: ``sum (pattern' - pattern) . d metric / d pattern``. Patching the key at
+    position ``t`` changes column ``t`` of every query row; each row's new softmax is
+    computed in closed form from the row's other probabilities (exclusive prefix/suffix
+    sums in float64, so saturated rows stay exact). The scores are recomputed from the
+    cached rotated queries/keys as ``softcap * tanh(scale * q.k / softcap)`` with the
+    model config's ``query_pre_attn_scalar``/``head_dim`` and ``attn_logit_softcapping``;
+    the recomputation is checked against the cached ``attn.scores`` and a mismatch
+    raises (the fix then does not apply to that model).
+
+    *GradDrop* (cancellation): for every layer ``l`` a backward pass in which the
+    gradient through layer ``l``'s contributions to the residual stream (its
+    ``attn_out`` and ``mlp_out``) is set to zero, giving estimates ``I_l``. The paper's
+    score (their eq. 11) is ``c = 1/(L-1) * sum_l |I_l|`` -- a non-negative *magnitude*
+    (layers that cannot affect a node, at or before its layer, give ``|I_l| = |AtP|``).
+    That is what ``values`` holds for ``graddrop=True``; the signed ordinary (QK-fixed)
+    estimate is in ``signed``, every ``I_l`` in ``graddrop`` (``[n_model_layers, ...]``),
+    and :meth:`AttributionResult.worst_case` gives the largest-magnitude signed
+    estimate among ``AtP`` and all ``I_l`` (use it to flag possible false negatives).
+    The ``L`` backward passes are batched: the target input is replicated ``L + 1``
+    times and row-group ``l`` drops layer ``l`` (chunked by ``batch_size``).
+``method="ig"``, ``steps=k``
+    Integrated gradients along the straight line from the target activation to the
+    source activation, separately for each layer's site (the rest of the model runs
+    normally, so the estimate accounts for everything downstream):
+    ``(a_s - a_t) . mean_k d metric / d a |_{a_t + alpha_k (a_s - a_t)}`` with midpoint
+    ``alpha_k = (k + 1/2) / steps``. Summed over a layer's whole site it converges to the
+    exact effect of patching that whole site (completeness). All ``n_layers * steps``
+    interpolations run as one batch (chunked by ``batch_size`` rows).
+
+Performance and memory: AtP is two forward passes and one backward pass whatever the
+number of elements. Only the requested sites are kept (plus ``rot_q``/``rot_k``/
+``scores``/``pattern`` for the QK fix). GradDrop and IG replicate the batch; the
+replicas run in chunks of at most ``batch_size`` rows (default: 8 x the input batch),
+so memory is bounded by ``batch_size`` rows whatever ``steps`` and the depth. The QK
+fix works layer by layer and head-chunk by head-chunk in float64, its ``[batch, heads,
+q, k]`` temporaries bounded by ``max_chunk_elements``. Long runs show a progress bar
+(``progress=True``/``False``; default: on a terminal only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mishax_py.instrumented import as_ids
+from mishax_py.runtime import SiteEvent, activate
+
+if TYPE_CHECKING:
+    from mishax_py.instrumented import InstrumentedModel, Interventions
+
+__all__ = ["AttributionResult", "attribution_patching", "site_kind"]
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+METHODS = ("atp", "atp*", "ig")
+DIRECTIONS = ("denoising", "noising")
+_QK_SITES = ("attn.q", "attn.k", "attn.rot_q", "attn.rot_k", "attn.scores")
+# elements of one chunk of the QK-fix temporaries (float64) -- 2**25 * 8 B = 256 MiB each
+MAX_CHUNK_ELEMENTS = 2**25
+
+
+@dataclass
+class AttributionResult:
+    """Estimated patching effects of one site family across layers.
+
+    Attributes:
+        values: the estimates, ``[n_layers, ...]`` (see the module docs for shapes). For
+            GradDrop, the paper's non-negative score; otherwise signed estimates of
+            ``metric(patched) - metric(target)``.
+        site: the site within a block, e.g. ``"resid_pre"`` or ``"attn.z"``.
+        by: the patching granularity (``"pos"``, ``"head"``, ``"head_pos"``, ``"layer"``).
+        method: ``"atp"``, ``"atp*"`` or ``"ig"``.
+        direction: ``"denoising"`` (clean into corrupt) or ``"noising"``.
+        layers: the model layers of ``values``' first axis.
+        dims: names of ``values``' axes, e.g. ``("layer", "pos")``.
+        labels: per axis name, the labels of its entries (``pos`` gets token strings when
+            a tokenizer is given, else position indices).
+        sites: the canonical site names, one per layer.
+        metric_target: metric of the unpatched target run (corrupt when denoising).
+        metric_source: metric of the source run (clean when denoising).
+        qk_fix: whether the QK fix was applied.
+        steps: IG steps (``None`` for AtP).
+        signed: with GradDrop, the signed (QK-fixed) AtP estimate; else ``values``.
+        graddrop: with GradDrop, ``[n_model_layers, *values.shape]``: the signed estimate
+            with the gradient through layer ``l``'s residual contributions dropped.
+    """
+
+    values: torch.Tensor
+    site: str
+    by: str
+    method: str
+    direction: str
+    layers: list[int]
+    dims: tuple[str, ...]
+    labels: dict[str, list[Any]]
+    sites: list[str]
+    metric_target: float
+    metric_source: float
+    qk_fix: bool = False
+    steps: int | None = None
+    signed: torch.Tensor | None = None
+    graddrop: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def worst_case(self) -> torch.Tensor:
+        """Per element, the signed estimate of largest magnitude among AtP and every GradDrop variant.
+
+        Without GradDrop this is ``signed`` (or ``values``).
+        """
+        base = self.signed if self.signed is not None else self.values
+        if self.graddrop is None:
+            return base
+        allv = torch.cat([base[None], self.graddrop])
+        idx = allv.abs().argmax(0, keepdim=True)
+        return allv.gather(0, idx)[0]
+
+    def top(self, k: int = 10) -> list[tuple[tuple[Any, ...], float]]:
+        """The ``k`` entries of largest magnitude as ``((label per axis), value)``."""
+        flat = self.values.flatten()
+        k = min(k, flat.numel())
+        idx = flat.abs().topk(k).indices
+        out = []
+        for i in idx.tolist():
+            coords = []
+            rem = i
+            for d in reversed(self.values.shape):
+                coords.append(rem % d)
+                rem //= d
+            coords.reverse()
+            labels = tuple(self.labels[name][c] for name, c in zip(self.dims, coords, strict=True))
+            out.append((labels, float(flat[i])))
+        return out
+
+    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+        """A heatmap of ``values`` (2-D results; ``head_pos`` is summed over heads). Returns the axes."""
+        import matplotlib.pyplot as plt
+
+        v = self.values.detach().float().cpu()
+        dims = self.dims
+        if v.ndim == 3:
+            v, dims = v.sum(-1), dims[:2]
+        if v.ndim == 1:
+            v, dims = v[:, None], (dims[0], "")
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4, 0.4 * v.shape[1] + 2), max(3, 0.35 * v.shape[0] + 1.5)))
+        lim = float(v.abs().max()) or 1.0
+        im = ax.imshow(v.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_ylabel(dims[0])
+        ax.set_xlabel(dims[1])
+        ax.set_yticks(range(v.shape[0]), [str(x) for x in self.labels[dims[0]]])
+        if dims[1] and len(self.labels.get(dims[1], [])) == v.shape[1]:
+            ax.set_xticks(range(v.shape[1]), [str(x) for x in self.labels[dims[1]]], rotation=90)
+        ax.set_title(title or f"{self.method} {self.direction}: {self.site} by {self.by}")
+        ax.figure.colorbar(im, ax=ax)
+        return ax
+
+    def __repr__(self) -> str:
+        return (
+            f"AttributionResult({self.method}, {self.direction}, site={self.site!r}, by={self.by!r}, "
+            f"values={tuple(self.values.shape)}, metric_target={self.metric_target:.4g}, "
+            f"metric_source={self.metric_source:.4g})"
+        )
+
+
+# -- site bookkeeping ---------------------------------------------------------------------
+
+
+def site_kind(dims: Sequence[int | str]) -> str:
+    """``"stream"`` for ``[batch, pos, d]``, ``"head"`` for ``[batch, pos, head, d_head]``,
+    ``"map"`` for ``[batch, head, q_pos, k_pos]`` sites; raises for anything else."""
+    dims = tuple(dims)
+    if len(dims) == 3 and dims[:2] == ("batch", "pos") and isinstance(dims[2], int):
+        return "stream"
+    if len(dims) == 4 and dims[:2] == ("batch", "pos") and all(isinstance(d, int) for d in dims[2:]):
+        return "head"
+    if len(dims) == 4 and dims[0] == "batch" and isinstance(dims[1], int) and dims[2:] == ("pos", "key_pos"):
+        return "map"
+    raise ValueError(f"sites of shape {dims} are not supported by attribution patching")
+
+
+_BY = {"stream": ("pos", "layer"), "head": ("head", "head_pos", "pos", "layer"), "map": ("head", "head_pos", "pos",
+                                                                                       "layer")}
+_DEFAULT_BY = {"stream": "pos", "head": "head", "map": "head"}
+
+
+def _normalise_site(site: str) -> str:
+    for prefix in ("blocks.*.", "blocks.L."):
+        if site.startswith(prefix):
+            return site[len(prefix):]
+    if site.startswith("blocks."):
+        raise ValueError(
+            f"site {site!r}: give the site within a block (e.g. 'resid_pre', 'attn.z') and choose layers with "
+            "layers=[...]"
+        )
+    return site
+
+
+def _layer_sites(im: InstrumentedModel, site: str, layers: Sequence[int]) -> list[str]:
+    names = []
+    for L in layers:
+        resolved = im.resolve(f"blocks.{L}.{site}")
+        if len(resolved) != 1:
+            raise ValueError(f"site {site!r} matches {len(resolved)} sites in layer {L}: {resolved}")
+        names.append(resolved[0])
+    return names
+
+
+def _reduce(x: torch.Tensor, kind: str, by: str) -> torch.Tensor:
+    """Sum an elementwise product ``[batch, ...]`` (site layout) to the ``by`` granularity."""
+    if by == "layer":
+        return x.sum()
+    if kind == "stream":  # by pos
+        return x.sum((0, 2))
+    if kind == "head":
+        if by == "head":
+            return x.sum((0, 1, 3))
+        if by == "head_pos":
+            return x.sum((0, 3))
+        return x.sum((0, 2, 3))  # pos
+    # map [batch, head, q, k]
+    if by == "head":
+        return x.sum((0, 2, 3))
+    if by == "head_pos":
+        return x.sum((0, 3)).transpose(0, 1)
+    return x.sum((0, 1, 3))
+
+
+def _dims(by: str) -> tuple[str, ...]:
+    return {"pos": ("layer", "pos"), "head": ("layer", "head"), "head_pos": ("layer", "pos", "head"),
+            "layer": ("layer",)}[by]
+
+
+# -- running the model with raw handlers --------------------------------------------------
+
+Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]
+
+
+def _forward(
+    im: InstrumentedModel,
+    ids: torch.Tensor,
+    handlers: Iterable[tuple[str, Handler]],
+    interventions: Interventions | None,
+    hf: Mapping[str, Any],
+) -> torch.Tensor:
+    """Logits of one forward with the user's interventions first, then ``handlers`` (in order)."""
+    ctx = im.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
+    for name, h in handlers:
+        im.add_handler(ctx, name, h)
+    with activate(ctx):
+        return im.forward(ids, **hf)
+
+
+def _replicate_hf(hf: Mapping[str, Any], batch: int, reps: int) -> dict[str, Any]:
+    out = {}
+    for k, v in hf.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == batch and reps > 1:
+            v = v.repeat(reps, *([1] * (v.ndim - 1)))
+        out[k] = v
+    return out
+
+
+def _check_metric_value(m: Any) -> torch.Tensor:
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(
+            f"metric must return a scalar torch.Tensor computed from the logits (differentiable), got "
+            f"{type(m).__name__}"
+        )
+    if m.numel() != 1:
+        raise ValueError(
+            f"metric must return a scalar, got a tensor of shape {tuple(m.shape)}; reduce it (e.g. .mean()) "
+            "over the batch"
+        )
+    return m.reshape(())
+
+
+def _metric_per_replica(metric: Metric, logits: torch.Tensor, batch: int, need_grad: bool) -> torch.Tensor:
+    """The metric of each ``batch``-row replica of ``logits``, as a ``[n_replicas]`` tensor."""
+    reps = logits.shape[0] // batch
+    vals = []
+    for r in range(reps):
+        m = _check_metric_value(metric(logits[r * batch:(r + 1) * batch]))
+        if need_grad and not m.requires_grad:
+            raise ValueError(
+                "metric(logits) does not depend differentiably on the logits (no gradient); compute it with "
+                "torch operations on the logits you are given"
+            )
+        vals.append(m)
+    return torch.stack(vals)
+
+
+def _progress(total: int, desc: str, progress: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=(None if progress is None else not progress), leave=False)
+
+
+# -- QK fix ---------------------------------------------------------------------------------
+
+
+class _ScoreFn:
+    """``scores = softcap * tanh(scale * q.k / softcap)`` (or ``scale * q.k``), read from the HF config."""
+
+    def __init__(self, im: InstrumentedModel) -> None:
+        cfg = im.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        scalar = getattr(cfg, "query_pre_attn_scalar", None)
+        self.scale = float(scalar) ** -0.5 if scalar else float(head_dim) ** -0.5
+        cap = getattr(cfg, "attn_logit_softcapping", None)
+        self.softcap = float(cap) if cap else None
+
+    def __call__(self, dots: torch.Tensor) -> torch.Tensor:
+        s = dots * self.scale
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        return s
+
+
+def _dots(q: torch.Tensor, k: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``q [b, q, h, d]``, ``k [b, k, hkv, d]`` -> ``[b, h, q, k]`` (float64), query head h uses kv head h // n_rep."""
+    k = k.repeat_interleave(n_rep, dim=2)
+    return torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
+
+
+def _masked(scores: torch.Tensor) -> torch.Tensor:
+    return scores <= torch.finfo(scores.dtype).min / 2
+
+
+def _check_scores(score_fn: _ScoreFn, site: str, q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor,
+                  n_rep: int) -> None:
+    rec = score_fn(_dots(q, k, n_rep))
+    keep = ~_masked(scores)
+    err = (rec - scores.double()).abs()[keep]
+    tol = (1e-3 if scores.dtype == torch.float32 else 5e-2) * (1 + scores.double().abs()[keep])
+    if err.numel() and bool((err > tol).any()):
+        raise ValueError(
+            f"QK fix: cannot reproduce {site} from the cached rotated queries/keys (max error "
+            f"{float(err.max()):.3g}); this model's attention scores are not softcap*tanh(scale*q.k/softcap). "
+            "Use qk_fix=False."
+        )
+
+
+def _row_replace_effect(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Exact pattern change when every score moves by ``delta``: ``sum_k G (softmax(S+delta) - softmax(S))``.
+
+    ``S``, ``delta``, ``G``: ``[b, h, q, k]``; returns ``[b, h, q]`` (float64).
+    """
+    S = S.double()
+    masked = _masked(S)
+    S = S.masked_fill(masked, -math.inf)
+    A = torch.softmax(S, -1)
+    A2 = torch.softmax(S + delta.masked_fill(masked, 0.0), -1)
+    A = torch.nan_to_num(A)  # fully masked rows (never in causal attention) -> 0
+    A2 = torch.nan_to_num(A2)
+    return (G.double() * (A2 - A)).sum(-1)
+
+
+def _key_effect(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per key ``t``, the exact pattern change from moving column ``t`` of each row by ``delta[..., t]``.
+
+    Returns ``E [b, h, q, k]`` with ``E[.., s, t] = sum_j G[s, j] (A'_j - A_j)`` where ``A'`` is
+    row ``s``'s softmax with only score ``t`` moved. Closed form: for ``j != t``
+    ``A'_j = A_j / Z`` and ``A'_t = A_t e^delta / Z`` with ``Z = rest_t + A_t e^delta`` and
+    ``rest_t = sum_{j != t} A_j``; ``rest_t`` and ``sum_{j != t} G_j A_j`` are exclusive
+    prefix + suffix sums, so a saturated row (``A_t`` ~ 1) keeps its tiny other
+    probabilities exactly (float64).
+    """
+    S = S.double()
+    masked = _masked(S)
+    A = torch.nan_to_num(torch.softmax(S.masked_fill(masked, -math.inf), -1))
+    G = G.double()
+    delta = delta.masked_fill(masked, 0.0).clamp(max=700.0)
+
+    def excl(x: torch.Tensor) -> torch.Tensor:
+        # sums of the earlier / later terms only (never total - x_t, which cancels when x_t dominates)
+        pre = torch.cat([torch.zeros_like(x[..., :1]), torch.cumsum(x, -1)[..., :-1]], -1)
+        suf = torch.flip(torch.cat([torch.zeros_like(x[..., :1]), torch.cumsum(torch.flip(x, [-1]), -1)[..., :-1]],
+                                   -1), [-1])
+        return pre + suf
+
+    rest = excl(A)
+    ga_rest = excl(G * A)
+    at_new = A * torch.exp(delta)
+    Z = rest + at_new
+    Z = torch.where(Z > 0, Z, torch.ones_like(Z))
+    return ga_rest * (1.0 / Z - 1.0) + G * (at_new / Z - A)
+
+
+def _qk_fix_layer(
+    kind: str,
+    by: str,
+    score_fn: _ScoreFn,
+    n_rep: int,
+    tgt: Mapping[str, torch.Tensor],
+    src: Mapping[str, torch.Tensor],
+    G: torch.Tensor,
+) -> torch.Tensor:
+    """QK-fixed estimate for one layer. ``kind``: ``"q"``, ``"k"`` or ``"scores"``.
+
+    ``tgt``/``src`` hold ``rot_q``, ``rot_k``, ``scores`` of the target/source run; ``G`` is
+    d metric / d pattern on the target run ``[b, h, q, k]``.
+    """
+    S = tgt["scores"]
+    b, h, nq, nk = S.shape
+    # head chunks bounding the float64 temporaries
+    per_head = max(1, b * nq * nk)
+    chunk = max(1, min(h, MAX_CHUNK_ELEMENTS // per_head))
+    if kind == "k":  # keep whole kv groups together
+        chunk = max(n_rep, (chunk // n_rep) * n_rep)
+    parts = []
+    for h0 in range(0, h, chunk):
+        hs = slice(h0, min(h, h0 + chunk))
+        S_c, G_c = S[:, hs], G[:, hs]
+        if kind == "scores":
+            delta = src["scores"][:, hs].double() - S_c.double()
+            masked = _masked(S_c) | _masked(src["scores"][:, hs])
+            delta = delta.masked_fill(masked, 0.0)
+            parts.append(_row_replace_effect(S_c, delta, G_c))  # [b, h, q]
+            continue
+        q_t = tgt["rot_q"][:, :, hs]
+        kv = slice(h0 // n_rep, (hs.stop + n_rep - 1) // n_rep)
+        k_t = tgt["rot_k"][:, :, kv]
+        old = score_fn(_dots(q_t, k_t, n_rep))
+        if kind == "q":
+            new = score_fn(_dots(src["rot_q"][:, :, hs], k_t, n_rep))
+            parts.append(_row_replace_effect(S_c, new - old, G_c))  # [b, h, q]
+        else:
+            new = score_fn(_dots(q_t, src["rot_k"][:, :, kv], n_rep))
+            if by in ("head", "layer"):
+                parts.append(_row_replace_effect(S_c, new - old, G_c))  # all keys at once: [b, h, q]
+            else:
+                parts.append(_key_effect(S_c, new - old, G_c).sum(2))  # per key t: [b, h, k]
+    E = torch.cat(parts, 1)  # [b, h, pos]
+    if by == "layer":
+        return E.sum()
+    if kind == "k":
+        E = E.reshape(b, h // n_rep, n_rep, -1).sum(2)  # query heads -> their kv head
+    if by == "head":
+        return E.sum((0, 2))
+    if by == "head_pos":
+        return E.sum(0).transpose(0, 1)
+    return E.sum((0, 1))  # pos
+
+
+# -- the public entry point -------------------------------------------------------------------
+
+
+def attribution_patching(
+    im: InstrumentedModel,
+    clean_ids: Any,
+    corrupt_ids: Any,
+    metric: Metric,
+    site: str = "resid_pre",
+    by: str | None = None,
+    *,
+    method: str = "atp",
+    direction: str = "denoising",
+    qk_fix: bool | None = None,
+    graddrop: bool | None = None,
+    steps: int = 16,
+    layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    interventions: Interventions | None = None,
+    tokenizer: Any = None,
+    progress: bool | None = None,
+    **hf_kwargs: Any,
+) -> AttributionResult:
+    """Estimate activation patching of ``site`` at every layer (and position/head) from gradients.
+
+    Args:
+        im: the instrumented model.
+        clean_ids, corrupt_ids: token ids ``[batch, pos]`` of the same shape.
+        metric: ``metric(logits [batch, pos, vocab]) -> scalar tensor``, differentiable.
+        site: a site within a block: ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``,
+            ``"attn_out"``, ``"mlp_out"``, ``"attn.z"``, ``"attn.q"``, ``"attn.k"``,
+            ``"attn.v"``, ``"attn.pattern"``, ... (TransformerLens suffixes such as
+            ``"hook_resid_pre"`` work too).
+        by: ``"pos"`` (default for ``[batch, pos, d]`` sites), ``"head"`` (default for
+            per-head sites and attention maps), ``"head_pos"`` or ``"layer"``.
+        method: ``"atp"``, ``"atp*"`` (QK fix + GradDrop) or ``"ig"``.
+        direction: ``"denoising"`` (clean patched into corrupt; gradient on the corrupt
+            run) or ``"noising"`` (corrupt into clean; gradient on the clean run).
+        qk_fix: recompute the attention softmax exactly for query/key/score sites
+            (default: on for ``"atp*"`` on those sites).
+        graddrop: AtP* GradDrop (default: on for ``"atp*"``); see the module docs.
+        steps: integrated-gradients steps (``method="ig"``).
+        layers: the layers to attribute (default: all).
+        batch_size: most rows per forward for the replicated GradDrop/IG batches
+            (default ``8 * batch``).
+        interventions: applied in every run first (e.g. an ablation you study under).
+        tokenizer: optional; labels positions with the clean tokens.
+        progress: show progress bars (default: on a terminal, for multi-chunk work).
+        **hf_kwargs: passed to the model (e.g. ``attention_mask``).
+
+    Returns:
+        :class:`AttributionResult`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not callable(metric):
+        raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
+    clean = as_ids(clean_ids, im.model)
+    corrupt = as_ids(corrupt_ids, im.model)
+    if clean.shape != corrupt.shape:
+        raise ValueError(
+            f"clean_ids and corrupt_ids must have the same shape [batch, pos] (activations are patched position by "
+            f"position), got {tuple(clean.shape)} and {tuple(corrupt.shape)}"
+        )
+    site = _normalise_site(site)
+    all_layers = list(range(im.n_layers))
+    layers = all_layers if layers is None else [int(L) for L in layers]
+    bad = [L for L in layers if L not in all_layers]
+    if bad or not layers:
+        raise ValueError(f"layers must be a non-empty subset of 0..{im.n_layers - 1}, got {layers}")
+    names = _layer_sites(im, site, layers)
+    kind = site_kind(im.site_info(names[0]).dims)
+    by = by or _DEFAULT_BY[kind]
+    if by not in _BY[kind]:
+        raise ValueError(f"by={by!r} is not available for site {site!r} (shape {im.site_info(names[0]).dims}); "
+                         f"choose one of {_BY[kind]}")
+    short = names[0].split(".", 2)[2]  # canonical within-block name
+    qk_kind = {"attn.q": "q", "attn.rot_q": "q", "attn.k": "k", "attn.rot_k": "k", "attn.scores": "scores"}.get(short)
+    star = method == "atp*"
+    if qk_fix is None:
+        qk_fix = star and qk_kind is not None
+    if qk_fix and qk_kind is None:
+        raise ValueError(f"qk_fix applies to query/key/score sites {_QK_SITES}, not {site!r}")
+    if qk_fix and method == "ig":
+        raise ValueError("qk_fix is an AtP correction; it does not combine with method='ig'")
+    if graddrop is None:
+        graddrop = star
+    if graddrop and method == "ig":
+        raise ValueError("graddrop is an AtP correction; it does not combine with method='ig'")
+    if method == "ig" and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    batch = clean.shape[0]
+    if batch_size is not None and batch_size < batch:
+        raise ValueError(f"batch_size ({batch_size}) must be at least the input batch ({batch})")
+    batch_size = batch_size or 8 * batch
+
+    source, target = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
+    common = dict(kind=kind, by=by, names=names, layers=layers, batch=batch, batch_size=batch_size,
+                  interventions=interventions, hf=hf_kwargs, progress=progress)
+    if method == "ig":
+        values, m_tgt, m_src = _ig(im, source, target, metric, steps=steps, **common)
+        signed = gd = None
+    else:
+        values, gd, m_tgt, m_src = _atp(im, source, target, metric, qk_kind=qk_kind if qk_fix else None,
+                                        graddrop=graddrop, **common)
+        signed = values
+        if gd is not None:
+            n_model = im.n_layers
+            values = gd.abs().sum(0) / max(1, n_model - 1)
+
+    dims = _dims(by)
+    labels = _labels(im, names[0], dims, layers, clean, tokenizer)
+    return AttributionResult(
+        values=values, site=short, by=by, method=method, direction=direction, layers=layers, dims=dims,
+        labels=labels, sites=names, metric_target=m_tgt, metric_source=m_src, qk_fix=bool(qk_fix),
+        steps=steps if method == "ig" else None, signed=signed, graddrop=gd,
+    )
+
+
+def _labels(im: InstrumentedModel, name: str, dims: tuple[str, ...], layers: list[int], ids: torch.Tensor,
+            tokenizer: Any) -> dict[str, list[Any]]:
+    labels: dict[str, list[Any]] = {"layer": list(layers)}
+    info = im.site_info(name)
+    n_pos = ids.shape[1]
+    if "pos" in dims:
+        if tokenizer is not None and ids.shape[0] >= 1:
+            labels["pos"] = [f"{i}:{tokenizer.decode([int(t)])}" for i, t in enumerate(ids[0].tolist())]
+        else:
+            labels["pos"] = list(range(n_pos))
+    if "head" in dims:
+        kind = site_kind(info.dims)
+        n_heads = info.dims[2] if kind == "head" else info.dims[1]
+        labels["head"] = list(range(int(n_heads)))
+    return labels
+
+
+# -- AtP (with QK fix and GradDrop) -------------------------------------------------------------
+
+
+def _atp(
+    im: InstrumentedModel,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    metric: Metric,
+    *,
+    kind: str,
+    by: str,
+    names: list[str],
+    layers: list[int],
+    batch: int,
+    batch_size: int,
+    interventions: Interventions | None,
+    hf: Mapping[str, Any],
+    progress: bool | None,
+    qk_kind: str | None,
+    graddrop: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """Returns (signed estimate [n_layers, ...], GradDrop estimates [L, n_layers, ...] or None, m_tgt, m_src)."""
+    # what to record: the site itself, or for the QK fix the attention internals
+    if qk_kind is None:
+        src_sites = {n: n for n in names}
+        grad_sites = list(names)
+        tgt_keep: list[str] = []
+    else:
+        def sib(n: str, s: str) -> str:
+            return n.rsplit(".", 1)[0] + "." + s if ".attn." in n else n
+
+        per_layer = {n: {s: sib(n, s) for s in ("rot_q", "rot_k", "scores", "pattern")} for n in names}
+        needed = ("scores",) if qk_kind == "scores" else ("rot_q", "rot_k")
+        src_sites = {per_layer[n][s]: per_layer[n][s] for n in names for s in needed}
+        grad_sites = [per_layer[n]["pattern"] for n in names]
+        tgt_keep = [per_layer[n][s] for n in names for s in ("rot_q", "rot_k", "scores")]
+
+    # 1. source run: activations only
+    src_store: dict[str, torch.Tensor] = {}
+
+    def keep(store: dict[str, torch.Tensor], name: str) -> Handler:
+        def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+            store[name] = value.detach()
+            return value
+
+        return h
+
+    with torch.no_grad():
+        src_logits = _forward(im, source, [(n, keep(src_store, n)) for n in src_sites], interventions, hf)
+        m_src = float(_check_metric_value(metric(src_logits)))
+    del src_logits
+
+    # 2. target run(s) with gradients: replica 0 is plain, replica 1 + l drops layer l's gradient
+    drop_layers = list(range(im.n_layers)) if graddrop else []
+    n_rep = 1 + len(drop_layers)
+    per_chunk = max(1, batch_size // batch)
+    results: list[torch.Tensor] = []  # per replica: [n_layers, ...]
+    m_tgt = float("nan")
+    bar = _progress(n_rep, "attribution (GradDrop replicas)", progress if n_rep > per_chunk else False)
+    score_fn = _ScoreFn(im) if qk_kind in ("q", "k") else None
+    checked = False
+    for r0 in range(0, n_rep, per_chunk):
+        reps = list(range(r0, min(n_rep, r0 + per_chunk)))
+        ids = target.repeat(len(reps), 1)
+        hfr = _replicate_hf(hf, batch, len(reps))
+        handlers: list[tuple[str, Handler]] = []
+        for i, r in enumerate(reps):
+            if r == 0:
+                continue
+            rows = torch.zeros(len(reps) * batch, dtype=torch.bool, device=ids.device)
+            rows[i * batch:(i + 1) * batch] = True
+            for part in ("attn_out", "mlp_out"):
+                try:
+                    drop_site = im.resolve(f"blocks.{drop_layers[r - 1]}.{part}")[0]
+                except KeyError as e:
+                    raise ValueError(f"GradDrop needs the site blocks.L.{part} (a layer's residual contribution): "
+                                     f"{e}") from None
+                handlers.append((drop_site, _dropper(rows)))
+        store: dict[str, torch.Tensor] = {}
+        for n in dict.fromkeys(grad_sites + tgt_keep):
+            handlers.append((n, _grad_recorder(store, n)))
+        with torch.enable_grad():
+            logits = _forward(im, ids, handlers, interventions, hfr)
+            ms = _metric_per_replica(metric, logits, batch, need_grad=True)
+            grads = torch.autograd.grad(ms.sum(), [store[n] for n in grad_sites], allow_unused=True)
+        if r0 == 0:
+            m_tgt = float(ms[0].detach())
+        gmap = {n: (g if g is not None else torch.zeros_like(store[n])).detach() for n, g in zip(grad_sites, grads,
+                                                                                                 strict=True)}
+        for i, _r in enumerate(reps):
+            rs = slice(i * batch, (i + 1) * batch)
+            per_layer_vals = []
+            for n in names:
+                if qk_kind is None:
+                    delta = (src_store[n] - store[n].detach()[rs]).float()
+                    per_layer_vals.append(_reduce(delta * gmap[n][rs].float(), kind, by))
+                else:
+                    sites = per_layer[n]
+                    tgt = {s: store[sites[s]].detach()[rs] for s in ("rot_q", "rot_k", "scores")}
+                    src = {s: src_store[sites[s]] for s in needed}
+                    n_kv = tgt["rot_k"].shape[2]
+                    n_rep_kv = tgt["rot_q"].shape[2] // n_kv
+                    if score_fn is not None and not checked:
+                        _check_scores(score_fn, sites["scores"], tgt["rot_q"], tgt["rot_k"], tgt["scores"], n_rep_kv)
+                    per_layer_vals.append(
+                        _qk_fix_layer(qk_kind, by, score_fn, n_rep_kv, tgt, src, gmap[sites["pattern"]][rs]).float()
+                    )
+            checked = True
+            results.append(torch.stack(per_layer_vals))
+        del logits, store, grads, gmap
+        bar.update(len(reps))
+    bar.close()
+    signed = results[0]
+    gd = torch.stack(results[1:]) if graddrop else None
+    return signed, gd, m_tgt, m_src
+
+
+def _dropper(rows: torch.Tensor) -> Handler:
+    """Zero the gradient flowing back through this site for batch ``rows`` (values unchanged)."""
+
+    def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        shape = [-1] + [1] * (value.ndim - 1)
+        return torch.where(rows.view(shape), value.detach(), value)
+
+    return h
+
+
+def _grad_recorder(store: dict[str, torch.Tensor], name: str) -> Handler:
+    """Keep the site's value in the graph so ``autograd.grad`` can be taken with respect to it."""
+
+    def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        if not value.requires_grad:
+            value = value.detach().requires_grad_(True)
+        store[name] = value
+        return value
+
+    return h
+
+
+# -- integrated gradients ------------------------------------------------------------------------
+
+
+def _ig(
+    im: InstrumentedModel,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    metric: Metric,
+    *,
+    kind: str,
+    by: str,
+    names: list[str],
+    layers: list[int],
+    batch: int,
+    batch_size: int,
+    interventions: Interventions | None,
+    hf: Mapping[str, Any],
+    progress: bool | None,
+    steps: int,
+) -> tuple[torch.Tensor, float, float]:
+    src_store: dict[str, torch.Tensor] = {}
+    tgt_store: dict[str, torch.Tensor] = {}
+
+    def keep(store: dict[str, torch.Tensor], name: str) -> Handler:
+        def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+            store[name] = value.detach()
+            return value
+
+        return h
+
+    with torch.no_grad():
+        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, keep(src_store, n)) for n in names],
+                                                          interventions, hf))))
+        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, keep(tgt_store, n)) for n in names],
+                                                          interventions, hf))))
+    alphas = [(k + 0.5) / steps for k in range(steps)]
+    jobs = [(li, a) for li in range(len(names)) for a in alphas]  # one replica of the batch each
+    per_chunk = max(1, batch_size // batch)
+    grad_sum = [torch.zeros_like(tgt_store[n], dtype=torch.float32) for n in names]
+    bar = _progress(len(jobs), "integrated gradients", progress if len(jobs) > per_chunk else False)
+    for j0 in range(0, len(jobs), per_chunk):
+        chunk = jobs[j0:j0 + per_chunk]
+        ids = target.repeat(len(chunk), 1)
+        hfr = _replicate_hf(hf, batch, len(chunk))
+        leaves: list[tuple[int, torch.Tensor]] = []
+        handlers: list[tuple[str, Handler]] = []
+        by_layer: dict[int, list[int]] = {}
+        for i, (li, _a) in enumerate(chunk):
+            by_layer.setdefault(li, []).append(i)
+        for li, reps in by_layer.items():
+            n = names[li]
+            delta = src_store[n] - tgt_store[n]
+            interp = torch.cat([tgt_store[n] + chunk[i][1] * delta for i in reps]).requires_grad_(True)
+            rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in reps]).to(ids.device)
+            leaves.append((li, interp))
+            handlers.append((n, _replacer(rows, interp)))
+        with torch.enable_grad():
+            logits = _forward(im, ids, handlers, interventions, hfr)
+            ms = _metric_per_replica(metric, logits, batch, need_grad=True)
+            grads = torch.autograd.grad(ms.sum(), [leaf for _, leaf in leaves], allow_unused=True)
+        for (li, leaf), g in zip(leaves, grads, strict=True):
+            if g is not None:
+                grad_sum[li] += g.detach().float().reshape(-1, *leaf.shape[1:]).view(-1, batch,
+                                                                                    *leaf.shape[1:]).sum(0)
+        del logits, grads, leaves
+        bar.update(len(chunk))
+    bar.close()
+    vals = []
+    for li, n in enumerate(names):
+        delta = (src_store[n] - tgt_store[n]).float()
+        vals.append(_reduce(delta * grad_sum[li] / steps, kind, by))
+    return torch.stack(vals), m_tgt, m_src
+
+
+def _replacer(rows: torch.Tensor, interp: torch.Tensor) -> Handler:
+    def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        return value.index_put((rows,), interp.to(value.dtype))
+
+    return h

@@ -1,0 +1,257 @@
+"""Attribution patching (AtP, AtP*, IG) against exact activation patching on small Gemma 2 models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_model
+
+import instrumentation.gemma2 as g2
+from mishax_py.attribution import _key_effect, attribution_patching, site_kind
+from mishax_py.runtime import active_context
+
+
+def exact_patching(im, source, target, metric, site, by, layers=None):
+    """Reference: exact activation patching, effect = metric(patched) - metric(target) per element.
+
+    Every element is its own patched run; for speed the runs are stacked along the batch
+    (rows of one element never interact), which is exact, not an approximation.
+    """
+    layers = range(im.n_layers) if layers is None else layers
+    names = [f"blocks.{L}.{site}" for L in layers]
+    with torch.no_grad():
+        _, cache = im.run_with_cache(source, sites=names)
+        base = float(metric(im.run(target)))
+    kind = site_kind(im.site_info(names[0]).dims)
+    b = target.shape[0]
+    out = []
+    for n in names:
+        s = cache[n]
+        A = slice(None)
+        if kind == "stream":
+            grid = [[(A, p)] for p in range(s.shape[1])]
+        elif kind == "head":
+            grid = {"head": [[(A, A, h)] for h in range(s.shape[2])],
+                    "pos": [[(A, p)] for p in range(s.shape[1])],
+                    "head_pos": [[(A, p, h) for h in range(s.shape[2])] for p in range(s.shape[1])]}[by]
+        else:
+            grid = {"head": [[(A, h)] for h in range(s.shape[1])],
+                    "pos": [[(A, A, p)] for p in range(s.shape[2])],
+                    "head_pos": [[(A, h, p) for h in range(s.shape[1])] for p in range(s.shape[2])]}[by]
+        flat = [ix for row in grid for ix in row]
+
+        def make_hook(s, flat):
+            def hook(v):
+                v = v.clone()
+                for i, ix in enumerate(flat):
+                    v[i * b:(i + 1) * b][ix] = s[ix]
+                return v
+
+            return hook
+
+        with torch.no_grad():
+            logits = im.run(target.repeat(len(flat), 1), interventions={n: make_hook(s, flat)})
+        vals = torch.tensor([float(metric(logits[i * b:(i + 1) * b])) - base for i in range(len(flat))])
+        out.append(vals.view(len(grid), -1) if by == "head_pos" else vals)
+    return torch.stack(out)
+
+
+def linearise_norm(norm, gain: float = 1e15) -> None:
+    """Make a Gemma 2 RMSNorm exactly linear: with eps = 1e30, mean(x^2) + eps == eps in float32 (for
+    mean(x^2) < ~6e22), so rsqrt(.) is the constant 1e-15; the gain (1 + w) = 1e15 restores the scale."""
+    norm.eps = 1e30
+    with torch.no_grad():
+        norm.weight.fill_(gain - 1)
+
+
+@pytest.fixture(scope="module")
+def linear_tail():
+    """A 2-layer Gemma 2 whose metric is *linear* in everything after the last layer's attention softmax.
+
+    Last layer: MLP output zeroed (down_proj = 0), post-attention norm linearised; final norm
+    linearised; final logit soft-cap off. Then the logits are an affine function of the last
+    layer's pattern, v, z, attn_out, resid_mid and resid_post, so AtP there is exact. Its
+    query/key weights are scaled up so attention is saturated: plain AtP on q/k is then far
+    off, while the QK fix (exact softmax, then linear) is exact.
+    """
+    model = make_model(seed=0, final_logit_softcapping=None)
+    last = model.model.layers[-1]
+    linearise_norm(last.post_attention_layernorm)
+    linearise_norm(model.model.norm)
+    with torch.no_grad():
+        last.mlp.down_proj.weight.zero_()
+        last.self_attn.q_proj.weight.mul_(40)
+        last.self_attn.k_proj.weight.mul_(40)
+        last.self_attn.v_proj.weight.mul_(10)
+        last.self_attn.o_proj.weight.mul_(10)
+    im = g2.instrument(model)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(4, 64, (2, 8), generator=g)
+    corrupt = torch.randint(4, 64, (2, 8), generator=g)
+
+    def metric(logits):
+        return (logits[:, -1, 7] - logits[:, -1, 9]).mean() + logits[:, 4, 3].sum()
+
+    return im, clean, corrupt, metric
+
+
+@pytest.mark.parametrize(
+    "site,by",
+    [("resid_post", "pos"), ("resid_mid", "pos"), ("attn_out", "pos"), ("attn.z", "head"), ("attn.z", "head_pos"),
+     ("attn.v", "head"), ("attn.pattern", "head"), ("attn.pattern", "head_pos")],
+)
+def test_atp_equals_patching_when_metric_is_linear(linear_tail, site, by):
+    im, clean, corrupt, metric = linear_tail
+    last = im.n_layers - 1
+    for direction in ("denoising", "noising"):
+        src, tgt = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
+        res = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last], direction=direction)
+        ref = exact_patching(im, src, tgt, metric, site, by, layers=[last])
+        assert res.values.shape == ref.shape
+        assert ref.abs().max() > 1e-3  # a real effect
+        assert (res.values - ref).abs().max() <= 1e-4, (site, by, direction)
+
+
+@pytest.mark.parametrize("site,by", [("attn.q", "head"), ("attn.q", "head_pos"), ("attn.k", "head"),
+                                     ("attn.k", "head_pos"), ("attn.k", "pos"), ("attn.scores", "head_pos")])
+def test_qk_fix_is_exact_when_linear_after_the_softmax(linear_tail, site, by):
+    im, clean, corrupt, metric = linear_tail
+    last = im.n_layers - 1
+    ref = exact_patching(im, clean, corrupt, metric, site, by, layers=[last])
+    fixed = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last], qk_fix=True)
+    assert fixed.qk_fix
+    assert (fixed.values - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+    if site != "attn.scores":  # plain AtP linearises through the saturated softmax and misses
+        plain = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last])
+        assert (plain.values - ref).abs().max() > 0.2 * ref.abs().max()
+
+
+def test_key_effect_closed_form_matches_bruteforce_on_saturated_rows():
+    torch.manual_seed(0)
+    b, h, t = 1, 2, 6
+    S = torch.randn(b, h, t, t, dtype=torch.float64) * 3
+    S[0, 0, 3] = torch.tensor([60.0, -40.0, -45.0, -50.0, 0.0, 0.0])  # saturated on key 0
+    mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+    S = S.masked_fill(mask, torch.finfo(torch.float32).min)
+    delta = torch.randn(b, h, t, t, dtype=torch.float64) * 30
+    delta[0, 0, 3, 0] = -100.0  # the patched key loses its saturation
+    G = torch.randn(b, h, t, t, dtype=torch.float64)
+    E = _key_effect(S, delta, G)
+    Sm = S.masked_fill(mask, -math.inf)
+    A = torch.softmax(Sm, -1)
+    for s in range(t):
+        for k in range(s + 1):
+            row = Sm[0, :, s].clone()
+            row[:, k] += delta[0, :, s, k]
+            want = (G[0, :, s] * (torch.softmax(row, -1) - A[0, :, s])).sum(-1)
+            torch.testing.assert_close(E[0, :, s, k], want, rtol=1e-9, atol=1e-12)
+    assert E[0, 0, 3, 0].abs() > 0.1  # the saturated case is not lost to rounding
+
+
+def test_graddrop_matches_explicit_detached_backward(tiny_im, ids):
+    im = tiny_im
+    corrupt = ids.clone()
+    corrupt[:, 2] = 5
+
+    def metric(logits):
+        return logits[:, -1, 3].mean() - logits[:, -1, 4].mean()
+
+    res = attribution_patching(im, ids, corrupt, metric, "resid_pre", method="atp*", batch_size=2)
+    assert res.graddrop is not None and res.graddrop.shape == (im.n_layers, im.n_layers, ids.shape[1])
+    plain = attribution_patching(im, ids, corrupt, metric, "resid_pre")
+    torch.testing.assert_close(res.signed, plain.values)
+    torch.testing.assert_close(res.values, res.graddrop.abs().sum(0) / (im.n_layers - 1))
+    # I_l by hand: detach layer l's attn_out and mlp_out, take the gradient at resid_pre
+    names = [f"blocks.{L}.resid_pre" for L in range(im.n_layers)]
+    with torch.no_grad():
+        _, clean_cache = im.run_with_cache(ids, sites=names)
+    for drop in range(im.n_layers):
+        ivs = {f"blocks.{drop}.attn_out": lambda v: v.detach(), f"blocks.{drop}.mlp_out": lambda v: v.detach()}
+        logits, cache = im.run_with_cache(corrupt, sites=names, grad=True, interventions=ivs)
+        grads = torch.autograd.grad(metric(logits), [cache[n] for n in names])
+        want = torch.stack([((clean_cache[n] - cache[n].detach()) * g).sum((0, 2))
+                            for n, g in zip(names, grads, strict=True)])
+        torch.testing.assert_close(res.graddrop[drop], want, rtol=1e-4, atol=1e-6)
+        # dropping layer l only changes nodes upstream of it: resid_pre of layers <= l
+        for L in range(drop + 1, im.n_layers):
+            torch.testing.assert_close(res.graddrop[drop][L], plain.values[L], rtol=1e-4, atol=1e-6)
+    worst = res.worst_case()
+    allv = torch.cat([plain.values[None], res.graddrop])
+    torch.testing.assert_close(worst.abs(), allv.abs().amax(0))
+
+
+def _const(value):
+    return lambda v: value
+
+
+def test_ig_completeness_and_chunking(tiny_im, ids):
+    """IG over a layer's whole site converges to the exact effect of patching that whole site."""
+    im = tiny_im
+    corrupt = ids.clone()
+    corrupt[:, 3] = 7
+    corrupt[:, 6] = 9
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 5].mean()
+
+    res = attribution_patching(im, ids, corrupt, metric, "resid_mid", method="ig", steps=16)
+    small = attribution_patching(im, ids, corrupt, metric, "resid_mid", method="ig", steps=16, batch_size=12)
+    torch.testing.assert_close(res.values, small.values, rtol=1e-4, atol=1e-6)
+    names = [f"blocks.{L}.resid_mid" for L in range(im.n_layers)]
+    with torch.no_grad():
+        _, cache = im.run_with_cache(ids, sites=names)
+        base = float(metric(im.run(corrupt)))
+        for L, n in enumerate(names):
+            whole = float(metric(im.run(corrupt, interventions={n: _const(cache[n])}))) - base
+            assert abs(float(res.values[L].sum()) - whole) <= 2e-3 * max(1.0, abs(whole)), (L, whole)
+    assert res.steps == 16 and res.method == "ig"
+
+
+def test_result_metadata_and_labels(tiny_im, ids):
+    corrupt = ids.flip(1)
+    res = attribution_patching(tiny_im, ids, corrupt, lambda lg: lg[:, -1, 3].mean(), "attn.z", "head_pos",
+                               layers=[1])
+    assert res.values.shape == (1, ids.shape[1], 4)
+    assert res.dims == ("layer", "pos", "head")
+    assert res.labels["layer"] == [1] and res.labels["head"] == [0, 1, 2, 3]
+    assert res.sites == ["blocks.1.attn.z"]
+    with torch.no_grad():
+        assert abs(res.metric_target - float(tiny_im.run(corrupt)[:, -1, 3].mean())) < 1e-5
+        assert abs(res.metric_source - float(tiny_im.run(ids)[:, -1, 3].mean())) < 1e-5
+    assert len(res.top(3)) == 3
+    k = attribution_patching(tiny_im, ids, corrupt, lambda lg: lg[:, -1, 3].mean(), "attn.hook_k")
+    assert k.values.shape == (2, 2)  # kv heads
+    assert attribution_patching(tiny_im, ids, corrupt, lambda lg: lg[:, -1, 3].mean(), "blocks.*.hook_resid_pre",
+                                by="layer").values.shape == (2,)
+
+
+def test_bad_input_errors_and_no_context_left(tiny_im, ids):
+    im = tiny_im
+    corrupt = ids.flip(1)
+    with torch.no_grad():
+        before = im.model(ids).logits
+    with pytest.raises(ValueError, match="scalar"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3], "resid_pre")
+    with pytest.raises(TypeError, match="scalar torch.Tensor"):
+        attribution_patching(im, ids, corrupt, lambda lg: 1.0, "resid_pre")
+    with pytest.raises(ValueError, match="differentiabl"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3].mean().detach(), "resid_pre")
+    with pytest.raises(ValueError, match="same shape"):
+        attribution_patching(im, ids, corrupt[:, :-1], lambda lg: lg.mean(), "resid_pre")
+    with pytest.raises(ValueError, match="by='head'"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", by="head")
+    with pytest.raises(KeyError, match="unknown site"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_prex")
+    with pytest.raises(ValueError, match="qk_fix"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "attn.z", qk_fix=True)
+    with pytest.raises(ValueError, match="steps"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", method="ig", steps=0)
+    with pytest.raises(ValueError, match="method"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", method="gradient")
+    with pytest.raises(ValueError, match="layers"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", layers=[5])
+    assert active_context() is None
+    with torch.no_grad():
+        assert torch.equal(im.model(ids).logits, before)
