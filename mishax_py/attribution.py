@@ -9,12 +9,13 @@ head, ...) and reads the metric. Attribution patching (AtP; Nanda 2022, Syed et 
 so one forward pass per input and *one* backward pass give the estimate for every
 element of every layer. The conventions follow :func:`mishax_py.patching.activation_patching`:
 
-* ``direction="denoising"`` (default): clean activations are patched into the corrupt
+* ``direction="denoise"`` (default): clean activations are patched into the corrupt
   run; the target run is the corrupt one, where the gradient is taken.
-* ``direction="noising"``: corrupt activations are patched into the clean run.
-* ``values`` is the estimated *change* of the metric, ``metric(patched) - metric(target)``;
-  ``metric_target`` (the unpatched target run's metric) is stored alongside, so
-  ``values + metric_target`` estimates the patched metric itself.
+* ``direction="noise"``: corrupt activations are patched into the clean run.
+* ``values`` estimates what activation patching returns, the metric of each patched run
+  (``target metric + estimated change``); ``effects`` is the estimated change alone,
+  ``clean``/``corrupt`` the metrics of the two unpatched runs, ``normalized()`` the
+  fraction of the way to the source run.
 * The metric maps the logits ``[batch, pos, vocab]`` of the whole batch to a scalar
   (typically a mean over rows); a patch applies to every row at once, so an estimate
   sums the per-row products (a batch is one experiment, as in activation patching).
@@ -27,7 +28,7 @@ site                                                       ``by``      ``values`
 resid_pre/resid_mid/resid_post/attn_out/mlp_out (any       ``"pos"``   ``[n_layers, n_pos]``
 ``[batch, pos, d]`` site: ln1, mlp.post, ...)              ``"layer"`` ``[n_layers]``
 attn.q/k/v/rot_q/rot_k/z (``[batch, pos, head, d_head]``)  ``"head"``  ``[n_layers, n_heads]``
-                                                           ``"head_pos"`` ``[n_layers, n_pos, n_heads]``
+                                                           ``"head_pos"`` ``[n_layers, n_heads, n_pos]``
                                                            ``"pos"``   ``[n_layers, n_pos]``
 attn.scores/pattern (``[batch, head, q_pos, k_pos]``;      same as above, ``pos`` = the query position
 ``head_pos`` patches one query row of one head)
@@ -61,11 +62,12 @@ Methods
     gradient through layer ``l``'s contributions to the residual stream (its
     ``attn_out`` and ``mlp_out``) is set to zero, giving estimates ``I_l``. The paper's
     score (their eq. 11) is ``c = 1/(L-1) * sum_l |I_l|`` -- a non-negative *magnitude*
-    (layers that cannot affect a node, at or before its layer, give ``|I_l| = |AtP|``).
-    That is what ``values`` holds for ``graddrop=True``; the signed ordinary (QK-fixed)
-    estimate is in ``signed``, every ``I_l`` in ``graddrop`` (``[n_model_layers, ...]``),
-    and :meth:`AttributionResult.worst_case` gives the largest-magnitude signed
-    estimate among ``AtP`` and all ``I_l`` (use it to flag possible false negatives).
+    of the effect, used to rank nodes (a layer that cannot carry a node's effect, one
+    upstream of it, gives ``|I_l| = |AtP|``). With ``graddrop=True`` that score is
+    ``score``; ``values``/``effects`` stay the signed ordinary (QK-fixed) estimate,
+    every ``I_l`` is in ``graddrop`` (``[n_model_layers, ...]``), and
+    :meth:`AttributionResult.worst_case` gives per element the largest-magnitude signed
+    estimate among AtP and all ``I_l`` (to flag possible false negatives).
     The ``L`` backward passes are batched: the target input is replicated ``L + 1``
     times and row-group ``l`` drops layer ``l`` (chunked by ``batch_size``).
 ``method="ig"``, ``steps=k``
@@ -107,7 +109,7 @@ __all__ = ["AttributionResult", "attribution_patching", "site_kind"]
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
 METHODS = ("atp", "atp*", "ig")
-DIRECTIONS = ("denoising", "noising")
+DIRECTIONS = {"denoise": "denoise", "noise": "noise", "denoising": "denoise", "noising": "noise"}
 _QK_SITES = ("attn.q", "attn.k", "attn.rot_q", "attn.rot_k", "attn.scores")
 # elements of one chunk of the QK-fix temporaries (float64) -- 2**25 * 8 B = 256 MiB each
 MAX_CHUNK_ELEMENTS = 2**25
@@ -115,105 +117,101 @@ MAX_CHUNK_ELEMENTS = 2**25
 
 @dataclass
 class AttributionResult:
-    """Estimated patching effects of one site family across layers.
+    """Estimated activation-patching results of one site across layers (fields as in ``PatchingResult``).
 
     Attributes:
-        values: the estimates, ``[n_layers, ...]`` (see the module docs for shapes). For
-            GradDrop, the paper's non-negative score; otherwise signed estimates of
-            ``metric(patched) - metric(target)``.
+        values: estimates of the patched runs' metric, ``[n_layers, ...]`` (see the module
+            docs for shapes): ``target metric + effects``.
+        axes: names of ``values``' axes, e.g. ``("layer", "pos")``.
+        labels: tick labels per axis (strings).
         site: the site within a block, e.g. ``"resid_pre"`` or ``"attn.z"``.
-        by: the patching granularity (``"pos"``, ``"head"``, ``"head_pos"``, ``"layer"``).
+        direction: ``"denoise"`` (clean into corrupt) or ``"noise"``.
+        clean, corrupt: the metric of the unpatched clean and corrupt runs.
+        effects: the estimated change ``metric(patched) - metric(target run)``.
         method: ``"atp"``, ``"atp*"`` or ``"ig"``.
-        direction: ``"denoising"`` (clean into corrupt) or ``"noising"``.
-        layers: the model layers of ``values``' first axis.
-        dims: names of ``values``' axes, e.g. ``("layer", "pos")``.
-        labels: per axis name, the labels of its entries (``pos`` gets token strings when
-            a tokenizer is given, else position indices).
+        by: the patching granularity (``"pos"``, ``"layer"``, ``"head"``, ``"head_pos"``).
+        layers: the model layers along the first axis.
         sites: the canonical site names, one per layer.
-        metric_target: metric of the unpatched target run (corrupt when denoising).
-        metric_source: metric of the source run (clean when denoising).
         qk_fix: whether the QK fix was applied.
         steps: IG steps (``None`` for AtP).
-        signed: with GradDrop, the signed (QK-fixed) AtP estimate; else ``values``.
-        graddrop: with GradDrop, ``[n_model_layers, *values.shape]``: the signed estimate
+        graddrop: with GradDrop, ``[n_model_layers, *values.shape]``: the estimated effect
             with the gradient through layer ``l``'s residual contributions dropped.
+        score: a non-negative importance per element: the AtP* GradDrop score
+            ``1/(L-1) sum_l |graddrop[l]|`` with GradDrop, else ``|effects|``.
     """
 
     values: torch.Tensor
+    axes: tuple[str, ...]
+    labels: dict[str, list[str]]
     site: str
-    by: str
-    method: str
     direction: str
-    layers: list[int]
-    dims: tuple[str, ...]
-    labels: dict[str, list[Any]]
-    sites: list[str]
-    metric_target: float
-    metric_source: float
+    clean: float
+    corrupt: float
+    effects: torch.Tensor
+    method: str = "atp"
+    by: str = "pos"
+    layers: list[int] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
     qk_fix: bool = False
     steps: int | None = None
-    signed: torch.Tensor | None = None
     graddrop: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    score: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.values[index]
+
+    @property
+    def target_metric(self) -> float:
+        """The metric of the run patched into (corrupt when denoising)."""
+        return self.corrupt if self.direction == "denoise" else self.clean
+
+    def normalized(self) -> torch.Tensor:
+        """``(values - base) / (source - base)``: the estimated fraction of the way to the source run's metric."""
+        base, source = (self.corrupt, self.clean) if self.direction == "denoise" else (self.clean, self.corrupt)
+        return (self.values - base) / (source - base)
 
     def worst_case(self) -> torch.Tensor:
-        """Per element, the signed estimate of largest magnitude among AtP and every GradDrop variant.
+        """Per element, the signed effect estimate of largest magnitude among AtP and every GradDrop variant.
 
-        Without GradDrop this is ``signed`` (or ``values``).
+        Without GradDrop this is ``effects``.
         """
-        base = self.signed if self.signed is not None else self.values
         if self.graddrop is None:
-            return base
-        allv = torch.cat([base[None], self.graddrop])
+            return self.effects
+        allv = torch.cat([self.effects[None], self.graddrop])
         idx = allv.abs().argmax(0, keepdim=True)
         return allv.gather(0, idx)[0]
 
-    def top(self, k: int = 10) -> list[tuple[tuple[Any, ...], float]]:
-        """The ``k`` entries of largest magnitude as ``((label per axis), value)``."""
-        flat = self.values.flatten()
-        k = min(k, flat.numel())
-        idx = flat.abs().topk(k).indices
+    def top(self, k: int = 10) -> list[tuple[tuple[str, ...], float]]:
+        """The ``k`` elements of largest ``score``, as ``((label per axis), estimated effect)``."""
+        score = self.score if self.score is not None else self.effects.abs()
+        k = min(k, score.numel())
         out = []
-        for i in idx.tolist():
+        for i in score.flatten().topk(k).indices.tolist():
             coords = []
             rem = i
-            for d in reversed(self.values.shape):
+            for d in reversed(score.shape):
                 coords.append(rem % d)
                 rem //= d
             coords.reverse()
-            labels = tuple(self.labels[name][c] for name, c in zip(self.dims, coords, strict=True))
-            out.append((labels, float(flat[i])))
+            labels = tuple(self.labels[a][c] for a, c in zip(self.axes, coords, strict=True))
+            out.append((labels, float(self.effects.flatten()[i])))
         return out
 
-    def plot(self, ax: Any = None, title: str | None = None) -> Any:
-        """A heatmap of ``values`` (2-D results; ``head_pos`` is summed over heads). Returns the axes."""
-        import matplotlib.pyplot as plt
+    def plot(self, path: str, title: str | None = None, **kwargs: Any) -> str:
+        """Write a heatmap PNG of ``values`` (``normalized=True`` for the normalised metric); returns the path."""
+        from mishax_py.patching import plot
 
-        v = self.values.detach().float().cpu()
-        dims = self.dims
-        if v.ndim == 3:
-            v, dims = v.sum(-1), dims[:2]
-        if v.ndim == 1:
-            v, dims = v[:, None], (dims[0], "")
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4, 0.4 * v.shape[1] + 2), max(3, 0.35 * v.shape[0] + 1.5)))
-        lim = float(v.abs().max()) or 1.0
-        im = ax.imshow(v.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_ylabel(dims[0])
-        ax.set_xlabel(dims[1])
-        ax.set_yticks(range(v.shape[0]), [str(x) for x in self.labels[dims[0]]])
-        if dims[1] and len(self.labels.get(dims[1], [])) == v.shape[1]:
-            ax.set_xticks(range(v.shape[1]), [str(x) for x in self.labels[dims[1]]], rotation=90)
-        ax.set_title(title or f"{self.method} {self.direction}: {self.site} by {self.by}")
-        ax.figure.colorbar(im, ax=ax)
-        return ax
+        return plot(self, path, title or f"{self.method} {self.direction}: {self.site} by {self.by}",  # type: ignore[arg-type]
+                    **kwargs)
 
     def __repr__(self) -> str:
-        return (
-            f"AttributionResult({self.method}, {self.direction}, site={self.site!r}, by={self.by!r}, "
-            f"values={tuple(self.values.shape)}, metric_target={self.metric_target:.4g}, "
-            f"metric_source={self.metric_source:.4g})"
-        )
+        dims = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape, strict=True))
+        return (f"AttributionResult({self.method}, {self.site!r}, {self.direction}, [{dims}], clean={self.clean:.4g}, "
+                f"corrupt={self.corrupt:.4g})")
 
 
 # -- site bookkeeping ---------------------------------------------------------------------
@@ -235,6 +233,14 @@ def site_kind(dims: Sequence[int | str]) -> str:
 _BY = {"stream": ("pos", "layer"), "head": ("head", "head_pos", "pos", "layer"), "map": ("head", "head_pos", "pos",
                                                                                        "layer")}
 _DEFAULT_BY = {"stream": "pos", "head": "head", "map": "head"}
+# spellings accepted by activation_patching too
+_BY_ALIASES: dict[Any, str] = {
+    "pos": "pos", "layer_pos": "pos", ("layer", "pos"): "pos",
+    "layer": "layer", ("layer",): "layer",
+    "head": "head", "layer_head": "head", ("layer", "head"): "head", ("head",): "head",
+    "head_pos": "head_pos", "layer_head_pos": "head_pos", ("head", "pos"): "head_pos",
+    ("layer", "head", "pos"): "head_pos",
+}
 
 
 def _normalise_site(site: str) -> str:
@@ -269,18 +275,28 @@ def _reduce(x: torch.Tensor, kind: str, by: str) -> torch.Tensor:
         if by == "head":
             return x.sum((0, 1, 3))
         if by == "head_pos":
-            return x.sum((0, 3))
+            return x.sum((0, 3)).transpose(0, 1)
         return x.sum((0, 2, 3))  # pos
     # map [batch, head, q, k]
     if by == "head":
         return x.sum((0, 2, 3))
     if by == "head_pos":
-        return x.sum((0, 3)).transpose(0, 1)
+        return x.sum((0, 3))
     return x.sum((0, 1, 3))
 
 
+def _mask_pos(x: torch.Tensor, kind: str, pos_mask: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of a site-layout tensor outside the patched positions (query rows for maps)."""
+    if bool(pos_mask.all()):
+        return x
+    shape = [1] * x.ndim
+    axis = 2 if kind == "map" else 1
+    shape[axis] = -1
+    return x * pos_mask.view(shape).to(x.dtype)
+
+
 def _dims(by: str) -> tuple[str, ...]:
-    return {"pos": ("layer", "pos"), "head": ("layer", "head"), "head_pos": ("layer", "pos", "head"),
+    return {"pos": ("layer", "pos"), "head": ("layer", "head"), "head_pos": ("layer", "head", "pos"),
             "layer": ("layer",)}[by]
 
 
@@ -448,12 +464,16 @@ def _qk_fix_layer(
     tgt: Mapping[str, torch.Tensor],
     src: Mapping[str, torch.Tensor],
     G: torch.Tensor,
+    pos_mask: torch.Tensor,
 ) -> torch.Tensor:
     """QK-fixed estimate for one layer. ``kind``: ``"q"``, ``"k"`` or ``"scores"``.
 
     ``tgt``/``src`` hold ``rot_q``, ``rot_k``, ``scores`` of the target/source run; ``G`` is
-    d metric / d pattern on the target run ``[b, h, q, k]``.
+    d metric / d pattern on the target run ``[b, h, q, k]``; only the queries (score rows)
+    or keys (columns) at ``pos_mask`` are patched.
     """
+    rows = pos_mask.double().view(-1, 1)
+    cols = pos_mask.double().view(1, -1)
     S = tgt["scores"]
     b, h, nq, nk = S.shape
     # head chunks bounding the float64 temporaries
@@ -468,7 +488,7 @@ def _qk_fix_layer(
         if kind == "scores":
             delta = src["scores"][:, hs].double() - S_c.double()
             masked = _masked(S_c) | _masked(src["scores"][:, hs])
-            delta = delta.masked_fill(masked, 0.0)
+            delta = delta.masked_fill(masked, 0.0) * rows
             parts.append(_row_replace_effect(S_c, delta, G_c))  # [b, h, q]
             continue
         q_t = tgt["rot_q"][:, :, hs]
@@ -477,11 +497,11 @@ def _qk_fix_layer(
         old = score_fn(_dots(q_t, k_t, n_rep))
         if kind == "q":
             new = score_fn(_dots(src["rot_q"][:, :, hs], k_t, n_rep))
-            parts.append(_row_replace_effect(S_c, new - old, G_c))  # [b, h, q]
+            parts.append(_row_replace_effect(S_c, (new - old) * rows, G_c))  # [b, h, q]
         else:
             new = score_fn(_dots(q_t, src["rot_k"][:, :, kv], n_rep))
             if by in ("head", "layer"):
-                parts.append(_row_replace_effect(S_c, new - old, G_c))  # all keys at once: [b, h, q]
+                parts.append(_row_replace_effect(S_c, (new - old) * cols, G_c))  # keys together: [b, h, q]
             else:
                 parts.append(_key_effect(S_c, new - old, G_c).sum(2))  # per key t: [b, h, k]
     E = torch.cat(parts, 1)  # [b, h, pos]
@@ -492,7 +512,7 @@ def _qk_fix_layer(
     if by == "head":
         return E.sum((0, 2))
     if by == "head_pos":
-        return E.sum(0).transpose(0, 1)
+        return E.sum(0)
     return E.sum((0, 1))  # pos
 
 
@@ -508,14 +528,15 @@ def attribution_patching(
     by: str | None = None,
     *,
     method: str = "atp",
-    direction: str = "denoising",
+    direction: str = "denoise",
     qk_fix: bool | None = None,
     graddrop: bool | None = None,
     steps: int = 16,
     layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    pos_labels: Sequence[str] | None = None,
     batch_size: int | None = None,
     interventions: Interventions | None = None,
-    tokenizer: Any = None,
     progress: bool | None = None,
     **hf_kwargs: Any,
 ) -> AttributionResult:
@@ -532,17 +553,19 @@ def attribution_patching(
         by: ``"pos"`` (default for ``[batch, pos, d]`` sites), ``"head"`` (default for
             per-head sites and attention maps), ``"head_pos"`` or ``"layer"``.
         method: ``"atp"``, ``"atp*"`` (QK fix + GradDrop) or ``"ig"``.
-        direction: ``"denoising"`` (clean patched into corrupt; gradient on the corrupt
-            run) or ``"noising"`` (corrupt into clean; gradient on the clean run).
+        direction: ``"denoise"`` (clean patched into corrupt; gradient on the corrupt
+            run) or ``"noise"`` (corrupt into clean; gradient on the clean run).
         qk_fix: recompute the attention softmax exactly for query/key/score sites
             (default: on for ``"atp*"`` on those sites).
         graddrop: AtP* GradDrop (default: on for ``"atp*"``); see the module docs.
         steps: integrated-gradients steps (``method="ig"``).
-        layers: the layers to attribute (default: all).
+        layers: the layers to attribute (default: all), in the order of the result's first axis.
+        positions: the positions to patch (default all; negative counts from the end). With
+            ``by="head"``/``"layer"`` these positions are patched together.
+        pos_labels: tick labels of the position axis, one per patched position.
         batch_size: most rows per forward for the replicated GradDrop/IG batches
             (default ``8 * batch``).
         interventions: applied in every run first (e.g. an ablation you study under).
-        tokenizer: optional; labels positions with the clean tokens.
         progress: show progress bars (default: on a terminal, for multi-chunk work).
         **hf_kwargs: passed to the model (e.g. ``attention_mask``).
 
@@ -552,7 +575,8 @@ def attribution_patching(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise ValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise', got {direction!r}")
+    direction = DIRECTIONS[direction]
     if not callable(metric):
         raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
     clean = as_ids(clean_ids, im.model)
@@ -563,17 +587,23 @@ def attribution_patching(
             f"position), got {tuple(clean.shape)} and {tuple(corrupt.shape)}"
         )
     site = _normalise_site(site)
-    all_layers = list(range(im.n_layers))
-    layers = all_layers if layers is None else [int(L) for L in layers]
-    bad = [L for L in layers if L not in all_layers]
-    if bad or not layers:
-        raise ValueError(f"layers must be a non-empty subset of 0..{im.n_layers - 1}, got {layers}")
+    n_layers = im.n_layers
+    layers = list(range(n_layers)) if layers is None else [int(L) for L in layers]
+    if not layers or any(not 0 <= L < n_layers for L in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct layer indices in [0, {n_layers}), got {layers}")
+    batch, T = clean.shape
+    pos_list = list(range(T)) if positions is None else [int(p) + T if int(p) < 0 else int(p) for p in positions]
+    if not pos_list or any(not 0 <= p < T for p in pos_list) or len(set(pos_list)) != len(pos_list):
+        raise ValueError(f"positions must be distinct positions in [-{T}, {T}), got {positions}")
+    if pos_labels is not None and len(pos_labels) != len(pos_list):
+        raise ValueError(f"pos_labels has {len(pos_labels)} labels for {len(pos_list)} positions")
     names = _layer_sites(im, site, layers)
-    kind = site_kind(im.site_info(names[0]).dims)
-    by = by or _DEFAULT_BY[kind]
+    dims = im.site_info(names[0]).dims
+    kind = site_kind(dims)
+    key = tuple(by) if isinstance(by, list) else by
+    by = _DEFAULT_BY[kind] if by is None else _BY_ALIASES.get(key)  # type: ignore[arg-type]
     if by not in _BY[kind]:
-        raise ValueError(f"by={by!r} is not available for site {site!r} (shape {im.site_info(names[0]).dims}); "
-                         f"choose one of {_BY[kind]}")
+        raise ValueError(f"by={key!r} is not available for site {site!r} (shape {dims}); choose one of {_BY[kind]}")
     short = names[0].split(".", 2)[2]  # canonical within-block name
     qk_kind = {"attn.q": "q", "attn.rot_q": "q", "attn.k": "k", "attn.rot_k": "k", "attn.scores": "scores"}.get(short)
     star = method == "atp*"
@@ -587,51 +617,43 @@ def attribution_patching(
         graddrop = star
     if graddrop and method == "ig":
         raise ValueError("graddrop is an AtP correction; it does not combine with method='ig'")
-    if method == "ig" and (not isinstance(steps, int) or steps < 1):
+    if method == "ig" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    batch = clean.shape[0]
     if batch_size is not None and batch_size < batch:
         raise ValueError(f"batch_size ({batch_size}) must be at least the input batch ({batch})")
     batch_size = batch_size or 8 * batch
+    pos_mask = torch.zeros(T, dtype=torch.bool, device=clean.device)
+    pos_mask[pos_list] = True
 
-    source, target = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
-    common = dict(kind=kind, by=by, names=names, layers=layers, batch=batch, batch_size=batch_size,
+    source, target = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
+    common = dict(kind=kind, by=by, names=names, batch=batch, batch_size=batch_size, pos_mask=pos_mask,
                   interventions=interventions, hf=hf_kwargs, progress=progress)
+    gd = None
     if method == "ig":
-        values, m_tgt, m_src = _ig(im, source, target, metric, steps=steps, **common)
-        signed = gd = None
+        effects, m_tgt, m_src = _ig(im, source, target, metric, steps=steps, **common)
     else:
-        values, gd, m_tgt, m_src = _atp(im, source, target, metric, qk_kind=qk_kind if qk_fix else None,
-                                        graddrop=graddrop, **common)
-        signed = values
+        effects, gd, m_tgt, m_src = _atp(im, source, target, metric, qk_kind=qk_kind if qk_fix else None,
+                                         graddrop=graddrop, **common)
+    axes = _dims(by)
+    if "pos" in axes:  # keep the patched positions only, in the order given
+        index = torch.tensor(pos_list, device=effects.device)
+        effects = effects.index_select(len(axes) - 1, index)
         if gd is not None:
-            n_model = im.n_layers
-            values = gd.abs().sum(0) / max(1, n_model - 1)
-
-    dims = _dims(by)
-    labels = _labels(im, names[0], dims, layers, clean, tokenizer)
+            gd = gd.index_select(len(axes), index)
+    score = gd.abs().sum(0) / max(1, n_layers - 1) if gd is not None else effects.abs()
+    labels: dict[str, list[str]] = {"layer": [str(L) for L in layers]}
+    if "head" in axes:
+        labels["head"] = [str(h) for h in range(int(dims[2] if kind == "head" else dims[1]))]
+    if "pos" in axes:
+        labels["pos"] = list(pos_labels) if pos_labels is not None else [str(p) for p in pos_list]
+    clean_m, corrupt_m = (m_src, m_tgt) if direction == "denoise" else (m_tgt, m_src)
+    effects = effects.detach().float().cpu()
     return AttributionResult(
-        values=values, site=short, by=by, method=method, direction=direction, layers=layers, dims=dims,
-        labels=labels, sites=names, metric_target=m_tgt, metric_source=m_src, qk_fix=bool(qk_fix),
-        steps=steps if method == "ig" else None, signed=signed, graddrop=gd,
+        values=effects + m_tgt, axes=axes, labels=labels, site=short, direction=direction, clean=clean_m,
+        corrupt=corrupt_m, effects=effects, method=method, by=by, layers=layers, sites=names, qk_fix=bool(qk_fix),
+        steps=steps if method == "ig" else None, graddrop=None if gd is None else gd.detach().float().cpu(),
+        score=score.detach().float().cpu(),
     )
-
-
-def _labels(im: InstrumentedModel, name: str, dims: tuple[str, ...], layers: list[int], ids: torch.Tensor,
-            tokenizer: Any) -> dict[str, list[Any]]:
-    labels: dict[str, list[Any]] = {"layer": list(layers)}
-    info = im.site_info(name)
-    n_pos = ids.shape[1]
-    if "pos" in dims:
-        if tokenizer is not None and ids.shape[0] >= 1:
-            labels["pos"] = [f"{i}:{tokenizer.decode([int(t)])}" for i, t in enumerate(ids[0].tolist())]
-        else:
-            labels["pos"] = list(range(n_pos))
-    if "head" in dims:
-        kind = site_kind(info.dims)
-        n_heads = info.dims[2] if kind == "head" else info.dims[1]
-        labels["head"] = list(range(int(n_heads)))
-    return labels
 
 
 # -- AtP (with QK fix and GradDrop) -------------------------------------------------------------
@@ -646,9 +668,9 @@ def _atp(
     kind: str,
     by: str,
     names: list[str],
-    layers: list[int],
     batch: int,
     batch_size: int,
+    pos_mask: torch.Tensor,
     interventions: Interventions | None,
     hf: Mapping[str, Any],
     progress: bool | None,
@@ -728,7 +750,7 @@ def _atp(
             per_layer_vals = []
             for n in names:
                 if qk_kind is None:
-                    delta = (src_store[n] - store[n].detach()[rs]).float()
+                    delta = _mask_pos((src_store[n] - store[n].detach()[rs]).float(), kind, pos_mask)
                     per_layer_vals.append(_reduce(delta * gmap[n][rs].float(), kind, by))
                 else:
                     sites = per_layer[n]
@@ -739,7 +761,8 @@ def _atp(
                     if score_fn is not None and not checked:
                         _check_scores(score_fn, sites["scores"], tgt["rot_q"], tgt["rot_k"], tgt["scores"], n_rep_kv)
                     per_layer_vals.append(
-                        _qk_fix_layer(qk_kind, by, score_fn, n_rep_kv, tgt, src, gmap[sites["pattern"]][rs]).float()
+                        _qk_fix_layer(qk_kind, by, score_fn, n_rep_kv, tgt, src, gmap[sites["pattern"]][rs],
+                                      pos_mask).float()
                     )
             checked = True
             results.append(torch.stack(per_layer_vals))
@@ -785,9 +808,9 @@ def _ig(
     kind: str,
     by: str,
     names: list[str],
-    layers: list[int],
     batch: int,
     batch_size: int,
+    pos_mask: torch.Tensor,
     interventions: Interventions | None,
     hf: Mapping[str, Any],
     progress: bool | None,
@@ -824,7 +847,7 @@ def _ig(
             by_layer.setdefault(li, []).append(i)
         for li, reps in by_layer.items():
             n = names[li]
-            delta = src_store[n] - tgt_store[n]
+            delta = _mask_pos(src_store[n] - tgt_store[n], kind, pos_mask)
             interp = torch.cat([tgt_store[n] + chunk[i][1] * delta for i in reps]).requires_grad_(True)
             rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in reps]).to(ids.device)
             leaves.append((li, interp))
@@ -842,7 +865,7 @@ def _ig(
     bar.close()
     vals = []
     for li, n in enumerate(names):
-        delta = (src_store[n] - tgt_store[n]).float()
+        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
         vals.append(_reduce(delta * grad_sum[li] / steps, kind, by))
     return torch.stack(vals), m_tgt, m_src
 

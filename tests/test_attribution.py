@@ -35,11 +35,11 @@ def exact_patching(im, source, target, metric, site, by, layers=None):
         elif kind == "head":
             grid = {"head": [[(A, A, h)] for h in range(s.shape[2])],
                     "pos": [[(A, p)] for p in range(s.shape[1])],
-                    "head_pos": [[(A, p, h) for h in range(s.shape[2])] for p in range(s.shape[1])]}[by]
+                    "head_pos": [[(A, p, h) for p in range(s.shape[1])] for h in range(s.shape[2])]}[by]
         else:
             grid = {"head": [[(A, h)] for h in range(s.shape[1])],
                     "pos": [[(A, A, p)] for p in range(s.shape[2])],
-                    "head_pos": [[(A, h, p) for h in range(s.shape[1])] for p in range(s.shape[2])]}[by]
+                    "head_pos": [[(A, h, p) for p in range(s.shape[2])] for h in range(s.shape[1])]}[by]
         flat = [ix for row in grid for ix in row]
 
         def make_hook(s, flat):
@@ -105,13 +105,14 @@ def linear_tail():
 def test_atp_equals_patching_when_metric_is_linear(linear_tail, site, by):
     im, clean, corrupt, metric = linear_tail
     last = im.n_layers - 1
-    for direction in ("denoising", "noising"):
-        src, tgt = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
+    for direction in ("denoise", "noise"):
+        src, tgt = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
         res = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last], direction=direction)
         ref = exact_patching(im, src, tgt, metric, site, by, layers=[last])
-        assert res.values.shape == ref.shape
+        assert res.effects.shape == ref.shape
         assert ref.abs().max() > 1e-3  # a real effect
-        assert (res.values - ref).abs().max() <= 1e-4, (site, by, direction)
+        assert (res.effects - ref).abs().max() <= 1e-4, (site, by, direction)
+        torch.testing.assert_close(res.values, res.effects + res.target_metric)
 
 
 @pytest.mark.parametrize("site,by", [("attn.q", "head"), ("attn.q", "head_pos"), ("attn.k", "head"),
@@ -122,10 +123,10 @@ def test_qk_fix_is_exact_when_linear_after_the_softmax(linear_tail, site, by):
     ref = exact_patching(im, clean, corrupt, metric, site, by, layers=[last])
     fixed = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last], qk_fix=True)
     assert fixed.qk_fix
-    assert (fixed.values - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+    assert (fixed.effects - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
     if site != "attn.scores":  # plain AtP linearises through the saturated softmax and misses
         plain = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last])
-        assert (plain.values - ref).abs().max() > 0.2 * ref.abs().max()
+        assert (plain.effects - ref).abs().max() > 0.2 * ref.abs().max()
 
 
 def test_key_effect_closed_form_matches_bruteforce_on_saturated_rows():
@@ -161,8 +162,8 @@ def test_graddrop_matches_explicit_detached_backward(tiny_im, ids):
     res = attribution_patching(im, ids, corrupt, metric, "resid_pre", method="atp*", batch_size=2)
     assert res.graddrop is not None and res.graddrop.shape == (im.n_layers, im.n_layers, ids.shape[1])
     plain = attribution_patching(im, ids, corrupt, metric, "resid_pre")
-    torch.testing.assert_close(res.signed, plain.values)
-    torch.testing.assert_close(res.values, res.graddrop.abs().sum(0) / (im.n_layers - 1))
+    torch.testing.assert_close(res.effects, plain.effects)
+    torch.testing.assert_close(res.score, res.graddrop.abs().sum(0) / (im.n_layers - 1))
     # I_l by hand: detach layer l's attn_out and mlp_out, take the gradient at resid_pre
     names = [f"blocks.{L}.resid_pre" for L in range(im.n_layers)]
     with torch.no_grad():
@@ -176,9 +177,9 @@ def test_graddrop_matches_explicit_detached_backward(tiny_im, ids):
         torch.testing.assert_close(res.graddrop[drop], want, rtol=1e-4, atol=1e-6)
         # dropping layer l only changes nodes upstream of it: resid_pre of layers <= l
         for L in range(drop + 1, im.n_layers):
-            torch.testing.assert_close(res.graddrop[drop][L], plain.values[L], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(res.graddrop[drop][L], plain.effects[L], rtol=1e-4, atol=1e-6)
     worst = res.worst_case()
-    allv = torch.cat([plain.values[None], res.graddrop])
+    allv = torch.cat([plain.effects[None], res.graddrop])
     torch.testing.assert_close(worst.abs(), allv.abs().amax(0))
 
 
@@ -196,35 +197,53 @@ def test_ig_completeness_and_chunking(tiny_im, ids):
     def metric(logits):
         return logits[:, -1].log_softmax(-1)[:, 5].mean()
 
-    res = attribution_patching(im, ids, corrupt, metric, "resid_mid", method="ig", steps=16)
-    small = attribution_patching(im, ids, corrupt, metric, "resid_mid", method="ig", steps=16, batch_size=12)
-    torch.testing.assert_close(res.values, small.values, rtol=1e-4, atol=1e-6)
+    res = attribution_patching(im, ids, corrupt, metric, "resid_mid", method="ig", steps=12, batch_size=10)
     names = [f"blocks.{L}.resid_mid" for L in range(im.n_layers)]
     with torch.no_grad():
         _, cache = im.run_with_cache(ids, sites=names)
         base = float(metric(im.run(corrupt)))
         for L, n in enumerate(names):
             whole = float(metric(im.run(corrupt, interventions={n: _const(cache[n])}))) - base
-            assert abs(float(res.values[L].sum()) - whole) <= 2e-3 * max(1.0, abs(whole)), (L, whole)
-    assert res.steps == 16 and res.method == "ig"
+            assert abs(float(res.effects[L].sum()) - whole) <= 2e-3 * max(1.0, abs(whole)), (L, whole)
+    assert res.steps == 12 and res.method == "ig"
 
 
-def test_result_metadata_and_labels(tiny_im, ids):
+def test_result_metadata_labels_and_positions(tiny_im, ids):
     corrupt = ids.flip(1)
-    res = attribution_patching(tiny_im, ids, corrupt, lambda lg: lg[:, -1, 3].mean(), "attn.z", "head_pos",
-                               layers=[1])
-    assert res.values.shape == (1, ids.shape[1], 4)
-    assert res.dims == ("layer", "pos", "head")
-    assert res.labels["layer"] == [1] and res.labels["head"] == [0, 1, 2, 3]
-    assert res.sites == ["blocks.1.attn.z"]
+
+    def metric(lg):
+        return lg[:, -1, 3].mean()
+
+    res = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head_pos", layers=[1])
+    assert res.values.shape == (1, 4, ids.shape[1])
+    assert res.axes == ("layer", "head", "pos")
+    assert res.labels["layer"] == ["1"] and res.labels["head"] == ["0", "1", "2", "3"]
+    assert res.sites == ["blocks.1.attn.z"] and res.direction == "denoise"
     with torch.no_grad():
-        assert abs(res.metric_target - float(tiny_im.run(corrupt)[:, -1, 3].mean())) < 1e-5
-        assert abs(res.metric_source - float(tiny_im.run(ids)[:, -1, 3].mean())) < 1e-5
+        assert abs(res.corrupt - float(metric(tiny_im.run(corrupt)))) < 1e-5
+        assert abs(res.clean - float(metric(tiny_im.run(ids)))) < 1e-5
+    torch.testing.assert_close(res.normalized(), (res.values - res.corrupt) / (res.clean - res.corrupt))
     assert len(res.top(3)) == 3
-    k = attribution_patching(tiny_im, ids, corrupt, lambda lg: lg[:, -1, 3].mean(), "attn.hook_k")
+    k = attribution_patching(tiny_im, ids, corrupt, metric, "attn.hook_k")
     assert k.values.shape == (2, 2)  # kv heads
-    assert attribution_patching(tiny_im, ids, corrupt, lambda lg: lg[:, -1, 3].mean(), "blocks.*.hook_resid_pre",
+    assert attribution_patching(tiny_im, ids, corrupt, metric, "blocks.*.hook_resid_pre",
                                 by="layer").values.shape == (2,)
+    # positions: a subset along the pos axis, or patched together for by="head"/"layer"
+    full = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", ("layer", "head", "pos"))
+    sub = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head_pos", positions=[-1, 2],
+                               pos_labels=["last", "two"])
+    torch.testing.assert_close(sub.effects, full.effects[:, :, [ids.shape[1] - 1, 2]])
+    assert sub.labels["pos"] == ["last", "two"]
+    together = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head", positions=[2, 5])
+    torch.testing.assert_close(together.effects, full.effects[:, :, [2, 5]].sum(-1), rtol=1e-5, atol=1e-7)
+    for site, by in [("attn.k", "head"), ("attn.q", "head"), ("attn.scores", "head")]:
+        f = attribution_patching(tiny_im, ids, corrupt, metric, site, "head_pos", qk_fix=True)
+        if site == "attn.k":  # keys patched together: a joint softmax recomputation, not a sum
+            t = attribution_patching(tiny_im, ids, corrupt, metric, site, by, positions=[3], qk_fix=True)
+            torch.testing.assert_close(t.effects, f.effects[:, :, 3], rtol=1e-4, atol=1e-7)
+        else:  # query rows are independent: the sum over positions
+            t = attribution_patching(tiny_im, ids, corrupt, metric, site, by, positions=[2, 5], qk_fix=True)
+            torch.testing.assert_close(t.effects, f.effects[:, :, [2, 5]].sum(-1), rtol=1e-4, atol=1e-7)
 
 
 def test_bad_input_errors_and_no_context_left(tiny_im, ids):
@@ -252,6 +271,10 @@ def test_bad_input_errors_and_no_context_left(tiny_im, ids):
         attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", method="gradient")
     with pytest.raises(ValueError, match="layers"):
         attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", layers=[5])
+    with pytest.raises(ValueError, match="positions"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", positions=[99])
+    with pytest.raises(ValueError, match="direction"):
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", direction="sideways")
     assert active_context() is None
     with torch.no_grad():
         assert torch.equal(im.model(ids).logits, before)
