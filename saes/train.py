@@ -1,0 +1,659 @@
+"""Training SAEs: activation collection, the Gemma Scope JumpReLU recipe, TopK, evaluation.
+
+Collecting activations
+----------------------
+:func:`collect_activations` runs an :class:`~mishax_py.InstrumentedModel` over batches of
+token ids (``im.run_with_cache(ids, sites=[site])``) and writes the site's values,
+flattened to ``[tokens, d_in]`` (``attn.z`` head-major), into an :class:`ActivationStore`:
+a folder of safetensors shards (``shard_00000.safetensors`` ...) plus ``meta.json``. A
+shard is written atomically and ``meta.json`` records how many input batches it covers,
+so an interrupted collection resumes where the last shard ended (the batch iterable must
+yield the same batches in the same order).
+
+Training (:func:`train_sae`)
+----------------------------
+Works from an in-memory ``[n, d_in]`` tensor or an :class:`ActivationStore`.
+
+JumpReLU, Gemma Scope recipe (SPEC §4):
+
+* inputs scaled by a constant ``s`` so that ``E||s x||^2 = 1`` (estimated on the first
+  batches); ``b_dec`` subtracted before encoding: ``pre = (s x - b_dec) @ W_enc + b_enc``;
+* ``f = JumpReLU_θ(pre) = pre * H(pre - θ)``, ``θ = exp(log θ)`` initialised at 0.001;
+* loss ``||s x - x_hat||^2 + λ ||f||_0`` with ``||f||_0 = Σ H(pre - θ)``; λ warmed up
+  linearly from 0;
+* straight-through estimators (:class:`JumpReLUFunction`, :class:`HeavisideFunction`) with
+  the rectangle kernel ``K(u) = 1{|u| < 1/2}`` and bandwidth ε = 0.001:
+  ``∂JumpReLU/∂θ = -(θ/ε) K((z-θ)/ε) g``, ``∂H/∂θ = -(1/ε) K((z-θ)/ε) g``
+  (and ``∂JumpReLU/∂z = H(z-θ) g``, ``∂H/∂z = 0``);
+* ``W_enc = W_dec^T`` at init, decoder rows unit norm, the gradient component parallel to
+  each row removed before every step and rows renormalised after it;
+* Adam with β = (0, 0.999).
+
+After training the scaling and the ``b_dec`` subtraction are folded into the parameters
+(:func:`fold_scaling`), so the saved SAE follows the plain Gemma Scope inference formula
+``f = JumpReLU_θ'(x @ W_enc + b_enc')``, ``x_hat = f @ W_dec + b_dec'`` on raw activations,
+with ``b_enc' = (b_enc - b_dec W_enc)/s``, ``θ' = θ/s``, ``b_dec' = b_dec/s`` (features come
+out in units of ``x``; decoder rows stay unit norm).
+
+TopK SAEs use the same scaling, ``b_dec`` subtraction, initialisation and decoder
+constraint, with the loss ``||s x - x_hat||^2``.
+
+``target_l0`` (optional, not part of the Gemma Scope recipe): after the λ warm-up, λ is
+nudged multiplicatively each step towards the L0 asked for.
+
+Evaluation (:func:`evaluate`)
+-----------------------------
+L0, fraction of variance unexplained (FVU), dead features, and — given an instrumented
+model and token ids — the delta LM loss when the SAE's reconstruction replaces the site
+(``Splice(sae, keep_error=False)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from saes.base import SAE, JumpReLUSAE, TopKSAE, init_tied
+from saes.splice import Splice
+
+if TYPE_CHECKING:
+    from mishax_py import InstrumentedModel
+
+__all__ = [
+    "ActivationStore",
+    "HeavisideFunction",
+    "JumpReLUFunction",
+    "TrainConfig",
+    "TrainResult",
+    "collect_activations",
+    "evaluate",
+    "fold_scaling",
+    "lm_loss",
+    "train_sae",
+]
+
+
+# ------------------------------------------------------------------------ STEs
+def _rect(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rectangle kernel ``K((z - θ)/ε)`` = 1 where ``|z - θ| < ε/2``."""
+    return ((z - theta).abs() < eps / 2).to(z.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """``JumpReLU_θ(z) = z * H(z - θ)`` with the straight-through pseudo-derivative for θ.
+
+    Forward: ``z [..., d_sae]``, ``θ [d_sae]`` -> ``[..., d_sae]``.
+    Backward: ``∂/∂z = H(z - θ) g``; ``∂/∂θ = Σ_batch -(θ/ε) K((z - θ)/ε) g``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_z = g * (z > theta).to(g.dtype) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            per = -(theta / eps) * _rect(z, theta, eps) * g
+            grad_theta = per.reshape(-1, per.shape[-1]).sum(0)
+        return grad_z, grad_theta, None
+
+
+class HeavisideFunction(torch.autograd.Function):
+    """``H(z - θ)`` with the straight-through pseudo-derivative for θ.
+
+    Forward: ``z [..., d_sae]``, ``θ [d_sae]`` -> ``[..., d_sae]`` of 0/1.
+    Backward: ``∂/∂z = 0``; ``∂/∂θ = Σ_batch -(1/ε) K((z - θ)/ε) g``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            per = -(1.0 / eps) * _rect(z, theta, eps) * g
+            grad_theta = per.reshape(-1, per.shape[-1]).sum(0)
+        return grad_z, grad_theta, None
+
+
+# ------------------------------------------------------------ activation store
+_META = "meta.json"
+
+
+class ActivationStore:
+    """Activations of one site on disk: safetensors shards ``[rows, d_in]`` plus ``meta.json``.
+
+    Args:
+        path: the store's folder (created by :func:`collect_activations`).
+
+    Attributes:
+        site, d_in, dtype, n_rows, shards (file names), complete (collection finished).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / _META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not an activation store (no {_META})")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: invalid JSON: {e}") from None
+
+    @property
+    def site(self) -> str:
+        return str(self.meta["site"])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.meta["d_in"])
+
+    @property
+    def n_rows(self) -> int:
+        return sum(int(s["rows"]) for s in self.meta["shards"])
+
+    @property
+    def shards(self) -> list[str]:
+        return [str(s["file"]) for s in self.meta["shards"]]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete", False))
+
+    def load_shard(self, i: int) -> torch.Tensor:
+        """Shard ``i`` as ``[rows, d_in]``."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / self.shards[i]))["activations"]
+
+    def load_all(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """All activations ``[n_rows, d_in]`` in memory."""
+        parts = [self.load_shard(i) for i in range(len(self.shards))]
+        if not parts:
+            return torch.empty(0, self.d_in, dtype=dtype or torch.float32)
+        out = torch.cat(parts)
+        return out if dtype is None else out.to(dtype)
+
+    def iter_batches(
+        self, batch_size: int, *, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> Iterator[torch.Tensor]:
+        """Batches ``[batch_size, d_in]`` over one pass (shards in random order, rows shuffled per shard)."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.shards), generator=g).tolist() if shuffle else range(len(self.shards))
+        carry: torch.Tensor | None = None
+        for i in order:
+            shard = self.load_shard(i).to(dtype)
+            if shuffle:
+                shard = shard[torch.randperm(shard.shape[0], generator=g)]
+            if carry is not None:
+                shard = torch.cat([carry, shard])
+            n_full = shard.shape[0] // batch_size * batch_size
+            for j in range(0, n_full, batch_size):
+                yield shard[j : j + batch_size]
+            carry = shard[n_full:] if n_full < shard.shape[0] else None
+        if carry is not None and carry.shape[0]:
+            yield carry
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({str(self.path)!r}, site={self.site!r}, rows={self.n_rows}, d_in={self.d_in}, "
+            f"shards={len(self.shards)}, complete={self.complete})"
+        )
+
+
+def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _flatten_site_value(value: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, d]`` or ``[batch, pos, head, d_head]`` -> ``[batch, pos, d_in]``."""
+    if value.dim() == 4:
+        return value.reshape(value.shape[0], value.shape[1], -1)
+    if value.dim() != 3:
+        raise ValueError(f"expected a [batch, pos, ...] site value, got shape {tuple(value.shape)}")
+    return value
+
+
+def collect_activations(
+    im: InstrumentedModel,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    site: str,
+    path: str | Path,
+    *,
+    shard_rows: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    drop_bos: bool = True,
+    total: int | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """Record ``site`` over ``batches`` into a sharded, resumable :class:`ActivationStore` at ``path``.
+
+    Args:
+        im: the instrumented model.
+        batches: token ids ``[batch, pos]``, or dicts with ``input_ids`` and optionally
+            ``attention_mask`` (masked positions are skipped). Must be deterministic for resuming.
+        site: canonical site (or alias); per-head sites are flattened head-major.
+        path: the store's folder; an existing store for the same site is resumed.
+        shard_rows: rows per shard (a shard is written once this many rows are buffered).
+        dtype: storage dtype.
+        drop_bos: skip position 0 (Gemma's BOS token has outlier norms).
+        total: number of batches, for the progress bar.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The store (``complete=True``).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (canonical,) = im.resolve(site)
+    meta_path = path / _META
+    if meta_path.is_file():
+        meta = ActivationStore(path).meta
+        if meta.get("site") != canonical:
+            raise ValueError(f"{path} holds activations of {meta.get('site')!r}, not {canonical!r}")
+    else:
+        meta = {"site": canonical, "d_in": None, "dtype": str(dtype).removeprefix("torch."), "shards": [],
+                "batches_done": 0, "complete": False, "drop_bos": drop_bos}  # fmt: skip
+    skip = int(meta["batches_done"])
+    buffer: list[torch.Tensor] = []
+    buffered = 0
+    done = skip
+
+    def flush() -> None:
+        nonlocal buffer, buffered
+        if not buffered:
+            return
+        rows = torch.cat(buffer).to(dtype).contiguous()
+        name = f"shard_{len(meta['shards']):05d}.safetensors"
+        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            save_file({"activations": rows}, str(tmp_path))
+            os.replace(tmp_path, path / name)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        meta["shards"].append({"file": name, "rows": int(rows.shape[0])})
+        meta["batches_done"] = done
+        meta["d_in"] = int(rows.shape[1])
+        _write_json_atomic(meta_path, meta)
+        buffer, buffered = [], 0
+
+    bar = tqdm(total=total, initial=skip, desc=f"collect {canonical}", unit="batch", disable=not progress)
+    try:
+        for i, item in enumerate(batches):
+            if i < skip:
+                continue
+            if isinstance(item, Mapping):
+                ids, mask = item["input_ids"], item.get("attention_mask")
+            else:
+                ids, mask = item, None
+            with torch.no_grad():
+                kwargs = {"attention_mask": mask} if mask is not None else {}
+                _, cache = im.run_with_cache(ids, sites=[canonical], **kwargs)
+            value = _flatten_site_value(cache[canonical])
+            keep = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
+            if mask is not None:
+                keep &= mask.to(device=value.device).bool()
+            if drop_bos:
+                keep[:, 0] = False
+            rows = value[keep].detach().to("cpu")
+            buffer.append(rows)
+            buffered += rows.shape[0]
+            done = i + 1
+            if buffered >= shard_rows:
+                flush()
+            bar.update(1)
+        flush()
+        meta["batches_done"] = done
+        meta["complete"] = True
+        _write_json_atomic(meta_path, meta)
+    finally:
+        bar.close()
+    return ActivationStore(path)
+
+
+# --------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_sae` (defaults: the Gemma Scope JumpReLU recipe).
+
+    Attributes:
+        d_sae: number of features.
+        architecture: ``"jumprelu"`` or ``"topk"``.
+        k: features per token for TopK.
+        l0_coefficient: λ, the weight of the L0 penalty (after warm-up).
+        lambda_warmup_steps: λ rises linearly from 0 over these steps (default: 10% of training).
+        lr: Adam learning rate; lr_warmup_steps: linear LR warm-up.
+        lr_decay_frac: final fraction of steps over which the LR decays linearly to 0.
+        betas: Adam betas (Gemma Scope: (0, 0.999)).
+        bandwidth: ε of the rectangle kernel.
+        theta_init: initial threshold θ.
+        batch_size: tokens per step; steps: optimiser steps (default: one pass over the data).
+        scale_batches: batches used to estimate the input scaling ``s``.
+        b_dec_init: ``"zeros"`` or ``"mean"`` (mean of the scaling batches).
+        target_l0: if set, adapt λ after warm-up towards this L0 (not in the Gemma Scope recipe).
+        seed: RNG seed (init and data order).
+        device: training device; site: stored on the trained SAE.
+        log_every: record metrics every this many steps; progress: tqdm bar.
+    """
+
+    d_sae: int
+    architecture: str = "jumprelu"
+    k: int | None = None
+    l0_coefficient: float = 1.0
+    lambda_warmup_steps: int | None = None
+    lr: float = 7e-5
+    lr_warmup_steps: int = 1000
+    lr_decay_frac: float = 0.0
+    betas: tuple[float, float] = (0.0, 0.999)
+    bandwidth: float = 0.001
+    theta_init: float = 0.001
+    batch_size: int = 4096
+    steps: int | None = None
+    scale_batches: int = 8
+    b_dec_init: str = "zeros"
+    target_l0: float | None = None
+    seed: int = 0
+    device: str | None = None
+    site: str | None = None
+    log_every: int = 100
+    progress: bool = False
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_sae` returns: the SAE (folded, ready for inference) and its history."""
+
+    sae: SAE
+    scale: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class _Trainable(nn.Module):
+    """Training parameterisation: scaled inputs, ``b_dec`` subtracted, ``log θ``."""
+
+    def __init__(self, d_in: int, cfg: TrainConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        proto = JumpReLUSAE(d_in, cfg.d_sae)
+        init_tied(proto, generator=generator)
+        self.W_enc = nn.Parameter(proto.W_enc.detach().clone())
+        self.b_enc = nn.Parameter(proto.b_enc.detach().clone())
+        self.W_dec = nn.Parameter(proto.W_dec.detach().clone())
+        self.b_dec = nn.Parameter(proto.b_dec.detach().clone())
+        self.jump = cfg.architecture == "jumprelu"
+        self.k = cfg.k
+        self.eps = cfg.bandwidth
+        if self.jump:
+            self.log_theta = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.theta_init)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` scaled ``[n, d_in]`` -> (reconstruction, features, L0 per token via the STE)."""
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.jump:
+            theta = self.log_theta.exp()
+            f = JumpReLUFunction.apply(pre, theta, self.eps)
+            l0 = HeavisideFunction.apply(pre, theta, self.eps).sum(-1)
+        else:
+            assert self.k is not None
+            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+            l0 = (f > 0).sum(-1).to(x.dtype)
+        x_hat = f @ self.W_dec + self.b_dec
+        return x_hat, f, l0
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out of ``W_dec.grad`` the component parallel to each (unit) decoder row."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec
+        g -= (g * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def renormalise(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def fold_scaling(
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None,
+    scale: float,
+) -> dict[str, torch.Tensor]:
+    """Fold input scaling ``s`` and ``b_dec`` subtraction into inference parameters.
+
+    Training computes ``pre = (s x - b_dec) W_enc + b_enc``, ``x_hat_s = f W_dec + b_dec``.
+    Returns parameters of the plain formula on raw ``x`` whose features are ``f / s``:
+    ``W_enc``, ``b_enc' = (b_enc - b_dec W_enc)/s``, ``θ' = θ/s``, ``W_dec``, ``b_dec' = b_dec/s``.
+    """
+    out = {
+        "W_enc": W_enc.clone(),
+        "b_enc": (b_enc - b_dec @ W_enc) / scale,
+        "W_dec": W_dec.clone(),
+        "b_dec": b_dec / scale,
+    }
+    if threshold is not None:
+        out["threshold"] = threshold / scale
+    return out
+
+
+def _batches_forever(
+    data: torch.Tensor | ActivationStore, batch_size: int, generator: torch.Generator, seed: int
+) -> Iterator[torch.Tensor]:
+    epoch = 0
+    while True:
+        if isinstance(data, ActivationStore):
+            yield from data.iter_batches(batch_size, shuffle=True, seed=seed + epoch)
+        else:
+            perm = torch.randperm(data.shape[0], generator=generator)
+            for j in range(0, data.shape[0] - batch_size + 1, batch_size):
+                yield data[perm[j : j + batch_size]]
+            if data.shape[0] < batch_size:
+                yield data
+        epoch += 1
+
+
+def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> TrainResult:
+    """Train a JumpReLU (Gemma Scope recipe) or TopK SAE on ``data`` (``[n, d_in]`` or a store).
+
+    Returns:
+        :class:`TrainResult` with the SAE in the plain inference parameterisation
+        (scaling and ``b_dec`` subtraction folded in; works on raw activations), the
+        scale ``s``, and the history (step, loss, mse, l0, lambda, lr every ``log_every`` steps).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config
+    if cfg.architecture not in ("jumprelu", "topk"):
+        raise ValueError(f"architecture must be 'jumprelu' or 'topk', got {cfg.architecture!r}")
+    if cfg.architecture == "topk" and (cfg.k is None or not 0 < cfg.k <= cfg.d_sae):
+        raise ValueError(f"topk training needs 0 < k <= d_sae, got k={cfg.k}")
+    if isinstance(data, ActivationStore):
+        d_in, n_rows = data.d_in, data.n_rows
+        site = cfg.site or data.site
+    else:
+        if data.dim() != 2:
+            raise ValueError(f"training data must be [n, d_in], got {tuple(data.shape)}")
+        d_in, n_rows = int(data.shape[1]), int(data.shape[0])
+        site = cfg.site
+    if n_rows == 0:
+        raise ValueError("no training data")
+    device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.steps if cfg.steps is not None else max(1, n_rows // cfg.batch_size)
+    lam_warm = cfg.lambda_warmup_steps if cfg.lambda_warmup_steps is not None else max(1, steps // 10)
+
+    batches = _batches_forever(data, cfg.batch_size, gen, cfg.seed)
+    # Input scaling: s with E||s x||^2 = 1, from the first scale_batches batches.
+    sample = [next(batches).float() for _ in range(max(1, cfg.scale_batches))]
+    sq = torch.cat(sample).pow(2).sum(-1).mean().item()
+    if not math.isfinite(sq) or sq <= 0:
+        raise ValueError(f"activations have mean squared norm {sq}; cannot scale")
+    scale = 1.0 / math.sqrt(sq)
+
+    model = _Trainable(d_in, cfg, gen).to(device)
+    if cfg.b_dec_init == "mean":
+        with torch.no_grad():
+            model.b_dec.copy_(torch.cat(sample).mean(0).to(device) * scale)
+    elif cfg.b_dec_init != "zeros":
+        raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {cfg.b_dec_init!r}")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])))
+    decay_start = int(steps * (1 - cfg.lr_decay_frac))
+    lam = cfg.l0_coefficient
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=steps, desc=f"train {cfg.architecture}", unit="step", disable=not cfg.progress)
+    l0_ema: float | None = None
+    try:
+        for step in range(steps):
+            x = next(batches).to(device=device, dtype=torch.float32) * scale
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
+            if step >= decay_start and steps > decay_start:
+                lr *= max(0.0, (steps - step) / (steps - decay_start))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            warm = min(1.0, (step + 1) / lam_warm)
+            x_hat, f, l0 = model(x)
+            mse = (x - x_hat).pow(2).sum(-1).mean()
+            l0_mean = l0.mean()
+            loss = mse + (warm * lam) * l0_mean if model.jump else mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            model.remove_parallel_grad()
+            opt.step()
+            model.renormalise()
+            l0_now = float(l0_mean.detach())
+            l0_ema = l0_now if l0_ema is None else 0.98 * l0_ema + 0.02 * l0_now
+            if cfg.target_l0 is not None and model.jump and warm >= 1.0:
+                lam *= math.exp(0.01 * math.tanh(math.log(max(l0_ema, 1e-3) / cfg.target_l0)))
+            if step % cfg.log_every == 0 or step == steps - 1:
+                history.append({"step": step, "loss": float(loss.detach()), "mse": float(mse.detach()),
+                                "l0": l0_now, "lambda": warm * lam, "lr": lr})  # fmt: skip
+                bar.set_postfix(mse=f"{float(mse.detach()):.4f}", l0=f"{l0_now:.1f}")
+            bar.update(1)
+    finally:
+        bar.close()
+
+    with torch.no_grad():
+        theta = model.log_theta.exp() if model.jump else None
+        params = fold_scaling(model.W_enc, model.b_enc, model.W_dec, model.b_dec, theta, scale)
+    sae: SAE
+    if model.jump:
+        sae = JumpReLUSAE(d_in, cfg.d_sae, site=site, device=device)
+    else:
+        assert cfg.k is not None
+        sae = TopKSAE(d_in, cfg.d_sae, k=cfg.k, site=site, device=device)
+    with torch.no_grad():
+        for name, t in params.items():
+            getattr(sae, name).copy_(t)
+    sae.requires_grad_(False).eval()
+    sae.metadata.update({"trained": True, "input_scale": scale, "steps": steps})
+    return TrainResult(sae, scale, history, asdict(cfg))
+
+
+# ------------------------------------------------------------------- evaluation
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits [batch, pos, vocab]`` on ``ids [batch, pos]``."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    sae: SAE,
+    data: torch.Tensor | ActivationStore | None = None,
+    *,
+    im: InstrumentedModel | None = None,
+    ids: torch.Tensor | None = None,
+    batch_size: int = 4096,
+    site: str | None = None,
+) -> dict[str, float]:
+    """Evaluate ``sae``.
+
+    Args:
+        data: activations ``[n, d_in]`` (or a store) for L0, FVU and dead features.
+        im, ids: an instrumented model and token ids ``[batch, pos]`` for the delta LM loss
+            (spliced run with ``Splice(sae, keep_error=False)`` at ``site`` minus the clean run).
+        site: where to splice (default ``sae.site``).
+
+    Returns:
+        ``l0`` (mean active features per token), ``fvu`` (Σ||x - x_hat||² / Σ||x - mean x||²),
+        ``dead_features`` (count never active on ``data``), ``dead_fraction``, and with ``im``:
+        ``lm_loss_clean``, ``lm_loss_spliced``, ``delta_lm_loss``.
+    """
+    out: dict[str, float] = {}
+    if data is not None:
+        if isinstance(data, ActivationStore):
+            chunks: Iterable[torch.Tensor] = data.iter_batches(batch_size, shuffle=False)
+        else:
+            chunks = (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
+        n = 0
+        l0_sum = 0.0
+        err_sum = 0.0
+        x_sum: torch.Tensor | None = None
+        x_sq = 0.0
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.device)
+        for x in chunks:
+            x = x.to(device=sae.device, dtype=sae.dtype)
+            f = sae.encode(x)
+            x_hat = sae.decode(f)
+            active = f != 0
+            fired |= active.any(0)
+            l0_sum += float(active.sum())
+            err_sum += float((x.float() - x_hat.float()).pow(2).sum())
+            xs = x.float().sum(0)
+            x_sum = xs if x_sum is None else x_sum + xs
+            x_sq += float(x.float().pow(2).sum())
+            n += x.shape[0]
+        if n:
+            assert x_sum is not None
+            total_var = x_sq - float(x_sum.pow(2).sum()) / n
+            out["l0"] = l0_sum / n
+            out["fvu"] = err_sum / max(total_var, 1e-30)
+            out["dead_features"] = float((~fired).sum())
+            out["dead_fraction"] = out["dead_features"] / sae.d_sae
+    if im is not None:
+        if ids is None:
+            raise ValueError("evaluate(im=...) needs ids for the delta LM loss")
+        where = site or sae.site
+        if where is None:
+            raise ValueError("the SAE has no site; pass site=")
+        clean = lm_loss(im.run(ids), ids)
+        spliced = lm_loss(
+            im.run(ids, interventions={where: Splice(sae, keep_error=False, record=False)}), ids
+        )
+        out["lm_loss_clean"] = float(clean)
+        out["lm_loss_spliced"] = float(spliced)
+        out["delta_lm_loss"] = float(spliced - clean)
+    return out
