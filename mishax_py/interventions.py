@@ -532,6 +532,30 @@ class _Selective(Intervention):
         self._check_positions(site, shape, lay)
         self._check_more(site, shape, lay)
 
+    def first_position(self, site: str, shape: tuple[int, ...]) -> int:
+        """The earliest position this edit can change in a plain run of ``shape`` (``shape[pos]`` if none).
+
+        Used by sweeps: under causal attention, positions before it are those of the clean run, so
+        a sweep may compute them once (any intervention may define this method to opt in; it must
+        then also honour ``event.position_offset``, as the built-in edits do).
+        Conservative (0) where the answer depends on the run: ``"all"``/``"new"`` positions, and
+        attention maps (an edit there can give weight to masked or out-of-window keys, which a KV
+        cache of the earlier positions does not hold, or holds computed differently for padding).
+        """
+        lay = _layout(site, len(shape))
+        spec = self.positions
+        if lay.pos_dim is None or spec.kind in ("all", "new") or lay.is_map:
+            return 0
+        n = shape[lay.pos_dim]
+        if spec.kind == "slice":
+            assert isinstance(spec.values, slice)
+            chosen = torch.arange(*spec.values.indices(n))
+        else:
+            assert isinstance(spec.values, torch.Tensor)
+            chosen = spec.values if spec.valid is None else spec.values[spec.valid]
+            chosen = torch.where(chosen < 0, chosen + n, chosen)
+        return int(chosen.min()) if chosen.numel() else n
+
     def _check_positions(self, site: str, shape: tuple[int | None, ...], lay: _Layout) -> None:
         spec = self.positions
         if lay.pos_dim is None or spec.kind not in ("list", "rows"):

@@ -19,6 +19,17 @@ How it batches
   layer before chunking, so chunks share the longest prefixes. Variants with no interventions
   take the clean run's logits. Sites before the blocks (``embed``) start at layer 0; sites after
   them (``ln_final``, ``logits``) at the last layer.
+* **Shared positions** (``share_positions``, under ``torch.no_grad()``). Under causal attention an
+  edit at positions ``>= p`` cannot change earlier positions. When every edit in a chunk is a
+  built-in one whose positions start at ``p > 0`` (lists, slices, per-row lists; not ``"all"``,
+  ``"new"``, ``Hook`` functions, or edits of attention maps), the chunk runs only positions
+  ``p..P-1`` on top of a KV cache of the clean run's first ``p`` tokens (computed once per ``p``
+  for the base batch, then tiled per variant); the logits of positions ``< p`` are the clean
+  run's. Edits see absolute positions (``event.position_offset == p``), exactly as in generation.
+  Only with ``attention_mask`` as the sole tensor keyword (other per-position inputs are not sliced)
+  and no padding in it: HF's eager attention gives a padding query (all keys masked) uniform
+  weights over every key, future ones included, so padded positions are not causal.
+  Variants are sorted by (earliest layer, earliest position), so chunks share both.
 * **Chunking.** ``batch_size`` is in rows; a chunk holds ``max(1, batch_size // B)`` whole
   variants (a variant is never split, so a chunk may exceed ``batch_size`` when ``B`` does).
   The default comes from :func:`default_batch_size` (a memory estimate, documented there).
@@ -29,6 +40,7 @@ every chunk (and prefix sharing is off, since they may depend on the batch).
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -55,12 +67,14 @@ class _Variant:
     index: int
     sites: dict[str, list[Intervention]]  # canonical site -> interventions in order
     start: int  # the first decoder layer this variant changes (n_layers: changes nothing)
+    first_pos: int = 0  # the first position it can change (0: unknown / all)
 
 
 @dataclass
 class _Chunk:
     variants: list[_Variant]
     start: int
+    first_pos: int
     sites: dict[str, list[tuple[int, list[Intervention]]]] = field(default_factory=dict)  # site -> (slot, ivs)
 
 
@@ -73,6 +87,7 @@ def sweep(
     progress: bool | None = None,
     *,
     share_prefix: bool = True,
+    share_positions: bool = True,
     **hf_kwargs: Any,
 ) -> list[Any]:
     """Run every variant on ``ids`` batched; one result per variant, in order.
@@ -87,6 +102,8 @@ def sweep(
         progress: a tqdm bar over chunks; ``None`` = on when there are more than
             ``AUTO_PROGRESS_CHUNKS`` chunks and stderr is a terminal.
         share_prefix: start chunks from the clean run's ``resid_pre`` of their earliest layer.
+        share_positions: run only positions from a chunk's earliest edited one, on a KV cache of the
+            clean prefix (no-grad runs only; see the module docs).
         **hf_kwargs: passed to the model (``attention_mask`` ...); per-row tensors are repeated per variant.
 
     Autograd follows the caller's grad mode (wrap big sweeps in ``torch.no_grad()``); with grad on,
@@ -102,8 +119,22 @@ def sweep(
     n_layers = im.n_layers
     outer = active_context()
     share = share_prefix and outer is None
+    tensor_kwargs = {k for k, v in hf_kwargs.items() if isinstance(v, torch.Tensor)}
+    share_pos = (
+        share_positions
+        and outer is None
+        and not torch.is_grad_enabled()
+        and tensor_kwargs <= {"attention_mask"}
+        and not hf_kwargs.get("use_cache")
+        and hf_kwargs.get("past_key_values") is None
+    )
 
     first_block = im.catalogue.order("blocks.0.resid_pre") if n_layers else 0
+    # Not with padding: HF's eager attention gives a padding query (every key masked) uniform weights
+    # over all keys, future ones included, so its values depend on later positions.
+    mask = hf_kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and bool((mask == 0).any()):
+        share_pos = False
     plans: list[_Variant] = []
     for vi, variant in enumerate(variants):
         if not isinstance(variant, Mapping):
@@ -124,7 +155,8 @@ def sweep(
                         raise type(e)(f"sweep variant {vi}: {e}") from e
                 sites.setdefault(name, []).extend(ivs)
         ordered = dict(sorted(sites.items(), key=lambda kv: im.catalogue.order(kv[0])))
-        plans.append(_Variant(vi, ordered, _start_layer(im, ordered, n_layers, first_block) if share else 0))
+        start = _start_layer(im, ordered, n_layers, first_block) if share else 0
+        plans.append(_Variant(vi, ordered, start, _first_position(im, ordered, B, P) if share_pos else 0))
 
     results: list[Any] = [None] * len(plans)
     if not plans:
@@ -137,22 +169,31 @@ def sweep(
     if rows_per_chunk < 1:
         raise ValueError(f"batch_size must be >= 1, got {rows_per_chunk}")
     per_chunk = max(1, rows_per_chunk // B)
-    active.sort(key=lambda v: v.start, reverse=True)  # stable: equal starts keep the caller's order
+    # stable sort: equal keys keep the caller's order
+    active.sort(key=lambda v: (v.start, v.first_pos), reverse=True)
     chunks = [_make_chunk(active[i : i + per_chunk]) for i in range(0, len(active), per_chunk)]
     prefix_layers = sorted({c.start for c in chunks if 0 < c.start < n_layers})
     prefix: dict[int, torch.Tensor] = {}
-    if empty or prefix_layers:
+    clean: torch.Tensor | None = None
+    if empty or prefix_layers or any(c.first_pos for c in chunks):
         clean = _clean_run(im, ids, prefix_layers, prefix, hf_kwargs)
         for k, v in enumerate(empty):  # each empty variant gets its own tensor
             logits = clean if k == 0 else clean.clone()
             results[v.index] = metric(logits) if metric is not None else logits
+    kv_prefixes: dict[int, Any] = {}  # first position -> KV cache of the clean run's tokens before it
 
     bar = _progress_bar(len(chunks), progress)
     try:
         for chunk in chunks:
-            logits = _run_chunk(im, ids, chunk, prefix.get(chunk.start), outer, hf_kwargs)
+            p0 = chunk.first_pos
+            if p0 and p0 not in kv_prefixes:
+                kv_prefixes[p0] = _kv_prefix(im, ids, p0, hf_kwargs)
+            logits = _run_chunk(im, ids, chunk, prefix.get(chunk.start), kv_prefixes.get(p0), outer, hf_kwargs)
             for slot, v in enumerate(chunk.variants):
                 block = logits[slot * B : (slot + 1) * B]
+                if p0:
+                    assert clean is not None
+                    block = torch.cat([clean[:, :p0], block], 1)
                 results[v.index] = metric(block) if metric is not None else block
             del logits
             if bar is not None:
@@ -174,8 +215,21 @@ def _start_layer(im: InstrumentedModel, sites: Mapping[str, list[Intervention]],
     return start
 
 
+def _first_position(im: InstrumentedModel, sites: Mapping[str, list[Intervention]], B: int, P: int) -> int:
+    """The first position a variant can change (0 when unknown), at most ``P - 1``."""
+    first = P - 1
+    for name, ivs in sites.items():
+        shape = im.site_info(name).concrete_shape(B, P)
+        for iv in ivs:
+            first_position = getattr(iv, "first_position", None)
+            if first_position is None:  # e.g. a Hook: it may read or write any position
+                return 0
+            first = min(first, int(first_position(name, shape)))
+    return max(first, 0)
+
+
 def _make_chunk(variants: list[_Variant]) -> _Chunk:
-    chunk = _Chunk(variants, min(v.start for v in variants))
+    chunk = _Chunk(variants, min(v.start for v in variants), min(v.first_pos for v in variants))
     for slot, v in enumerate(variants):
         for site, ivs in v.sites.items():
             chunk.sites.setdefault(site, []).append((slot, ivs))
@@ -209,19 +263,37 @@ def _clean_run(
         return im.forward(ids, **hf_kwargs)
 
 
+def _kv_prefix(im: InstrumentedModel, ids: torch.Tensor, p0: int, hf_kwargs: dict) -> Any:
+    """The KV cache of the clean run over the first ``p0`` tokens of the base batch."""
+    kw = dict(hf_kwargs)
+    if "attention_mask" in kw and kw["attention_mask"] is not None:
+        kw["attention_mask"] = kw["attention_mask"][:, :p0]
+    # no run is active here (position sharing is off inside intervene), so this is the clean model
+    return im.model(input_ids=ids[:, :p0], use_cache=True, **kw).past_key_values
+
+
 def _run_chunk(
     im: InstrumentedModel,
     ids: torch.Tensor,
     chunk: _Chunk,
     prefix: torch.Tensor | None,
+    kv_prefix: Any,
     outer: RunContext | None,
     hf_kwargs: dict,
 ) -> torch.Tensor:
     B = ids.shape[0]
     n = len(chunk.variants)
+    p0 = chunk.first_pos
     ctx = RunContext(outer)
+    kwargs = _repeat_kwargs(hf_kwargs, B, n)
+    if kv_prefix is not None:  # positions < p0 come from the clean run's KV cache, tiled per variant
+        cache = copy.deepcopy(kv_prefix)
+        cache.batch_select_indices(torch.arange(B, device=ids.device).repeat(n))
+        kwargs.update(past_key_values=cache, use_cache=True)
+        ids = ids[:, p0:]
     if prefix is not None:
         ctx.start_layer = chunk.start
+        prefix = prefix[:, p0:]
         repeated = prefix.repeat(n, *([1] * (prefix.ndim - 1))) if n > 1 else prefix
 
         def start_here(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
@@ -231,7 +303,7 @@ def _run_chunk(
     for site, entries in chunk.sites.items():
         im.add_handler(ctx, site, _block_handler(entries, B, n))
     with activate(ctx):
-        return im.forward(ids.repeat(n, 1) if n > 1 else ids, **_repeat_kwargs(hf_kwargs, B, n))
+        return im.forward(ids.repeat(n, 1) if n > 1 else ids, **kwargs)
 
 
 def _block_handler(

@@ -69,7 +69,8 @@ def interventions(draw, im: InstrumentedModel, src) -> tuple[str, object]:
 
     kw: dict = {"rows": subset(B), "index": subset(shape[-1])}
     per_row = st.lists(st.lists(st.integers(0, P - 1), max_size=2), min_size=B, max_size=B)
-    kw["positions"] = draw(st.one_of(st.none(), st.just(slice(2, None)), per_row,
+    starts = st.builds(slice, st.integers(0, P - 1), st.none())
+    kw["positions"] = draw(st.one_of(st.none(), starts, per_row,
                                      st.lists(st.integers(0, shape[pos_dim] - 1), min_size=1, max_size=3)))
     if head_dim is not None:
         kw["heads"] = subset(shape[head_dim])
@@ -127,7 +128,8 @@ def test_sweep_with_a_metric_and_without_prefix_sharing(setup: dict, data) -> No
     metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 7]  # noqa: E731
     with torch.no_grad():
         shared = sweep(im, ids, variants, metric=metric, batch_size=batch_size)
-        unshared = im.sweep(ids, variants, metric=metric, batch_size=batch_size, share_prefix=False)
+        unshared = im.sweep(ids, variants, metric=metric, batch_size=batch_size, share_prefix=False,
+                            share_positions=False)
     expected = [metric(alone(im, ids, v)) for v in variants]
     assert_all_close(shared, expected)
     assert_all_close(unshared, expected)
@@ -155,6 +157,36 @@ def test_layers_before_the_earliest_intervention_run_once(setup: dict) -> None:
     assert calls == {0: 1, 1: 3}  # layer 0: the clean run only; layer 1: clean run + 2 chunks
     assert starts == [1, 1, 1, 1]
     assert_all_close(results, [alone(im, ids, v) for v in variants])
+
+
+def test_positions_before_the_earliest_edit_come_from_a_kv_cache(setup: dict) -> None:
+    im = setup["im"]
+    lengths: list[int] = []
+    hook = im.model.model.layers[1].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    variants = [
+        {"blocks.1.attn.z": Ablate(heads=[1], positions=[5, 6])},
+        {"blocks.1.mlp_out": Clamp(1.0, positions=[[4], [7], []])},
+        {"blocks.1.resid_mid": Steer(0.1, positions=slice(6, None))},
+        {"blocks.1.attn.pattern": Steer(0.1, positions=slice(6, None))},  # maps: always in full
+    ]
+    cases = [
+        # no padding: KV prefixes of 5 and 4 tokens; chunks [v2, v0] from position 5, [v1, v3] from 0
+        (setup["ids"], {}, [P, 5, P - 5, P]),
+        # left padding: padded positions attend to every key (future ones too), so nothing is shared
+        (setup["padded"], {"attention_mask": setup["mask"]}, [P, P, P]),
+    ]
+    try:
+        for ids, kw, expected_lengths in cases:
+            lengths.clear()
+            with torch.no_grad():
+                results = im.sweep(ids, variants, batch_size=2 * B, **kw)
+            assert sorted(lengths) == sorted(expected_lengths)
+            expected = [alone(im, ids, v, **kw) for v in variants]
+            assert_all_close(results, expected)
+            with torch.no_grad():
+                assert_all_close(im.sweep(ids, variants, batch_size=2 * B, share_positions=False, **kw), expected)
+    finally:
+        hook.remove()
 
 
 def test_chunks_group_variants_by_earliest_layer(setup: dict) -> None:
