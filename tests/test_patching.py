@@ -1,0 +1,358 @@
+"""Activation patching (packed and rows methods) against a plain loop of single patched runs, and
+path patching against closed-form answers."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_model
+
+import instrumentation.gemma2 as g2
+from mishax_py.interventions import Hook, Patch
+from mishax_py.patching import PatchingResult, _site_kind, activation_patching, path_patching, plot
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP threads
+    spinning on busy cores make every small forward ~10x slower. Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def im():
+    """The shared tiny Gemma 2 (GQA, soft-caps, sliding window 4 < 7 tokens) with sharper attention, so
+    that patching queries, keys and patterns moves the metric visibly."""
+    model = make_model(seed=5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return g2.instrument(model)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(7)
+    clean = torch.randint(4, 64, (2, 7), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 2] = (clean[:, 2] + 11) % 60 + 4  # both rows differ at 2, row 0 also at 5
+    corrupt[0, 5] = (clean[0, 5] + 5) % 60 + 4
+    return clean, corrupt
+
+
+def metric(logits: torch.Tensor) -> torch.Tensor:
+    """Reads two positions, so the base run's logits of unpatched positions must be right too."""
+    return (logits[:, -1, 5] - logits[:, -1, 9]).mean() + 0.5 * logits[:, 3, 12].mean()
+
+
+def loop_reference(im, clean, corrupt, site, by, direction="denoise", **hf):
+    """A plain loop of single patched runs (one full forward each, as TransformerLens does)."""
+    kind = _site_kind(site)
+    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    _, cache = im.run_with_cache(source, **hf)
+    n_layers, T = im.n_layers, clean.shape[1]
+    n_heads = cache[f"blocks.0.{kind}"].shape[1 if kind == "attn.pattern" else 2] if kind.startswith("attn.") else 0
+    grids = {"pos": [range(n_layers), range(T)], "layer": [range(n_layers)],
+             "head": [range(n_layers), range(n_heads)], "head_pos": [range(n_layers), range(n_heads), range(T)]}
+    grid = grids[by]
+    out = torch.zeros(*[len(g) for g in grid])
+    for idx in itertools.product(*grid):
+        name = f"blocks.{idx[0]}.{kind}"
+        out[idx] = float(metric(im.run(base, {name: Hook(_copy(cache[name], kind, by, idx))}, **hf)))
+    return out
+
+
+def _copy(src, kind, by, idx):
+    def hook(value):
+        value = value.clone()
+        if by == "pos":
+            value[:, idx[1]] = src[:, idx[1]]
+        elif by == "layer":
+            value[:] = src
+        elif kind == "attn.pattern":  # [batch, head, q_pos, k_pos]
+            sel = (slice(None), idx[1]) if by == "head" else (slice(None), idx[1], idx[2])
+            value[sel] = src[sel]
+        else:  # [batch, pos, head, d_head]
+            sel = (slice(None), slice(None), idx[1]) if by == "head" else (slice(None), idx[2], idx[1])
+            value[sel] = src[sel]
+        return value
+
+    return hook
+
+
+CASES = [(s, b) for s in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out") for b in ("pos", "layer")]
+CASES += [(s, b) for s in ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern") for b in ("head", "head_pos")]
+
+
+@pytest.mark.parametrize(("site", "by"), CASES)
+def test_packed_equals_the_plain_loop(im, prompts, site, by):
+    clean, corrupt = prompts
+    with torch.no_grad():
+        ref = loop_reference(im, clean, corrupt, site, by)
+    res = activation_patching(im, clean, corrupt, metric, site, by=by)
+    assert res.values.shape == ref.shape
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
+    assert (ref - res.corrupt).abs().max() > 1e-3  # the patches do something
+
+
+@pytest.mark.parametrize(("site", "by"), [("resid_pre", "pos"), ("attn_out", "pos"), ("attn.v", "head_pos"),
+                                          ("attn.pattern", "head_pos"), ("attn.z", "head")])
+def test_noising_equals_the_plain_loop(im, prompts, site, by):
+    clean, corrupt = prompts
+    with torch.no_grad():
+        ref = loop_reference(im, clean, corrupt, site, by, direction="noise")
+    res = activation_patching(im, clean, corrupt, metric, site, by=by, direction="noise")
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
+    assert res.direction == "noise"
+    assert (ref - res.clean).abs().max() > 1e-3
+
+
+def test_rows_method_and_chunking_agree(im, prompts):
+    clean, corrupt = prompts
+    packed = activation_patching(im, clean, corrupt, metric, "resid_mid")
+    one_row = activation_patching(im, clean, corrupt, metric, "resid_mid", batch_size=1)
+    rows = activation_patching(im, clean, corrupt, metric, "resid_mid", method="rows", batch_size=3)
+    torch.testing.assert_close(one_row.values, packed.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rows.values, packed.values, rtol=0, atol=1e-5)
+    heads = activation_patching(im, clean, corrupt, metric, "attn.k", by="head_pos", batch_size=2)
+    heads_rows = activation_patching(im, clean, corrupt, metric, "attn.k", by="head_pos", method="rows")
+    torch.testing.assert_close(heads.values, heads_rows.values, rtol=0, atol=1e-5)
+
+
+def test_padding_mask_uses_rows_and_equals_the_loop(im, prompts):
+    clean, corrupt = prompts
+    mask = torch.ones_like(clean)
+    mask[1, :2] = 0  # row 1 left-padded
+    with torch.no_grad():
+        ref = loop_reference(im, clean, corrupt, "resid_pre", "pos", attention_mask=mask)
+    res = activation_patching(im, clean, corrupt, metric, "resid_pre", attention_mask=mask)
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="method='packed'.*attention_mask"):
+        activation_patching(im, clean, corrupt, metric, method="packed", attention_mask=mask)
+
+
+def test_inside_intervene_runs_with_the_outer_interventions(im, prompts):
+    clean, corrupt = prompts
+    outer = {"blocks.0.mlp_out": lambda v: v * 0.5}
+    with im.intervene(outer):
+        with torch.no_grad():
+            ref = loop_reference(im, clean, corrupt, "resid_post", "pos")
+        res = activation_patching(im, clean, corrupt, metric, "resid_post")
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
+
+
+def test_identical_values_are_not_run_and_give_the_base_metric(im, prompts):
+    clean, corrupt = prompts
+    res = activation_patching(im, clean, corrupt, metric, "resid_pre")
+    assert torch.all(res.values[:, :2] == res.corrupt)  # positions before the first difference
+    same = activation_patching(im, clean, clean, metric, "attn.z", by="head_pos")
+    assert torch.all(same.values == same.clean) and same.clean == same.corrupt
+
+
+def test_layer_and_position_subsets(im, prompts):
+    clean, corrupt = prompts
+    full = activation_patching(im, clean, corrupt, metric, "attn.q", by="head_pos")
+    part = activation_patching(im, clean, corrupt, metric, "attn.q", by="head_pos", layers=[1], positions=[6, 3],
+                               pos_labels=["six", "three"])
+    torch.testing.assert_close(part.values, full.values[[1]][:, :, [6, 3]], rtol=0, atol=1e-6)
+    assert part.labels == {"layer": ["1"], "head": ["0", "1", "2", "3"], "pos": ["six", "three"]}
+    together = activation_patching(im, clean, corrupt, metric, "resid_pre", by="layer", positions=[2, 5])
+    with torch.no_grad():
+        _, cache = im.run_with_cache(clean)
+        for layer in range(im.n_layers):
+            want = float(metric(im.run(corrupt, {f"blocks.{layer}.resid_pre": Patch(cache, positions=[2, 5])})))
+            assert abs(float(together.values[layer]) - want) < 1e-5
+
+
+def test_result_object(im, prompts):
+    clean, corrupt = prompts
+    res = activation_patching(im, clean, corrupt, metric, "hook_resid_pre")
+    assert isinstance(res, PatchingResult)
+    assert res.axes == ("layer", "pos") and res.shape == (2, 7) and res.site == "resid_pre"
+    assert res.labels["pos"] == [str(p) for p in range(7)]
+    with torch.no_grad():
+        assert abs(res.clean - float(metric(im.run(clean)))) < 1e-6
+        assert abs(res.corrupt - float(metric(im.run(corrupt)))) < 1e-6
+    norm = res.normalized()
+    torch.testing.assert_close(norm[:, :2], torch.zeros(2, 2))
+    assert res[0, 3] == res.values[0, 3]
+    assert "resid_pre" in repr(res)
+    z = activation_patching(im, clean, corrupt, metric, "z")
+    assert z.axes == ("layer", "head") and z.shape == (2, 4)
+    k = activation_patching(im, clean, corrupt, metric, "attn.hook_k", by=("head", "pos"))
+    assert k.axes == ("layer", "head", "pos") and k.shape == (2, 2, 7)
+
+
+def test_plot_writes_png(im, prompts, tmp_path):
+    clean, corrupt = prompts
+    for by, site in (("pos", "resid_pre"), ("layer", "mlp_out"), ("head_pos", "attn.v")):
+        res = activation_patching(im, clean, corrupt, metric, site, by=by)
+        path = plot(res, tmp_path / f"{site}_{by}.png", title=f"{site} by {by}", normalized=by == "pos")
+        data = open(path, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_bad_inputs(im, prompts):
+    clean, corrupt = prompts
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 7\).*\(2, 6\)"):
+        activation_patching(im, clean, corrupt[:, :6], metric)
+    with pytest.raises(ValueError, match="unsupported site 'ln1'"):
+        activation_patching(im, clean, corrupt, metric, "ln1")
+    with pytest.raises(ValueError, match="by='head'.*resid_pre"):
+        activation_patching(im, clean, corrupt, metric, "resid_pre", by="head")
+    with pytest.raises(ValueError, match="by='pos'.*attn.z"):
+        activation_patching(im, clean, corrupt, metric, "attn.z", by="pos")
+    with pytest.raises(ValueError, match="direction"):
+        activation_patching(im, clean, corrupt, metric, direction="denoising")
+    with pytest.raises(ValueError, match=r"scalar.*shape \(2,\)"):
+        activation_patching(im, clean, corrupt, lambda lg: lg[:, -1, 0])
+    with pytest.raises(TypeError, match="scalar.*str"):
+        activation_patching(im, clean, corrupt, lambda lg: "high")
+    with pytest.raises(TypeError, match="metric must be a function"):
+        activation_patching(im, clean, corrupt, 3.0)
+    with pytest.raises(ValueError, match="layers"):
+        activation_patching(im, clean, corrupt, metric, layers=[2])
+    with pytest.raises(ValueError, match="positions"):
+        activation_patching(im, clean, corrupt, metric, positions=[7])
+    with pytest.raises(ValueError, match="pos_labels"):
+        activation_patching(im, clean, corrupt, metric, pos_labels=["a"])
+    with pytest.raises(ValueError, match="method"):
+        activation_patching(im, clean, corrupt, metric, method="fast")
+    with pytest.raises(TypeError, match="integers"):
+        activation_patching(im, clean.float(), corrupt, metric)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path patching
+# ---------------------------------------------------------------------------------------------
+def _attn_out(layer_module, z: torch.Tensor) -> torch.Tensor:
+    """What a decoder layer adds to the residual stream for per-head outputs z [batch, pos, head, d_head]."""
+    return layer_module.post_attention_layernorm(layer_module.self_attn.o_proj(z.flatten(-2)))
+
+
+def _mixed_z(clean_cache, corrupt_cache, layer, senders):
+    z = clean_cache[f"blocks.{layer}.attn.z"].clone()
+    for sl, sh in senders:
+        if sl == layer:
+            z[:, :, sh] = corrupt_cache[f"blocks.{layer}.attn.z"][:, :, sh]
+    return z
+
+
+def test_path_patching_direct_path_to_the_logits_in_closed_form(im, prompts):
+    """Case: receiver = the last layer's resid_post (the input of the unembedding), freeze_mlps=True.
+
+    In step 2 every head output is frozen (senders to their corrupted value, all others to clean)
+    and so is every MLP output, so the final residual stream is a closed-form sum:
+
+        resid_post[L-1] = embed + sum_l post_attn_norm_l(o_proj_l(z_mix_l)) + sum_l mlp_out_l(clean)
+
+    with z_mix_l the clean z of layer l with the sender heads' z taken from the corrupted run.
+    Step 3 feeds it to the unembedding: logits = 30·tanh(lm_head(final_norm(resid)) / 30).
+    """
+    clean, corrupt = prompts
+    model = im.model
+    senders = [(0, 1), (1, 3), (1, 0)]
+    last = im.n_layers - 1
+    got = path_patching(im, clean, corrupt, metric, senders=senders, receivers=[f"blocks.{last}.resid_post"],
+                        freeze_mlps=True)
+    with torch.no_grad():
+        _, cc = im.run_with_cache(clean)
+        _, xc = im.run_with_cache(corrupt)
+        resid = cc["embed"]
+        for layer, mod in enumerate(model.model.layers):
+            resid = resid + _attn_out(mod, _mixed_z(cc, xc, layer, senders))
+            resid = resid + cc[f"blocks.{layer}.mlp_out"]
+        cap = model.config.final_logit_softcapping
+        logits = cap * torch.tanh(model.lm_head(model.model.norm(resid)) / cap)
+        want = float(metric(logits))
+        clean_metric = float(metric(im.run(clean)))
+    assert abs(got - want) < 1e-5
+    assert abs(got - clean_metric) > 1e-3  # a real effect
+
+
+def test_path_patching_to_a_query_in_closed_form(im, prompts):
+    """Case: receiver = the query of head 2 in layer 1, sender = head 1 of layer 0, freeze_mlps=True.
+
+    Step 2 gives layer 1 the residual embed + post_attn_norm_0(o_proj_0(z_mix_0)) + mlp_out_0(clean),
+    so the recorded query is q_proj_1(input_layernorm_1(that))[head 2] in closed form; step 3 is the
+    clean run with only that head's query replaced.
+    """
+    clean, corrupt = prompts
+    model = im.model
+    mod0, mod1 = model.model.layers
+    d_head = model.config.head_dim
+    got = path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=[(1, 2, "q")], freeze_mlps=True)
+    with torch.no_grad():
+        _, cc = im.run_with_cache(clean)
+        _, xc = im.run_with_cache(corrupt)
+        resid = cc["embed"] + _attn_out(mod0, _mixed_z(cc, xc, 0, [(0, 1)])) + cc["blocks.0.mlp_out"]
+        q = mod1.self_attn.q_proj(mod1.input_layernorm(resid)).unflatten(-1, (-1, d_head))
+
+        def set_q(v):
+            v = v.clone()
+            v[:, :, 2] = q[:, :, 2]
+            return v
+
+        want = float(metric(im.run(clean, {"blocks.1.attn.q": Hook(set_q)})))
+        clean_metric = float(metric(im.run(clean)))
+    assert abs(got - want) < 1e-5
+    assert abs(got - clean_metric) > 1e-4
+
+
+def test_path_patching_through_mlps_and_site_senders(im, prompts):
+    """Without freeze_mlps the MLPs are recomputed: the path sender -> MLP0 -> receiver counts. With an MLP
+    as the only sender (and MLPs frozen), the closed form is the residual sum with mlp_out_0 corrupted."""
+    clean, corrupt = prompts
+    model = im.model
+    last = im.n_layers - 1
+    recv = [f"blocks.{last}.resid_post"]
+    frozen = path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=recv, freeze_mlps=True)
+    through = path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=recv)
+    assert abs(frozen - through) > 1e-5
+    got = path_patching(im, clean, corrupt, metric, senders=["blocks.0.mlp_out"], receivers=recv, freeze_mlps=True)
+    with torch.no_grad():
+        _, cc = im.run_with_cache(clean)
+        _, xc = im.run_with_cache(corrupt)
+        resid = cc["embed"]
+        for layer, mod in enumerate(model.model.layers):
+            resid = resid + _attn_out(mod, cc[f"blocks.{layer}.attn.z"])
+            resid = resid + (xc if layer == 0 else cc)[f"blocks.{layer}.mlp_out"]
+        cap = model.config.final_logit_softcapping
+        want = float(metric(cap * torch.tanh(model.lm_head(model.model.norm(resid)) / cap)))
+    assert abs(got - want) < 1e-5
+
+
+def test_path_patching_without_a_path_is_the_clean_metric(im, prompts):
+    clean, corrupt = prompts
+    with torch.no_grad():
+        clean_metric = float(metric(im.run(clean)))
+    # a sender in the receiver's own layer (or later) has no path to its query
+    got = path_patching(im, clean, corrupt, metric, senders=[(1, 0), (1, 3)], receivers=[(1, 2, "q"), (1, 1, "k")])
+    assert abs(got - clean_metric) < 1e-6
+    # identical prompts: nothing to patch
+    same = path_patching(im, clean, clean, metric, senders=[(0, 1)], receivers=[(1, 0, "v")])
+    assert abs(same - clean_metric) < 1e-6
+
+
+def test_path_patching_bad_inputs(im, prompts):
+    clean, corrupt = prompts
+    with pytest.raises(ValueError, match="same shape"):
+        path_patching(im, clean, corrupt[:1], metric, senders=[(0, 0)], receivers=[(1, 0, "q")])
+    with pytest.raises(ValueError, match="out of range"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 4)], receivers=[(1, 0, "q")])
+    with pytest.raises(ValueError, match="out of range.*head in \\[0, 2\\)"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 0)], receivers=[(1, 3, "k")])
+    with pytest.raises(ValueError, match="'q' \\| 'k' \\| 'v'"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 0)], receivers=[(1, 0, "z")])
+    with pytest.raises(ValueError, match="frozen"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 0)], receivers=["blocks.1.attn.z"])
+    with pytest.raises(ValueError, match="at least one"):
+        path_patching(im, clean, corrupt, metric, senders=[], receivers=[(1, 0, "q")])
+    with pytest.raises(KeyError, match="mlp_outt"):
+        path_patching(im, clean, corrupt, metric, senders=["blocks.0.mlp_outt"], receivers=[(1, 0, "q")])
