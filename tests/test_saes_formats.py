@@ -1,0 +1,486 @@
+"""saes: Gemma Scope npz / SAELens formats, hub references, site inference, bad files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+
+import saes
+from saes.formats import (
+    SAEFetchError,
+    SAEFileError,
+    gemma_scope_sites,
+    hook_name_from_site,
+    parse_hub_ref,
+    site_from_hook_name,
+)
+
+KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def gemma_scope_params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random parameters with Gemma Scope's keys, shapes and scales (unit-norm decoder rows,
+    thresholds giving an L0 of roughly 70 of 16384 on unit-Gaussian inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    return {
+        "W_enc": W_enc.numpy(),
+        "W_dec": W_dec.numpy(),
+        "b_enc": (0.1 * torch.randn(d_sae, generator=g)).numpy(),
+        "b_dec": (0.1 * torch.randn(d_in, generator=g)).numpy(),
+        "threshold": (2.4 + 0.5 * torch.rand(d_sae, generator=g)).numpy(),
+    }
+
+
+def spec_encode(p: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """SPEC §4 written out: pre = x @ W_enc + b_enc; f = (pre > threshold) * relu(pre)."""
+    pre = x @ torch.from_numpy(p["W_enc"]) + torch.from_numpy(p["b_enc"])
+    return (pre > torch.from_numpy(p["threshold"])) * torch.relu(pre)
+
+
+def spec_decode(p: dict[str, np.ndarray], f: torch.Tensor) -> torch.Tensor:
+    """SPEC §4: x_hat = f @ W_dec + b_dec."""
+    return f @ torch.from_numpy(p["W_dec"]) + torch.from_numpy(p["b_dec"])
+
+
+def write_npz(path: Path, params: dict[str, np.ndarray]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **params)
+    return path
+
+
+# ------------------------------------------------------------------ full size
+@pytest.mark.slow
+def test_gemma_scope_shaped_load_matches_spec_and_saelens_round_trip(tmp_path: Path) -> None:
+    d_in, d_sae = 2304, 16384
+    params = gemma_scope_params(d_in, d_sae)
+    assert all(params[k].dtype == np.float32 for k in KEYS)
+    repo_dir = tmp_path / "models--google--gemma-scope-2b-pt-res" / "snapshots" / "abc"
+    npz = write_npz(repo_dir / "layer_20" / "width_16k" / "average_l0_71" / "params.npz", params)
+
+    sae = saes.load(npz)
+    assert isinstance(sae, saes.JumpReLUSAE)
+    assert (sae.d_in, sae.d_sae, sae.site) == (d_in, d_sae, "blocks.20.resid_post")
+    assert sae.dtype == torch.float32
+
+    x = torch.randn(2, 8, d_in, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = sae.encode(x)
+        want_f = spec_encode(params, x)
+        assert (f - want_f).abs().max().item() <= 1e-5
+        l0 = (f != 0).sum(-1).float().mean().item()
+        assert 20 < l0 < 200  # realistic sparsity: the decode takes the sparse path
+        x_hat = sae.decode(f)
+        assert (x_hat - spec_decode(params, want_f)).abs().max().item() <= 1e-5
+        out = sae(x)
+
+    folder = sae.save(tmp_path / "saelens")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["hook_name"] == "blocks.20.hook_resid_post"
+    assert (cfg["d_in"], cfg["d_sae"]) == (d_in, d_sae)
+    back = saes.load(folder)
+    assert isinstance(back, saes.JumpReLUSAE) and back.site == "blocks.20.resid_post"
+    for name in KEYS:
+        assert torch.equal(getattr(back, name), getattr(sae, name)), name
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), f)
+        assert torch.equal(back(x), out)
+
+
+# -------------------------------------------------------------- small formats
+def test_local_npz_and_folder_and_dtype(tmp_path: Path) -> None:
+    p = gemma_scope_params(32, 64, seed=1)
+    npz = write_npz(tmp_path / "mine" / "params.npz", p)
+    x = torch.randn(5, 32)
+    for ref in (npz, str(npz), tmp_path / "mine"):
+        sae = saes.load(ref)
+        assert sae.site is None  # nothing to infer from
+        assert torch.allclose(sae.encode(x), spec_encode(p, x), atol=1e-6)
+    sae = saes.load(npz, site="blocks.0.resid_post", dtype=torch.bfloat16)
+    assert sae.site == "blocks.0.resid_post" and sae.W_enc.dtype == torch.bfloat16
+    assert not sae.W_enc.requires_grad
+    assert sae.encode(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_saelens_round_trip_each_family_and_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    made: list[saes.SAE] = [
+        saes.JumpReLUSAE(16, 48, site="blocks.1.resid_post"),
+        saes.TopKSAE(16, 48, k=5, site="blocks.1.mlp_out"),
+        saes.ReLUSAE(16, 48, site="blocks.0.attn.z", apply_b_dec_to_input=True),
+        saes.Transcoder(16, 48, site="blocks.0.ln2_normalized", output_site="blocks.0.mlp_out", skip=True),
+        saes.Transcoder(16, 48, d_out=24, activation="topk", k=3, site="blocks.0.ln2", output_site="x"),
+    ]
+    x = torch.randn(3, 16)
+    for i, sae in enumerate(made):
+        with torch.no_grad():
+            for prm in sae.parameters():
+                prm.normal_()
+        sae = sae.to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "x" is not a known site
+            back = saes.load(sae.save(tmp_path / f"sae{i}"))
+        assert type(back) is type(sae)
+        assert (back.site, back.output_site, back.apply_b_dec_to_input) == (
+            sae.site,
+            sae.output_site,
+            sae.apply_b_dec_to_input,
+        )
+        assert back.dtype == dtype
+        assert back.config() == sae.config()
+        with torch.no_grad():
+            assert torch.equal(back(x), sae(x))
+
+
+def test_saelens_cfg_honoured(tmp_path: Path) -> None:
+    """A SAELens folder written by hand: architecture, apply_b_dec_to_input, hook_name, k."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    W_enc, W_dec = torch.randn(8, 20), torch.randn(20, 8)
+    b_enc, b_dec = torch.randn(20), torch.randn(8)
+    x = torch.randn(4, 8)
+
+    def folder(name: str, cfg: dict, tensors: dict) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "cfg.json").write_text(json.dumps(cfg))
+        save_file(tensors, str(d / "sae_weights.safetensors"))
+        return d
+
+    base = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    std = saes.load(
+        folder(
+            "std",
+            {
+                "architecture": "standard",
+                "d_in": 8,
+                "d_sae": 20,
+                "hook_name": "blocks.3.hook_mlp_out",
+                "apply_b_dec_to_input": True,
+            },
+            base,
+        )
+    )
+    assert isinstance(std, saes.ReLUSAE) and std.site == "blocks.3.mlp_out"
+    assert torch.allclose(std.encode(x), torch.relu((x - b_dec) @ W_enc + b_enc), atol=1e-6)
+
+    topk = saes.load(
+        folder(
+            "topk",
+            {"architecture": "topk", "d_in": 8, "d_sae": 20, "k": 3, "hook_name": "blocks.2.attn.hook_z"},
+            base,
+        )
+    )
+    assert isinstance(topk, saes.TopKSAE) and topk.k == 3 and topk.site == "blocks.2.attn.z"
+    f = topk.encode(x)
+    assert ((f != 0).sum(-1) <= 3).all()
+    pre = x @ W_enc + b_enc
+    top = pre.topk(3, dim=-1).indices
+    assert torch.allclose(f.gather(-1, top), pre.gather(-1, top).relu())
+
+    old_topk = saes.load(
+        folder(
+            "oldtopk",
+            {
+                "architecture": "topk",
+                "d_in": 8,
+                "d_sae": 20,
+                "activation_fn_kwargs": {"k": 2},
+                "hook_name": "blocks.0.ln2.hook_normalized",
+            },
+            base,
+        )
+    )
+    assert old_topk.k == 2 and old_topk.site == "blocks.0.ln2_normalized"
+
+    jr = saes.load(
+        folder(
+            "jr",
+            {"architecture": "jumprelu", "d_in": 8, "d_sae": 20, "hook_name": "blocks.5.hook_resid_post"},
+            {**base, "log_threshold": torch.zeros(20)},
+        )
+    )
+    assert isinstance(jr, saes.JumpReLUSAE) and torch.equal(jr.threshold, torch.ones(20))
+
+    with pytest.raises(SAEFileError, match="architecture 'gated' is not supported"):
+        saes.load(folder("gated", {"architecture": "gated", "d_in": 8, "d_sae": 20}, base))
+    with pytest.raises(SAEFileError, match="d_sae=21"):
+        saes.load(folder("badcfg", {"architecture": "standard", "d_in": 8, "d_sae": 21}, base))
+    with pytest.raises(SAEFileError, match="without 'k'"):
+        saes.load(folder("nok", {"architecture": "topk", "d_in": 8, "d_sae": 20}, base))
+
+
+# ------------------------------------------------------------------- sites
+def test_site_aliases() -> None:
+    cases = {
+        "blocks.20.hook_resid_post": "blocks.20.resid_post",
+        "blocks.3.hook_resid_pre": "blocks.3.resid_pre",
+        "blocks.3.hook_resid_mid": "blocks.3.resid_mid",
+        "blocks.4.attn.hook_z": "blocks.4.attn.z",
+        "blocks.5.hook_mlp_out": "blocks.5.mlp_out",
+        "blocks.6.hook_attn_out": "blocks.6.attn_out",
+        "blocks.7.ln2.hook_normalized": "blocks.7.ln2_normalized",
+        "blocks.7.mlp.hook_post": "blocks.7.mlp.post",
+        "hook_embed": "embed",
+        "blocks.2.resid_post": "blocks.2.resid_post",  # canonical names pass through
+    }
+    for hook, site in cases.items():
+        assert site_from_hook_name(hook) == site
+        if hook.startswith(("blocks.", "hook_")) and "hook" in hook:
+            assert hook_name_from_site(site) == hook
+    with pytest.warns(UserWarning, match="no canonical mishax-py site"):
+        assert site_from_hook_name("blocks.1.ln1.hook_normalized") == "blocks.1.ln1.hook_normalized"
+    assert hook_name_from_site("blocks.1.ln1") == "blocks.1.ln1"
+
+
+def test_gemma_scope_site_inference() -> None:
+    assert gemma_scope_sites("google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71") == (
+        "blocks.20.resid_post",
+        "blocks.20.resid_post",
+    )
+    assert gemma_scope_sites("google/gemma-scope-9b-pt-mlp/layer_3/width_131k/average_l0_9") == (
+        "blocks.3.mlp_out",
+        "blocks.3.mlp_out",
+    )
+    assert gemma_scope_sites("google/gemma-scope-2b-pt-att/layer_7/width_16k/average_l0_99") == (
+        "blocks.7.attn.z",
+        "blocks.7.attn.z",
+    )
+    assert gemma_scope_sites("google/gemma-scope-2b-pt-transcoders/layer_4/width_16k/average_l0_8") == (
+        "blocks.4.ln2_normalized",
+        "blocks.4.mlp_out",
+    )
+    assert gemma_scope_sites("google/gemma-scope-2b-pt-res/embedding/width_4k/average_l0_6") == (
+        "embed",
+        "embed",
+    )
+    assert gemma_scope_sites("/somewhere/else/params.npz") is None
+
+
+def test_parse_hub_refs_and_canonical_table() -> None:
+    r = parse_hub_ref("google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71")
+    assert (r.repo_id, r.kind, r.files) == (
+        "google/gemma-scope-2b-pt-res",
+        "npz",
+        ("layer_20/width_16k/average_l0_71/params.npz",),
+    )
+    for ref in (
+        "google/gemma-scope-2b-pt-res/layer_20/width_16k/canonical",
+        "gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical",
+        "hf://google/gemma-scope-2b-pt-res/layer_20/width_16k/canonical",
+    ):
+        r = parse_hub_ref(ref)
+        assert r.repo_id == "google/gemma-scope-2b-pt-res"
+        assert r.files == ("layer_20/width_16k/average_l0_71/params.npz",)
+    r = parse_hub_ref("someone/my-saes/blocks.3.hook_resid_post")
+    assert r.kind == "saelens"
+    assert r.files == (
+        "blocks.3.hook_resid_post/cfg.json",
+        "blocks.3.hook_resid_post/sae_weights.safetensors",
+    )
+    with pytest.raises(ValueError, match="no canonical entry .*register_canonical"):
+        parse_hub_ref("google/gemma-scope-2b-pt-att/layer_3/width_16k/canonical")
+    with pytest.raises(ValueError, match="owner/repo/path"):
+        parse_hub_ref("google/gemma-scope-2b-pt-res")
+    from saes.canonical import CANONICAL_L0, register_canonical
+
+    register_canonical("google/gemma-scope-2b-pt-att", 3, "16k", 55)
+    try:
+        assert parse_hub_ref("google/gemma-scope-2b-pt-att/layer_3/width_16k/canonical").files == (
+            "layer_3/width_16k/average_l0_55/params.npz",
+        )
+    finally:
+        del CANONICAL_L0["google/gemma-scope-2b-pt-att"]
+
+
+# --------------------------------------------------------------------- hub
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """hf_hub_download replaced by a lookup in a local folder laid out like the hub cache."""
+    calls: list[tuple[str, str]] = []
+    root = tmp_path / "hub"
+
+    def fake_download(repo_id: str, filename: str, **kwargs: object) -> str:
+        calls.append((repo_id, filename))
+        path = root / repo_id.replace("/", "--") / filename
+        if not path.exists():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id}/{filename} not found")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    p16 = gemma_scope_params(16, 40, seed=2)
+    write_npz(root / "google--gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71/params.npz", p16)
+    write_npz(root / "google--gemma-scope-2b-pt-mlp/layer_5/width_16k/average_l0_114/params.npz", p16)
+    write_npz(root / "google--gemma-scope-2b-pt-att/layer_3/width_16k/average_l0_55/params.npz", p16)
+    p_tc = dict(p16, W_dec=np.ones((40, 12), np.float32), b_dec=np.zeros(12, np.float32))
+    write_npz(root / "google--gemma-scope-2b-pt-transcoders/layer_4/width_16k/average_l0_8/params.npz", p_tc)
+    sae = saes.ReLUSAE(16, 40, site="blocks.2.resid_pre")
+    sae.save(root / "someone--my-saes" / "blocks.2.hook_resid_pre")
+    return calls
+
+
+def test_hub_reference_end_to_end(fake_hub: list[tuple[str, str]]) -> None:
+    sae = saes.load("google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71")
+    assert fake_hub[-1] == ("google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71/params.npz")
+    assert isinstance(sae, saes.JumpReLUSAE) and sae.site == "blocks.20.resid_post"
+    assert sae.metadata["hub_ref"] == "google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71"
+
+    canon = saes.load("google/gemma-scope-2b-pt-res/layer_20/width_16k/canonical")
+    assert fake_hub[-1][1] == "layer_20/width_16k/average_l0_71/params.npz"
+    assert torch.equal(canon.W_enc, sae.W_enc)
+
+    assert saes.load("google/gemma-scope-2b-pt-mlp/layer_5/width_16k/canonical").site == "blocks.5.mlp_out"
+    att = saes.load("google/gemma-scope-2b-pt-att/layer_3/width_16k/average_l0_55")
+    assert att.site == "blocks.3.attn.z"
+    assert att.encode(torch.randn(1, 2, 2, 8)).shape == (1, 2, 40)  # [.., head, d_head] flattened
+
+    tc = saes.load("google/gemma-scope-2b-pt-transcoders/layer_4/width_16k/average_l0_8")
+    assert isinstance(tc, saes.Transcoder)
+    assert (tc.site, tc.output_site, tc.d_in, tc.d_out) == (
+        "blocks.4.ln2_normalized",
+        "blocks.4.mlp_out",
+        16,
+        12,
+    )
+
+    over = saes.load(
+        "google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71", site="blocks.20.resid_mid"
+    )
+    assert over.site == "blocks.20.resid_mid"
+
+    sl = saes.load("someone/my-saes/blocks.2.hook_resid_pre")
+    assert isinstance(sl, saes.ReLUSAE) and sl.site == "blocks.2.resid_pre"
+    assert fake_hub[-2:] == [
+        ("someone/my-saes", "blocks.2.hook_resid_pre/cfg.json"),
+        ("someone/my-saes", "blocks.2.hook_resid_pre/sae_weights.safetensors"),
+    ]
+
+    with pytest.raises(
+        SAEFetchError, match="gemma-scope-2b-pt-res.*layer_1/width_16k/average_l0_9/params.npz"
+    ):
+        saes.load("google/gemma-scope-2b-pt-res/layer_1/width_16k/average_l0_9")
+
+
+def test_offline_hub_reference_names_repo_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real hf_hub_download, forced offline with an empty cache: a clear error, no download."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(SAEFetchError) as e:
+        saes.load("google/gemma-scope-2b-pt-res/layer_20/width_16k/canonical")
+    msg = str(e.value)
+    assert "'google/gemma-scope-2b-pt-res'" in msg
+    assert "layer_20/width_16k/average_l0_71/params.npz" in msg
+    assert "offline" in msg and "huggingface-cli download" in msg
+    with pytest.raises(FileNotFoundError, match="no such SAE file"):
+        saes.load(tmp_path / "does-not-exist.npz")
+
+
+# ---------------------------------------------------------------- bad files
+def test_bad_npz_files_raise_clear_errors(tmp_path: Path) -> None:
+    good = gemma_scope_params(8, 12, seed=3)
+
+    missing = write_npz(tmp_path / "missing.npz", {k: v for k, v in good.items() if k != "threshold"})
+    with pytest.raises(SAEFileError, match=r"missing\.npz: missing key\(s\) \['threshold'\]"):
+        saes.load(missing)
+
+    wrong = write_npz(tmp_path / "wrong.npz", dict(good, b_enc=np.zeros(13, np.float32)))
+    with pytest.raises(SAEFileError, match=r"wrong\.npz: key 'b_enc' has shape \(13,\), expected \[12\]"):
+        saes.load(wrong)
+    wrong_dec = write_npz(tmp_path / "wrongdec.npz", dict(good, W_dec=np.zeros((12, 9), np.float32)))
+    with pytest.raises(SAEFileError, match=r"key 'W_dec' has shape \(12, 9\), expected \[12, 8\]"):
+        saes.load(wrong_dec)
+
+    bad = dict(good)
+    bad["W_enc"] = good["W_enc"].copy()
+    bad["W_enc"][0, 0] = np.nan
+    with pytest.raises(
+        SAEFileError, match=r"nan\.npz: key 'W_enc' \(shape \(8, 12\)\) has 1 non-finite value\(s\) \(1 NaN"
+    ):
+        saes.load(write_npz(tmp_path / "nan.npz", bad))
+
+    full = write_npz(tmp_path / "full.npz", good).read_bytes()
+    for cut in (len(full) // 2, len(full) - 40, 30):
+        trunc = tmp_path / f"trunc{cut}.npz"
+        trunc.write_bytes(full[:cut])
+        with pytest.raises(SAEFileError, match=rf"trunc{cut}\.npz.*(truncated|corrupt)"):
+            saes.load(trunc)
+
+    obj = tmp_path / "obj.npz"
+    np.savez(obj, **dict(good, threshold=np.array([{"evil": 1}], dtype=object)))
+    with pytest.raises(SAEFileError, match=r"obj\.npz: key 'threshold' holds a pickled object array"):
+        saes.load(obj)
+
+    ints = write_npz(tmp_path / "ints.npz", dict(good, b_dec=np.zeros(8, np.int64)))
+    with pytest.raises(SAEFileError, match="key 'b_dec' has dtype torch.int64"):
+        saes.load(ints)
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(_Boom.target),))
+
+    target: Path = Path("/nonexistent")
+
+
+def test_pickle_payloads_never_execute(tmp_path: Path) -> None:
+    """A pickled payload disguised as an npz member or as the whole file is refused, not run."""
+    _Boom.target = tmp_path / "PWNED"
+    good = gemma_scope_params(8, 12, seed=4)
+    path = tmp_path / "evil.npz"
+    np.savez(path, **good, threshold2=np.array([_Boom()], dtype=object))  # a pickled member
+    payload = pickle.dumps(_Boom())
+    sae = None
+    with pytest.raises(SAEFileError, match="threshold2.*pickled object"):
+        sae = saes.load(path)
+    assert sae is None and not _Boom.target.exists()
+
+    raw = tmp_path / "raw.npz"
+    raw.write_bytes(payload)
+    with pytest.raises(SAEFileError, match=r"raw\.npz: holds pickled data"):
+        saes.load(raw)
+    assert not _Boom.target.exists()
+
+
+def test_bad_saelens_files(tmp_path: Path) -> None:
+    sae = saes.JumpReLUSAE(8, 12, site="blocks.0.resid_post")
+    folder = sae.save(tmp_path / "ok")
+    weights = (folder / "sae_weights.safetensors").read_bytes()
+    (folder / "sae_weights.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(SAEFileError, match=r"sae_weights\.safetensors: not a readable safetensors file"):
+        saes.load(folder)
+
+    folder2 = sae.save(tmp_path / "cfg")
+    (folder2 / "cfg.json").write_text('{"architecture": "jumprelu", "d_in": ')
+    with pytest.raises(SAEFileError, match=r"cfg\.json: invalid JSON"):
+        saes.load(folder2)
+
+    from safetensors.torch import save_file
+
+    folder3 = sae.save(tmp_path / "nan")
+    tensors = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    tensors["b_dec"][3] = float("inf")
+    save_file(tensors, str(folder3 / "sae_weights.safetensors"))
+    with pytest.raises(
+        SAEFileError, match=r"key 'b_dec' \(shape \(8,\)\) has 1 non-finite value\(s\) \(0 NaN, 1 inf\)"
+    ):
+        saes.load(folder3)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(SAEFileError, match=r"neither a SAELens pair .* contains \['notes.txt'\]"):
+        saes.load(tmp_path / "empty")
