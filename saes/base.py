@@ -336,8 +336,11 @@ def _matmul(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def _decode(f: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "auto":
-        sparse = f.numel() > 0 and kernels.density(f) <= kernels.SPARSE_DECODE_MAX_DENSITY
-        mode = "sparse" if sparse else "dense"
+        if torch.is_grad_enabled() and f.requires_grad:
+            mode = "dense"  # exact gradients for every entry of f (see saes.kernels.decode)
+        else:
+            sparse = f.numel() > 0 and kernels.density(f) <= kernels.SPARSE_DECODE_MAX_DENSITY
+            mode = "sparse" if sparse else "dense"
     if mode == "dense" and _cpu_half(W_dec):
         return kernels.decode_dense(f.float(), W_dec.float(), b_dec.float()).to(W_dec.dtype)
     return kernels.decode(f, W_dec, b_dec, mode=mode)

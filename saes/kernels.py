@@ -14,11 +14,13 @@ Decode chooses between
   (``torch.nn.functional.embedding_bag`` with ``per_sample_weights``, mode
   ``"sum"``), whose cost scales with the number of active features,
 
-by the measured density of ``f`` (fraction of non-zero entries).
+by the measured density of ``f`` (fraction of non-zero entries); when ``f`` requires
+gradients the dense path is used, since the gather only differentiates non-zero entries.
 :data:`SPARSE_DECODE_MAX_DENSITY` is the crossover measured by
 ``benchmarks/saes.py`` on the development CPU (see the docstring there); below it
-the sparse path wins. All paths work in float32, bfloat16 and float16 and are
-differentiable (gradients reach ``f``, ``W_dec`` and ``b_dec``).
+the sparse path wins. All paths work in float32, bfloat16 and float16. The dense path is
+fully differentiable; the sparse path differentiates ``W_dec``, ``b_dec`` and the non-zero
+entries of ``f``.
 """
 
 from __future__ import annotations
@@ -164,6 +166,10 @@ def decode(
     if mode != "auto":
         raise ValueError(f"decode mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
     limit = SPARSE_DECODE_MAX_DENSITY if max_density is None else max_density
+    if torch.is_grad_enabled() and f.requires_grad:
+        # The gather path only differentiates the non-zero entries of f; the true gradient
+        # (g @ W_dec^T) is dense, so take the dense path when f needs gradients.
+        return decode_dense(f, W_dec, b_dec)
     if f.numel() and density(f) <= limit:
         return decode_sparse(f, W_dec, b_dec)
     return decode_dense(f, W_dec, b_dec)

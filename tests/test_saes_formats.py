@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
@@ -23,6 +24,16 @@ from saes.formats import (
 )
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small CPU ops run far faster on one intra-op thread on a shared 2-core machine (no spin-wait
+    contention); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def gemma_scope_params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, np.ndarray]:
