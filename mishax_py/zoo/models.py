@@ -1,0 +1,139 @@
+"""The model zoo: tiny, trained Gemma 2 models shipped inside the package.
+
+``load("gemma2-tiny")`` returns a real ``transformers.Gemma2ForCausalLM`` (loaded with
+``from_pretrained`` from ``mishax_py/zoo/data/<name>/``, offline) and its word-level
+tokenizer. The model was trained by ``scripts/train_tiny_gemma2.py`` on the tasks in
+``mishax_py.zoo.tasks`` so its mechanisms are known (see the model card README.md in
+the data folder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mishax_py.zoo import tasks
+
+__all__ = ["ZooModel", "MODELS", "DATA_DIR", "model_path", "load", "build_tokenizer"]
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """Registry entry of a bundled model.
+
+    Attributes:
+        folder: sub-folder of ``DATA_DIR`` holding ``config.json``, ``model.safetensors`` and tokenizer.
+        description: what the model is.
+        tasks: names of the ``mishax_py.zoo.tasks`` generators it was trained on.
+        mechanisms: the circuits it is expected to implement (what tools should find).
+        train_command: how to rebuild it from scratch.
+    """
+
+    folder: str
+    description: str
+    tasks: tuple[str, ...]
+    mechanisms: str
+    train_command: str
+
+
+MODELS: dict[str, ZooModel] = {
+    "gemma2-tiny": ZooModel(
+        folder="gemma2-tiny",
+        description=(
+            "Gemma2ForCausalLM, 4 layers (sliding window 8 on layers 0 and 2, global on 1 and 3), "
+            "d_model 128, 4 query heads / 2 KV heads of dim 32, d_mlp 256, vocab 133, context 64, "
+            "attention soft-cap 50, final soft-cap 30; ~0.6M parameters, fp32."
+        ),
+        tasks=("induction_batch", "recall_batch"),
+        mechanisms=(
+            "Induction (repeat a random sequence) and key-value recall ('<bos> k v .. ? k' -> v): "
+            "a previous-token head in a sliding layer feeds induction heads in the global layers."
+        ),
+        train_command="python scripts/train_tiny_gemma2.py",
+    ),
+}
+
+
+def model_path(name: str = "gemma2-tiny") -> Path:
+    """Folder holding the bundled files of ``name``; raises ``KeyError`` listing valid names if unknown."""
+    if name not in MODELS:
+        raise KeyError(f"unknown zoo model {name!r}; available: {', '.join(sorted(MODELS))}")
+    return DATA_DIR / MODELS[name].folder
+
+
+def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """Build the word-level tokenizer of the task vocabulary (``tasks.token_names()``).
+
+    Words are split on whitespace and mapped one-to-one to ids (``<pad>`` 0, ``<eos>`` 1,
+    ``<bos>`` 2, ``<unk>`` 3, ``?`` 4, ``k0..k63`` 5..68, ``v0..v63`` 69..132); encoding
+    prepends ``<bos>`` like Gemma's tokenizer, decoding joins words with spaces. Imported
+    lazily so ``mishax_py.zoo`` stays cheap to import.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {name: i for i, name in enumerate(tasks.token_names())}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tasks.BOS_ID)]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+        model_max_length=64,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load(
+    name: str = "gemma2-tiny",
+    *,
+    attn_implementation: str = "eager",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+):  # -> tuple[transformers.Gemma2ForCausalLM, transformers.PreTrainedTokenizerFast]
+    """Load a bundled model and its tokenizer through ``from_pretrained``, offline.
+
+    Args:
+        name: a key of ``MODELS`` (``"gemma2-tiny"``).
+        attn_implementation: ``"eager"`` (default; the only one exposing attention
+            scores/patterns and applying the attention soft-cap) or ``"sdpa"``.
+        dtype: parameter dtype (trained and stored in float32).
+        device: optional device to move the model to.
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode, and a ``PreTrainedTokenizerFast``.
+
+    Raises:
+        KeyError: unknown ``name`` (the message lists the available names).
+        FileNotFoundError: the bundled files are missing (message says how to rebuild them).
+    """
+    from transformers import Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    folder = model_path(name)
+    needed = ("config.json", "model.safetensors", "tokenizer.json")
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"zoo model {name!r} is missing {', '.join(missing)} in {folder}; "
+            f"rebuild it with `{MODELS[name].train_command}`"
+        )
+    model = Gemma2ForCausalLM.from_pretrained(
+        folder, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
+    )
+    model.eval()
+    if device is not None:
+        model.to(device)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer

@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""Train the bundled tiny Gemma 2 (``mishax_py.zoo.load("gemma2-tiny")``) from scratch on CPU.
+
+A real ``transformers.Gemma2ForCausalLM`` with every Gemma 2 feature switched on (GQA,
+attention and final logit soft-caps, alternating sliding-window / global layers with a
+window far smaller than the context, pre- and post-norms, tied embeddings), trained on a
+mix of the two synthetic tasks in ``mishax_py.zoo.tasks``:
+
+* induction: ``<bos> s1..sL s1..sL`` (L in 4..28), loss on ``s2..sL`` of the repeat;
+* key-value recall: ``<bos> k1 v1 .. kn vn ? k_i`` -> ``v_i`` (n in 2..28).
+
+Loss is next-token cross-entropy on the scored targets only (random tokens are not
+predictable, so training on them would only teach the unigram prior). Each step draws
+one length per task so rows need no padding (about 40% less compute than padding to
+the maximum).
+
+Two choices make this train in a few minutes on one shared CPU core (measured on
+2-core machines under load; see the model card):
+
+* curriculum: induction alone for the first ``--induction-only-steps`` steps, then
+  both losses summed with equal weight. Mixing in the one-target-per-row recall task
+  from the start delays the induction phase change by far more than the run length;
+  once induction heads exist, recall is already solved at ~90% zero-shot (it uses the
+  same circuit) and is polished in a few hundred steps;
+* init: post-norm gains start at 0.1 instead of 1 (see ``init_weights``).
+
+Everything is seeded (torch's global RNG for the init, a dedicated generator for the
+data), runs single-process on the CPU with a fixed thread count, and the script ends
+by measuring accuracy on *fresh* prompts (seeds never used for training data).
+
+Usage::
+
+    python scripts/train_tiny_gemma2.py                   # writes mishax_py/zoo/data/gemma2-tiny/
+    python scripts/train_tiny_gemma2.py --out /tmp/g2 --steps 200   # quick try
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from transformers import Gemma2Config, Gemma2ForCausalLM  # noqa: E402
+
+from mishax_py.zoo import tasks  # noqa: E402
+from mishax_py.zoo.models import build_tokenizer  # noqa: E402
+
+DEFAULT_OUT = ROOT / "mishax_py" / "zoo" / "data" / "gemma2-tiny"
+DATA_SEED_OFFSET = 1_000_003  # training data seeds differ from every evaluation seed used elsewhere
+EVAL_SEED = 777  # monitoring during training
+FINAL_SEEDS = (2024, 4242)  # fresh prompts for the final report (tests use others still)
+
+
+def make_config(args: argparse.Namespace) -> Gemma2Config:
+    """The tiny Gemma 2 config: 4 layers alternating sliding (even) / global (odd), GQA 4:2."""
+    cfg = Gemma2Config(
+        vocab_size=tasks.VOCAB_SIZE,
+        hidden_size=args.d_model,
+        intermediate_size=args.d_mlp,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        head_dim=args.d_head,
+        max_position_embeddings=args.context,
+        sliding_window=args.window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(args.n_layers)],
+        query_pre_attn_scalar=args.d_head,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        pad_token_id=tasks.PAD_ID,
+        eos_token_id=tasks.EOS_ID,
+        bos_token_id=tasks.BOS_ID,
+        initializer_range=0.02,
+        use_cache=True,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def init_weights(model: Gemma2ForCausalLM, args: argparse.Namespace) -> None:
+    """Adjust HF's default init so the token signal is not drowned at step 0.
+
+    Gemma 2's post-norms rescale every attention/MLP output to unit RMS before it is
+    added to the residual, while the embeddings (std 0.02, times sqrt(d_model)) start
+    at RMS ~0.2: at init each layer would add 4x more noise than there is token
+    identity. Starting the post-norm gains ``(1 + w)`` small and the embeddings at
+    unit-ish RMS lets the previous-token and induction heads form much sooner.
+    """
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.normal_(0.0, args.embed_std)
+        emb[tasks.PAD_ID].zero_()
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.fill_(args.post_norm_gain - 1.0)
+            layer.post_feedforward_layernorm.weight.fill_(args.post_norm_gain - 1.0)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak learning rate."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def task_loss(model: Gemma2ForCausalLM, batch: tasks.TaskBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's scored targets (scalar)."""
+    return model(input_ids=batch.input_ids, labels=batch.labels).loss
+
+
+def evaluate(model: Gemma2ForCausalLM, seed: int, n: int, max_len: int = 24) -> tuple[float, float]:
+    """(induction accuracy, recall accuracy) on ``n`` fresh prompts each, lengths up to ``max_len``."""
+    was_training = model.training
+    model.eval()
+    ind = tasks.induction_accuracy(model, n, seed=seed, max_len=max_len)
+    rec = tasks.recall_accuracy(model, n, seed=seed + 1, max_pairs=max_len)
+    model.train(was_training)
+    return ind, rec
+
+
+def train(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, dict]:
+    """Build and train the model; returns it with a dict of training facts for the model card."""
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    model = Gemma2ForCausalLM(make_config(args))
+    init_weights(model, args)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    g = torch.Generator().manual_seed(args.seed + DATA_SEED_OFFSET)
+    t0 = time.time()
+    log = []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        L = int(torch.randint(4, args.train_max_len + 1, (1,), generator=g))
+        P = int(torch.randint(2, args.train_max_pairs + 1, (1,), generator=g))
+        ind = tasks.induction_batch(args.batch_size, seq_len=L, generator=g)
+        rec = tasks.recall_batch(args.batch_size, n_pairs=P, generator=g)
+        loss_i = task_loss(model, ind)
+        if step >= args.induction_only_steps:
+            loss_r = task_loss(model, rec)
+            loss = loss_i + loss_r
+        else:  # the recall batch is still drawn, so the data stream does not depend on the curriculum
+            loss_r = torch.tensor(float("nan"))
+            loss = loss_i
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc_i, acc_r = evaluate(model, EVAL_SEED, args.eval_n)
+            elapsed = time.time() - t0
+            log.append({"step": step + 1, "induction": acc_i, "recall": acc_r, "seconds": round(elapsed, 1)})
+            print(
+                f"step {step + 1:5d}  loss ind {loss_i.item():.3f} rec {loss_r.item():.3f}  "
+                f"acc ind {acc_i:.3f} rec {acc_r:.3f}  lr {lr_at(step, args):.2e}  {elapsed:6.1f}s",
+                flush=True,
+            )
+    facts = {"train_seconds": round(time.time() - t0, 1), "log": log}
+    return model, facts
+
+
+def model_card(cfg: Gemma2Config, facts: dict, argv: list[str] | None) -> str:
+    """Markdown model card: config, tasks, expected mechanisms, command and measured accuracies."""
+    cmd = " ".join(["python scripts/train_tiny_gemma2.py", *(sys.argv[1:] if argv is None else argv)])
+    acc_rows = "\n".join(
+        f"| {seed} | {v['induction']:.4f} | {v['recall']:.4f} |" for seed, v in facts["final_accuracy"].items()
+    )
+    n_params = facts["n_params"]
+    return f"""# gemma2-tiny
+
+A real `transformers.Gemma2ForCausalLM`, trained from scratch on two synthetic tasks with
+known mechanisms, bundled with mishax-py so every tool has something true to find.
+Load it offline with `mishax_py.zoo.load("gemma2-tiny")`.
+
+## Config
+
+| field | value |
+|---|---|
+| layers | {cfg.num_hidden_layers}: `{cfg.layer_types}` |
+| sliding window | {cfg.sliding_window} (context `max_position_embeddings` {cfg.max_position_embeddings}) |
+| d_model / d_mlp | {cfg.hidden_size} / {cfg.intermediate_size} (`{cfg.hidden_activation}`) |
+| heads | {cfg.num_attention_heads} query heads, {cfg.num_key_value_heads} KV heads (GQA), head_dim {cfg.head_dim} |
+| query_pre_attn_scalar | {cfg.query_pre_attn_scalar} |
+| soft-caps | attention {cfg.attn_logit_softcapping}, final {cfg.final_logit_softcapping} |
+| norms | RMSNorm `(1 + w)`: input, post-attention, pre-feedforward, post-feedforward, final |
+| vocab | {cfg.vocab_size} (word level), tied embeddings |
+| parameters | {n_params:,} (fp32 safetensors) |
+| attention | stored with `attn_implementation="eager"` (needed for the soft-cap and patterns) |
+
+## Vocabulary
+
+`<pad>`=0, `<eos>`=1, `<bos>`=2 (prepended by the tokenizer), `<unk>`=3, `?`=4 (query
+marker), `k0..k63`=5..68 (keys), `v0..v63`=69..132 (values). Words are whitespace-separated:
+`tok("k1 v2 ? k1")` gives `[2, 6, 71, 4, 6]`.
+
+## Tasks (generators in `mishax_py.zoo.tasks`)
+
+* **Induction** (`induction_batch`): `<bos> s1..sL s1..sL`, `s` distinct random content
+  tokens (any of `k*`/`v*`), L in 4..24 for evaluation (4..28 in training). Scored on the
+  repeat from `s2` on. Expected circuit: a previous-token head in layer 0 (sliding layer)
+  and induction heads in the global layer(s); for L > 7 the earlier copy is outside the
+  sliding window, so only the global layers (1 and 3) can reach it.
+* **Key-value recall** (`recall_batch`): `<bos> k1 v1 .. kn vn ? k_i` -> `v_i`, n in 2..24
+  (2..28 in training), distinct keys. Scored on the answer. Expected circuit: the same
+  previous-token -> induction-head path (the value's position stores its key; the query
+  key attends to it and copies the value).
+* Patching pairs: `induction_clean_corrupt` (first half re-randomised: the repeat becomes
+  unpredictable) and `recall_clean_corrupt` (a different query key: the answer changes).
+
+## Training
+
+```
+{cmd}
+```
+
+Seeded (`torch.manual_seed({facts['args']['seed']})`, data generator seed + {DATA_SEED_OFFSET}),
+{facts['args']['threads']} CPU thread(s), deterministic algorithms. {facts['args']['steps']} AdamW steps
+(lr {facts['args']['lr']}, warm-up {facts['args']['warmup']}, cosine to 10%, batch
+{facts['args']['batch_size']} rows per task), induction only for the first
+{facts['args']['induction_only_steps']} steps, then both tasks. Training took
+{facts['train_seconds']:.0f} s on the shared 2-core CPU this was built on.
+
+## Measured accuracy (fresh prompts, greedy next token, 2048 prompts per task and seed)
+
+| seed | induction (L 4..24) | recall (2..24 pairs) |
+|---|---|---|
+{acc_rows}
+
+`training_facts.json` holds the arguments and the evaluation log of the run.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, train, report fresh-seed accuracies and save model + tokenizer."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (save_pretrained)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--induction-only-steps", type=int, default=500,
+                   help="curriculum: train on induction alone first, then on both tasks")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per task per step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU, reproducible)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--train-max-len", type=int, default=28, help="longest induction half-length in training")
+    p.add_argument("--train-max-pairs", type=int, default=28, help="most recall pairs in training")
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-mlp", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--d-head", type=int, default=16)
+    p.add_argument("--context", type=int, default=64, help="max_position_embeddings")
+    p.add_argument("--window", type=int, default=8, help="sliding window of the even (local) layers")
+    p.add_argument("--embed-std", type=float, default=0.05, help="init std of the (tied) embeddings")
+    p.add_argument("--post-norm-gain", type=float, default=0.1, help="initial (1 + w) of the post-norms")
+    p.add_argument("--no-save", action="store_true", help="train and report only")
+    args = p.parse_args(argv)
+    if 2 * max(args.train_max_len, args.train_max_pairs) + 4 > args.context:
+        p.error("training sequences must fit in --context")
+
+    model, facts = train(args)
+    model.eval()
+    final = {}
+    for seed in FINAL_SEEDS:
+        ind, rec = evaluate(model, seed, 2048)
+        final[str(seed)] = {"induction": ind, "recall": rec}
+        print(f"fresh seed {seed}: induction {ind:.4f}  recall {rec:.4f}  (2048 prompts each, lengths 4..24)")
+    facts["final_accuracy"] = final
+    facts["n_params"] = sum(p.numel() for p in model.parameters())
+    facts["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print(f"trained in {facts['train_seconds']:.1f}s")
+    if args.no_save:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tasks.PAD_ID
+    model.save_pretrained(args.out, safe_serialization=True)
+    build_tokenizer().save_pretrained(args.out)
+    (args.out / "training_facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+    (args.out / "README.md").write_text(model_card(model.config, facts, argv))
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
