@@ -12,7 +12,8 @@ element of every layer. The conventions follow :func:`mishax_py.patching.activat
 * ``direction="denoise"`` (default): clean activations are patched into the corrupt
   run; the target run is the corrupt one, where the gradient is taken.
 * ``direction="noise"``: corrupt activations are patched into the clean run.
-* ``values`` estimates what activation patching returns, the metric of each patched run
+* The result is a :class:`~mishax_py.patching.PatchingResult` (an :class:`AttributionResult`):
+  ``values`` estimates what activation patching returns, the metric of each patched run
   (``target metric + estimated change``); ``effects`` is the estimated change alone,
   ``clean``/``corrupt`` the metrics of the two unpatched runs, ``normalized()`` the
   fraction of the way to the source run.
@@ -99,6 +100,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mishax_py.instrumented import as_ids
+from mishax_py.patching import PatchingResult, plot
 from mishax_py.runtime import SiteEvent, activate
 
 if TYPE_CHECKING:
@@ -115,18 +117,17 @@ _QK_SITES = ("attn.q", "attn.k", "attn.rot_q", "attn.rot_k", "attn.scores")
 MAX_CHUNK_ELEMENTS = 2**25
 
 
-@dataclass
-class AttributionResult:
-    """Estimated activation-patching results of one site across layers (fields as in ``PatchingResult``).
+@dataclass(repr=False)
+class AttributionResult(PatchingResult):
+    """Estimated activation-patching results of one site across layers.
+
+    A :class:`~mishax_py.patching.PatchingResult` (same ``values``/``axes``/``labels``/``site``/
+    ``direction``/``clean``/``corrupt``, ``normalized()``, and :func:`mishax_py.patching.plot`
+    draws it) with the estimate's details:
 
     Attributes:
         values: estimates of the patched runs' metric, ``[n_layers, ...]`` (see the module
             docs for shapes): ``target metric + effects``.
-        axes: names of ``values``' axes, e.g. ``("layer", "pos")``.
-        labels: tick labels per axis (strings).
-        site: the site within a block, e.g. ``"resid_pre"`` or ``"attn.z"``.
-        direction: ``"denoise"`` (clean into corrupt) or ``"noise"``.
-        clean, corrupt: the metric of the unpatched clean and corrupt runs.
         effects: the estimated change ``metric(patched) - metric(target run)``.
         method: ``"atp"``, ``"atp*"`` or ``"ig"``.
         by: the patching granularity (``"pos"``, ``"layer"``, ``"head"``, ``"head_pos"``).
@@ -140,14 +141,7 @@ class AttributionResult:
             ``1/(L-1) sum_l |graddrop[l]|`` with GradDrop, else ``|effects|``.
     """
 
-    values: torch.Tensor
-    axes: tuple[str, ...]
-    labels: dict[str, list[str]]
-    site: str
-    direction: str
-    clean: float
-    corrupt: float
-    effects: torch.Tensor
+    effects: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     method: str = "atp"
     by: str = "pos"
     layers: list[int] = field(default_factory=list)
@@ -158,21 +152,9 @@ class AttributionResult:
     score: torch.Tensor | None = None
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.values[index]
-
-    @property
     def target_metric(self) -> float:
         """The metric of the run patched into (corrupt when denoising)."""
         return self.corrupt if self.direction == "denoise" else self.clean
-
-    def normalized(self) -> torch.Tensor:
-        """``(values - base) / (source - base)``: the estimated fraction of the way to the source run's metric."""
-        base, source = (self.corrupt, self.clean) if self.direction == "denoise" else (self.clean, self.corrupt)
-        return (self.values - base) / (source - base)
 
     def worst_case(self) -> torch.Tensor:
         """Per element, the signed effect estimate of largest magnitude among AtP and every GradDrop variant.
@@ -203,10 +185,7 @@ class AttributionResult:
 
     def plot(self, path: str, title: str | None = None, **kwargs: Any) -> str:
         """Write a heatmap PNG of ``values`` (``normalized=True`` for the normalised metric); returns the path."""
-        from mishax_py.patching import plot
-
-        return plot(self, path, title or f"{self.method} {self.direction}: {self.site} by {self.by}",  # type: ignore[arg-type]
-                    **kwargs)
+        return plot(self, path, title or f"{self.method} {self.direction}: {self.site} by {self.by}", **kwargs)
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape, strict=True))

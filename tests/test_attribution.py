@@ -9,8 +9,18 @@ import torch
 from conftest import make_model
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import _key_effect, attribution_patching, site_kind
+from mishax_py.attribution import AttributionResult, _key_effect, attribution_patching, site_kind
+from mishax_py.patching import PatchingResult, activation_patching
 from mishax_py.runtime import active_context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared, loaded machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def exact_patching(im, source, target, metric, site, by, layers=None):
@@ -113,6 +123,12 @@ def test_atp_equals_patching_when_metric_is_linear(linear_tail, site, by):
         assert ref.abs().max() > 1e-3  # a real effect
         assert (res.effects - ref).abs().max() <= 1e-4, (site, by, direction)
         torch.testing.assert_close(res.values, res.effects + res.target_metric)
+        if site in ("resid_post", "resid_mid", "attn_out", "attn.z", "attn.v", "attn.pattern"):
+            # the library's exact patching, same conventions and shapes
+            with torch.no_grad():
+                exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction, layers=[last])
+            assert exact.axes == res.axes and exact.labels == res.labels
+            assert (res.values - exact.values).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("site,by", [("attn.q", "head"), ("attn.q", "head_pos"), ("attn.k", "head"),
@@ -208,13 +224,14 @@ def test_ig_completeness_and_chunking(tiny_im, ids):
     assert res.steps == 12 and res.method == "ig"
 
 
-def test_result_metadata_labels_and_positions(tiny_im, ids):
+def test_result_metadata_labels_and_positions(tiny_im, ids, tmp_path):
     corrupt = ids.flip(1)
 
     def metric(lg):
         return lg[:, -1, 3].mean()
 
     res = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head_pos", layers=[1])
+    assert isinstance(res, AttributionResult) and isinstance(res, PatchingResult)
     assert res.values.shape == (1, 4, ids.shape[1])
     assert res.axes == ("layer", "head", "pos")
     assert res.labels["layer"] == ["1"] and res.labels["head"] == ["0", "1", "2", "3"]
@@ -224,6 +241,9 @@ def test_result_metadata_labels_and_positions(tiny_im, ids):
         assert abs(res.clean - float(metric(tiny_im.run(ids)))) < 1e-5
     torch.testing.assert_close(res.normalized(), (res.values - res.corrupt) / (res.clean - res.corrupt))
     assert len(res.top(3)) == 3
+    assert "AttributionResult(atp" in repr(res)
+    png = res.plot(str(tmp_path / "atp.png"))
+    assert (tmp_path / "atp.png").stat().st_size > 1000 and png.endswith("atp.png")
     k = attribution_patching(tiny_im, ids, corrupt, metric, "attn.hook_k")
     assert k.values.shape == (2, 2)  # kv heads
     assert attribution_patching(tiny_im, ids, corrupt, metric, "blocks.*.hook_resid_pre",
