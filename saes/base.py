@@ -176,8 +176,8 @@ class SAE(nn.Module):
 class JumpReLUSAE(SAE):
     """Gemma Scope JumpReLU SAE: ``f = (pre > threshold) * relu(pre)``.
 
-    Extra parameter ``threshold [d_sae]``. Encode is one GEMM with the threshold
-    applied in place (:func:`saes.kernels.jumprelu`).
+    Extra parameter ``threshold [d_sae]``. Encode is one GEMM and one fused threshold
+    (:func:`saes.kernels.jumprelu`).
     """
 
     architecture: ClassVar[str] = "jumprelu"
@@ -187,8 +187,7 @@ class JumpReLUSAE(SAE):
         self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=self.device))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and pre.requires_grad
-        return kernels.jumprelu(pre, self.threshold, inplace=not grad)
+        return kernels.jumprelu(pre, self.threshold)
 
 
 class ReLUSAE(SAE):
@@ -280,9 +279,7 @@ class Transcoder(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.activation_kind == "jumprelu":
             assert self.threshold is not None
-            return kernels.jumprelu(
-                pre, self.threshold, inplace=not (torch.is_grad_enabled() and pre.requires_grad)
-            )
+            return kernels.jumprelu(pre, self.threshold)
         if self.activation_kind == "topk":
             assert self.k is not None
             return kernels.topk_activation(pre, self.k)
