@@ -21,6 +21,16 @@ from mishax_py.runtime import activate
 B, P = 3, 9
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared, loaded machine spinning OpenMP
+    threads make every small forward ~10x slower. Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def ids3() -> torch.Tensor:
     g = torch.Generator().manual_seed(11)

@@ -17,6 +17,16 @@ B, P = 3, 8
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared, loaded machine spinning OpenMP
+    threads make every small forward ~10x slower. Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def setup() -> dict:
     """One model, a base batch (plain and left-padded) and a source cache, shared by the property tests."""
