@@ -41,6 +41,9 @@ attention maps (``attn.scores`` / ``attn.pattern``) ``[batch, head, q_pos, k_pos
                 simply is not selected yet. "The prompt length" for ``"new"`` is the length of the first
                 forward of the sequence (a forward with offset 0 that is the first of the run or follows
                 a KV-cache step); ``model.generate`` prefills the whole prompt in that forward.
+                Caveat: ``generate`` computes the ``logits`` site of its prefill for the last prompt
+                token only (``logits_to_keep=1``), so position selectors at ``logits`` see that row
+                as position ``offset``; decoding steps (one token each) are exact.
 ``heads=``      heads (dim 2 on per-head sites, dim 1 on attention maps); an error elsewhere. On ``k``/``v``
                 sites these are KV heads.
 ``index=``      units along the last dim (e.g. residual dims, MLP neurons, ``d_head`` dims; key columns of
