@@ -9,13 +9,13 @@
 
 Modules: :mod:`saes.base` (families), :mod:`saes.formats` (Gemma Scope npz, SAELens,
 hub references), :mod:`saes.canonical` (canonical-SAE table), :mod:`saes.kernels`
-(encode/decode kernels), :mod:`saes.splice` (``Splice`` and feature edits),
+(encode/decode kernels), :mod:`saes.splicing` (``Splice`` and feature edits),
 :mod:`saes.train` (activation store, JumpReLU/TopK training, evaluation).
 """
 
 from saes.base import SAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder
 from saes.formats import SAEFetchError, SAEFileError, load, save_saelens
-from saes.splice import (
+from saes.splicing import (
     FeatureAblate,
     FeatureClamp,
     FeatureEdit,

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from saes.base import SAE, JumpReLUSAE, TopKSAE, init_tied
-from saes.splice import Splice
+from saes.splicing import Splice
 
 if TYPE_CHECKING:
     from mishax_py import InstrumentedModel

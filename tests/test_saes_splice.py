@@ -211,6 +211,21 @@ def test_transcoder_splice_reads_input_site(tiny_im: InstrumentedModel, ids: tor
         with pytest.raises(RuntimeError, match="no value from its input site"):
             tiny_im.run(ids, interventions={"blocks.0.mlp_out": ts})
 
+        # sweeps (one TranscoderSplice per variant) and runs restricted to some rows
+        singles = {
+            j: tiny_im.run(ids, interventions=saes.splice(tc, edit=saes.FeatureAblate([j]))) for j in (4, 9)
+        }
+        variants = [saes.TranscoderSplice(tc, edit=saes.FeatureAblate([j])).interventions() for j in (4, 9)]
+        for j, out in zip((4, 9), tiny_im.sweep(ids, variants), strict=True):
+            assert (out - singles[j]).abs().max() <= 1e-5
+        from mishax_py.runtime import activate
+
+        ctx = tiny_im.context(saes.TranscoderSplice(tc, edit=saes.FeatureAblate([4])).interventions(),
+                              rows=torch.tensor([1]))  # fmt: skip
+        with activate(ctx):
+            out = tiny_im.forward(ids)
+        assert torch.equal(out[0], plain[0]) and (out[1] - singles[4][1]).abs().max() <= 1e-5
+
 
 def test_detach_error_gradients(tiny_im: InstrumentedModel, ids: torch.Tensor) -> None:
     """With detach_error the upstream gradient flows only through the SAE; without it, through both."""

@@ -314,7 +314,7 @@ class _InputRecorder(Intervention):
         _check_width(self.owner.sae.d_in, site, shape, "TranscoderSplice (input)", "d_in")
 
     def apply(self, value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
-        self.owner._inputs[event.context] = (value, event.rows)
+        self.owner._inputs[event.context] = value  # the whole batch; the splice picks its rows
         return value
 
     def __repr__(self) -> str:
@@ -357,9 +357,7 @@ class TranscoderSplice(Splice):
                 "pass input_site= / output_site="
             )
         self.recorder = _InputRecorder(self)
-        self._inputs: weakref.WeakKeyDictionary[RunContext, tuple[torch.Tensor, torch.Tensor | None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._inputs: weakref.WeakKeyDictionary[RunContext, torch.Tensor] = weakref.WeakKeyDictionary()
 
     def interventions(self) -> dict[str, Intervention]:
         """``{input_site: recorder, output_site: this splice}`` for ``im.run(..., interventions=...)``."""
@@ -372,8 +370,8 @@ class TranscoderSplice(Splice):
                 f"TranscoderSplice at {event.site!r} has no value from its input site {self.input_site!r}: "
                 "register both parts with interventions=ts.interventions() (or saes.splice(tc))"
             )
-        x_in, rows_in = got
-        if scope.rows is not None and rows_in is None:
+        x_in = got
+        if scope.rows is not None:
             x_in = x_in.index_select(0, scope.rows.to(x_in.device))
         if x_in.shape[0] != value.shape[0]:
             raise RuntimeError(
