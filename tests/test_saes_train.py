@@ -185,3 +185,19 @@ def test_collect_store_resume_and_evaluate(tiny_im: InstrumentedModel, tmp_path:
     assert ev["delta_lm_loss"] == pytest.approx(ev["lm_loss_spliced"] - ev["lm_loss_clean"])
     folder = sae.save(tmp_path / "trained")
     assert torch.equal(saes.load(folder)(store.load_shard(0)), sae(store.load_shard(0)))
+
+    # transcoders: evaluated on (input, output) pairs, spliced with a TranscoderSplice
+    from saes.base import init_tied
+
+    tc = init_tied(saes.Transcoder(32, 48, site="blocks.0.ln2_normalized", output_site="blocks.0.mlp_out"))
+    ids2 = torch.cat(batches[:2])
+    with torch.no_grad():
+        _, c = tiny_im.run_with_cache(ids2, sites=[tc.site, tc.output_site])
+    x_in, y_out = c[tc.site].reshape(-1, 32), c[tc.output_site].reshape(-1, 32)
+    ev_tc = evaluate(tc, (x_in, y_out), im=tiny_im, ids=ids2)
+    y_hat = tc(x_in).detach()
+    want_fvu = (y_out - y_hat).pow(2).sum() / (y_out - y_out.mean(0)).pow(2).sum()
+    assert ev_tc["fvu"] == pytest.approx(want_fvu.item(), rel=1e-4)
+    assert "delta_lm_loss" in ev_tc
+    with pytest.raises(ValueError, match="needs a pair"):
+        evaluate(tc, x_in)
