@@ -125,13 +125,20 @@ class FeatureEdit:
     def _values_for(self, value: Any, ids: torch.Tensor, f: torch.Tensor, scope: EditScope) -> torch.Tensor:
         """``[R, d_sae]`` tensor holding ``value`` (scalar, per-id, or per-row per-id) at ``ids``."""
         v = torch.as_tensor(value, dtype=f.dtype, device=f.device)
+        if v.dim() > 2:
+            raise ValueError(
+                f"{type(self).__name__}: values must be a scalar, [k] or [batch, k]; got {tuple(v.shape)}"
+            )
         if v.dim() == 2 and v.shape[0] not in (1, ids.shape[0]):
             v = _rowwise(v, f.shape[0], scope, f"{type(self).__name__} values")
-        v = torch.broadcast_to(v, ids.shape) if v.dim() <= 2 else v
-        if v.shape != ids.shape:
+        rows = max(ids.shape[0], v.shape[0] if v.dim() == 2 else 1)
+        try:
+            ids = ids.expand(rows, ids.shape[1])
+            v = torch.broadcast_to(v, ids.shape)
+        except RuntimeError:
             raise ValueError(
                 f"{type(self).__name__}: values of shape {tuple(v.shape)} do not fit ids {tuple(ids.shape)}"
-            )
+            ) from None
         out = torch.zeros(ids.shape[0], f.shape[-1] + 1, dtype=f.dtype, device=f.device)
         out = out.scatter(1, torch.where(ids < 0, f.shape[-1], ids), v)
         return _expand_rows(out[:, :-1], f)

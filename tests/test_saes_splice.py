@@ -262,3 +262,33 @@ def test_recording_and_dtype(tiny_im: InstrumentedModel, ids: torch.Tensor) -> N
         )
         assert c[f"{site}.sae.features"].dtype == torch.bfloat16
         assert saes.splice(sae).keys() == {site}
+
+
+def test_feature_edits_on_tensors() -> None:
+    f = torch.rand(3, 2, 10) + 0.1
+    out = saes.FeatureClamp([1, 2], torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))(f)
+    assert torch.equal(
+        out[:, :, 1:3], torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])[:, None].expand(3, 2, 2)
+    )
+    assert torch.equal(out[..., 3:], f[..., 3:])
+    steer = saes.FeatureSteer(torch.tensor([[0], [1], [2]]), torch.tensor([[10.0], [20.0], [30.0]]))
+    assert torch.allclose((steer(f) - f)[:, 0, :3], torch.diag(torch.tensor([10.0, 20.0, 30.0])))
+    ablate = saes.FeatureAblate(torch.arange(3)[:, None])
+    assert torch.equal(ablate(f)[:, 0, :3] == 0, torch.eye(3, dtype=torch.bool))
+    assert torch.equal(saes.FeatureAblate(4, positions=slice(1, None))(f)[:, :, 4] == 0,
+                       torch.tensor([[False, True]] * 3))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit ids"):
+        saes.FeatureClamp([1, 2], torch.ones(3))(f)
+    with pytest.raises(ValueError, match="have 4 rows but the features have batch 3"):
+        saes.FeatureAblate(torch.zeros(4, 1, dtype=torch.long))(f)
+    with pytest.raises(TypeError, match="must be integers"):
+        saes.FeatureAblate(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="returned"):
+        saes.Splice(make_sae(), edit=lambda x: x[..., :3])(torch.randn(1, 2, D_MODEL), _event())
+    assert "FeatureClamp([1, 2]" in repr(saes.FeatureClamp([1, 2], 3.0))
+
+
+def _event() -> object:
+    from mishax_py.runtime import RunContext, SiteEvent
+
+    return SiteEvent("blocks.1.resid_post", 1, RunContext())
