@@ -695,7 +695,15 @@ def load(
         return _load_local(local, **kw)
     if isinstance(ref, os.PathLike) or _looks_local(text):
         raise FileNotFoundError(f"no such SAE file or folder: {local}")
-    hub = parse_hub_ref(text)
+    try:
+        hub = parse_hub_ref(text)
+    except ValueError as e:
+        if text.strip("/").count("/") < 2:
+            raise FileNotFoundError(
+                f"{text!r} is neither an existing local path nor a hub reference 'owner/repo/path' "
+                "(e.g. 'google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71')"
+            ) from None
+        raise e
     paths = [_fetch(hub.repo_id, f, text) for f in hub.files]
     origin = f"{hub.repo_id}/{hub.path}"
     if hub.kind == "npz":

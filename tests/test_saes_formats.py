@@ -399,6 +399,8 @@ def test_offline_hub_reference_names_repo_and_file(tmp_path: Path, monkeypatch: 
     assert "offline" in msg and "huggingface-cli download" in msg
     with pytest.raises(FileNotFoundError, match="no such SAE file"):
         saes.load(tmp_path / "does-not-exist.npz")
+    with pytest.raises(FileNotFoundError, match="neither an existing local path nor a hub reference"):
+        saes.load("my_sae_folder")
 
 
 # ---------------------------------------------------------------- bad files
