@@ -81,7 +81,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from mishax_py.zoo.demo import run_demo
     except ImportError as e:  # pragma: no cover - only before the demo lands
         raise SystemExit(f"mishax-py demo is not available in this build: {e}") from e
-    run_demo(out=args.out, model=args.model)
+    try:
+        run_demo(out=args.out, model=args.model, progress=not args.no_progress)
+    except FileNotFoundError as e:
+        raise SystemExit(f"mishax-py demo: {e}") from None
     return 0
 
 
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end study on the bundled model and write a report")
     demo.add_argument("--out", default="mishax_demo", help="report folder (default: ./mishax_demo)")
     demo.add_argument("--model", default=None, help="a local Gemma 2 checkpoint folder (default: the bundled model)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -212,13 +212,6 @@ def spliced_task_metrics(im: Any, batches: list[dict[str, torch.Tensor]], interv
     }
 
 
-def fvu(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Fraction of variance unexplained: Σ||y - ŷ||² / Σ||y - mean y||²."""
-    err = (target - pred).pow(2).sum()
-    var = (target - target.mean(0)).pow(2).sum()
-    return float(err / var)
-
-
 def save_npz(sae: Any, path: Path) -> str:
     """Write Gemma Scope's ``params.npz`` (five float32 arrays); returns its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,16 +292,13 @@ def main(argv: list[str] | None = None) -> None:
                               target_l0=args.tc_l0, seed=args.seed)  # fmt: skip
             ts = time.time()
             tc = train_transcoder(x, y, cfg_tc, site, out_site)
-            with torch.no_grad():
-                f = tc.encode(x_held)
-                l0 = float((f != 0).sum(-1).float().mean())
-                fv = fvu(tc.decode(f), y_held)
-                dead = float(((f != 0).sum(0) == 0).float().mean())
+            stats = evaluate(tc, (x_held, y_held))
             spl = spliced_task_metrics(im, held, saes.splice(tc, keep_error=False))
             sha = save_npz(tc, args.out / name / "params.npz")
             entry = {
                 "name": name, "kind": "transcoder", "architecture": "jumprelu", "site": site, "output_site": out_site,
-                "d_in": tc.d_in, "d_sae": tc.d_sae, "l0": l0, "fvu": fv, "dead_fraction": dead,
+                "d_in": tc.d_in, "d_sae": tc.d_sae, "l0": stats["l0"], "fvu": stats["fvu"],
+                "dead_fraction": stats["dead_fraction"],
                 "train_seconds": round(time.time() - ts, 1),
             }  # fmt: skip
             entries.append(_finish(entry, clean, spl, sha, name))
