@@ -106,7 +106,7 @@ from mishax_py.runtime import SiteEvent, activate
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel, Interventions
 
-__all__ = ["AttributionResult", "attribution_patching", "site_kind"]
+__all__ = ["AttributionResult", "attribution_patching", "site_gradients", "site_kind"]
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -810,10 +810,42 @@ def _ig(
                                                           interventions, hf))))
         m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, keep(tgt_store, n)) for n in names],
                                                           interventions, hf))))
+    toward = {n: tgt_store[n] + _mask_pos(src_store[n] - tgt_store[n], kind, pos_mask) for n in names}
+    mean_grads = _ig_gradients(im, target, metric, names, tgt_store, toward, steps=steps, batch=batch,
+                               batch_size=batch_size, interventions=interventions, hf=hf, progress=progress)
+    grad_sum = [mean_grads[n] * steps for n in names]
+    vals = []
+    for li, n in enumerate(names):
+        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
+        vals.append(_reduce(delta * grad_sum[li] / steps, kind, by))
+    return torch.stack(vals), m_tgt, m_src
+
+
+def _ig_gradients(
+    im: InstrumentedModel,
+    target: torch.Tensor,
+    metric: Metric,
+    names: Sequence[str],
+    start: Mapping[str, torch.Tensor],
+    toward: Mapping[str, torch.Tensor],
+    *,
+    steps: int,
+    batch: int,
+    batch_size: int,
+    interventions: Interventions | None,
+    hf: Mapping[str, Any],
+    progress: bool | None,
+) -> dict[str, torch.Tensor]:
+    """Per site, the metric's gradient averaged over ``start + alpha (toward - start)`` (midpoint alphas).
+
+    Each site is interpolated on its own (the rest of the model runs normally on ``target``);
+    all ``len(names) * steps`` interpolations are replicas of the batch, run ``batch_size``
+    rows at a time. Returns ``{site: mean gradient}`` (float32, the site's shape).
+    """
     alphas = [(k + 0.5) / steps for k in range(steps)]
     jobs = [(li, a) for li in range(len(names)) for a in alphas]  # one replica of the batch each
     per_chunk = max(1, batch_size // batch)
-    grad_sum = [torch.zeros_like(tgt_store[n], dtype=torch.float32) for n in names]
+    grad_sum = [torch.zeros_like(start[n], dtype=torch.float32) for n in names]
     bar = _progress(len(jobs), "integrated gradients", progress if len(jobs) > per_chunk else False)
     for j0 in range(0, len(jobs), per_chunk):
         chunk = jobs[j0:j0 + per_chunk]
@@ -821,13 +853,13 @@ def _ig(
         hfr = _replicate_hf(hf, batch, len(chunk))
         leaves: list[tuple[int, torch.Tensor]] = []
         handlers: list[tuple[str, Handler]] = []
-        by_layer: dict[int, list[int]] = {}
+        by_site: dict[int, list[int]] = {}
         for i, (li, _a) in enumerate(chunk):
-            by_layer.setdefault(li, []).append(i)
-        for li, reps in by_layer.items():
+            by_site.setdefault(li, []).append(i)
+        for li, reps in by_site.items():
             n = names[li]
-            delta = _mask_pos(src_store[n] - tgt_store[n], kind, pos_mask)
-            interp = torch.cat([tgt_store[n] + chunk[i][1] * delta for i in reps]).requires_grad_(True)
+            delta = toward[n] - start[n]
+            interp = torch.cat([start[n] + chunk[i][1] * delta for i in reps]).requires_grad_(True)
             rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in reps]).to(ids.device)
             leaves.append((li, interp))
             handlers.append((n, _replacer(rows, interp)))
@@ -837,16 +869,63 @@ def _ig(
             grads = torch.autograd.grad(ms.sum(), [leaf for _, leaf in leaves], allow_unused=True)
         for (li, leaf), g in zip(leaves, grads, strict=True):
             if g is not None:
-                grad_sum[li] += g.detach().float().reshape(-1, *leaf.shape[1:]).view(-1, batch,
-                                                                                    *leaf.shape[1:]).sum(0)
+                grad_sum[li] += g.detach().float().view(-1, batch, *leaf.shape[1:]).sum(0)
         del logits, grads, leaves
         bar.update(len(chunk))
     bar.close()
-    vals = []
-    for li, n in enumerate(names):
-        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
-        vals.append(_reduce(delta * grad_sum[li] / steps, kind, by))
-    return torch.stack(vals), m_tgt, m_src
+    return {n: grad_sum[i] / steps for i, n in enumerate(names)}
+
+
+def site_gradients(
+    im: InstrumentedModel,
+    ids: Any,
+    metric: Metric,
+    sites: Sequence[str],
+    *,
+    method: str = "atp",
+    toward: Mapping[str, torch.Tensor] | None = None,
+    steps: int = 10,
+    batch_size: int | None = None,
+    interventions: Interventions | None = None,
+    progress: bool | None = None,
+    **hf_kwargs: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """Values of ``sites`` on ``ids`` and the metric's gradient there (the building block of AtP and IG).
+
+    ``method="atp"``: the gradient at the run's own values (one forward, one backward).
+    ``method="ig"``: per site, the gradient averaged over ``steps`` midpoints of the line from
+    the site's value to ``toward[site]`` (same shape), the rest of the model running normally.
+
+    Returns:
+        ``(values, gradients, metric)``: ``{site: [batch, ...] detached value}``,
+        ``{site: gradient (float32)}`` and the metric of the unmodified run.
+    """
+    ids = as_ids(ids, im.model)
+    names = im.resolve(list(sites))
+    if method not in ("atp", "ig"):
+        raise ValueError(f"method must be 'atp' or 'ig', got {method!r}")
+    batch = ids.shape[0]
+    store: dict[str, torch.Tensor] = {}
+    with torch.enable_grad():
+        logits = _forward(im, ids, [(n, _grad_recorder(store, n)) for n in names], interventions, hf_kwargs)
+        m = _metric_per_replica(metric, logits, batch, need_grad=method == "atp")[0]
+        if method == "atp":
+            grads = torch.autograd.grad(m, [store[n] for n in names], allow_unused=True)
+    values = {n: store[n].detach() for n in names}
+    if method == "atp":
+        gmap = {n: (g.detach().float() if g is not None else torch.zeros_like(values[n], dtype=torch.float32))
+                for n, g in zip(names, grads, strict=True)}
+        return values, gmap, float(m.detach())
+    if toward is None:
+        raise ValueError("method='ig' needs toward={site: the value to integrate toward}")
+    for n in names:
+        if n not in toward or tuple(toward[n].shape) != tuple(values[n].shape):
+            got = None if n not in toward else tuple(toward[n].shape)
+            raise ValueError(f"toward[{n!r}] must have the site's shape {tuple(values[n].shape)}, got {got}")
+    gmap = _ig_gradients(im, ids, metric, names, values, {n: toward[n].to(values[n].dtype) for n in names},
+                         steps=steps, batch=batch, batch_size=batch_size or 8 * batch, interventions=interventions,
+                         hf=hf_kwargs, progress=progress)
+    return values, gmap, float(m.detach())
 
 
 def _replacer(rows: torch.Tensor, interp: torch.Tensor) -> Handler:

@@ -13,6 +13,11 @@ SAEs and transcoders are taken as arguments (duck-typed: ``encode``, ``decode``,
 import ``saes`` at module level.
 """
 
+from mishax_py.circuits.feature_circuits import (
+    FeatureCircuit,
+    ablate_complement,
+    feature_circuit,
+)
 from mishax_py.circuits.graph import (
     AttributionGraph,
     attribution_graph,
@@ -22,7 +27,10 @@ from mishax_py.circuits.graph import (
 
 __all__ = [
     "AttributionGraph",
+    "FeatureCircuit",
+    "ablate_complement",
     "attribution_graph",
+    "feature_circuit",
     "load_graph_json",
     "render_graph",
 ]
