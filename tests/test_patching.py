@@ -116,7 +116,7 @@ def test_noising_equals_the_plain_loop(im, prompts, site, by):
 def test_rows_method_and_chunking_agree(im, prompts):
     clean, corrupt = prompts
     packed = activation_patching(im, clean, corrupt, metric, "resid_mid")
-    one_row = activation_patching(im, clean, corrupt, metric, "resid_mid", batch_size=1)
+    one_row = activation_patching(im, clean, corrupt, metric, "resid_mid", batch_size=1, progress=True)
     rows = activation_patching(im, clean, corrupt, metric, "resid_mid", method="rows", batch_size=3)
     torch.testing.assert_close(one_row.values, packed.values, rtol=0, atol=1e-5)
     torch.testing.assert_close(rows.values, packed.values, rtol=0, atol=1e-5)
@@ -226,6 +226,8 @@ def test_bad_inputs(im, prompts):
         activation_patching(im, clean, corrupt, metric, method="fast")
     with pytest.raises(TypeError, match="integers"):
         activation_patching(im, clean.float(), corrupt, metric)
+    with pytest.raises(ValueError, match="batch_size"):
+        activation_patching(im, clean, corrupt, metric, batch_size=0)
 
 
 # ---------------------------------------------------------------------------------------------
