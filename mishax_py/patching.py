@@ -56,7 +56,8 @@ three-step algorithm: (1) cache the clean and corrupted runs; (2) run the clean 
 senders patched from the corrupted run and every other attention head's output (``attn.z``)
 frozen to its clean value (and, with ``freeze_mlps=True``, every MLP output too), recording the
 receivers' inputs; (3) run the clean input with only the receivers' inputs patched to those
-values, and return the metric.
+values, and return the metric. ``path_patching_by_head`` does this for every head alone as the
+sender and returns a ``[layer, head]`` :class:`PatchingResult` (plottable like the others).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["PatchingResult", "activation_patching", "path_patching", "plot"]
+__all__ = ["PatchingResult", "activation_patching", "path_patching", "path_patching_by_head", "plot"]
 
 STREAM_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITES = ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern")
@@ -700,6 +701,70 @@ def path_patching(
 
     Returns the metric of step 3 (compare with ``metric`` on the clean run).
     """
+    clean, corrupt = _pair(im, clean_ids, corrupt_ids)
+    if not senders or not receivers:
+        raise ValueError("path_patching needs at least one sender and one receiver")
+    sender_heads, sender_sites = _parse_senders(im, senders)
+    recv_heads, recv_sites = _parse_receivers(im, receivers, freeze_mlps)
+    z_sites = [f"blocks.{i}.attn.z" for i in range(im.n_layers)]
+    mlp_sites = [f"blocks.{i}.mlp_out" for i in range(im.n_layers)] if freeze_mlps else []
+    with torch.no_grad():
+        # 1. clean and corrupted caches
+        _, clean_cache = im.run_with_cache(clean, sites=z_sites + mlp_sites, **hf_kwargs)
+        _, corrupt_cache = im.run_with_cache(
+            corrupt, sites=list(dict.fromkeys([z_sites[i] for i in sender_heads] + sender_sites)), **hf_kwargs)
+        return _path_steps_2_3(im, clean, metric, clean_cache, corrupt_cache, sender_heads, sender_sites,
+                               recv_heads, recv_sites, mlp_sites, hf_kwargs)
+
+
+def path_patching_by_head(
+    im: InstrumentedModel,
+    clean_ids: Any,
+    corrupt_ids: Any,
+    metric: Metric,
+    receivers: Sequence[Receiver],
+    *,
+    freeze_mlps: bool = False,
+    layers: Sequence[int] | None = None,
+    progress: bool | None = None,
+    **hf_kwargs: Any,
+) -> PatchingResult:
+    """:func:`path_patching` with each attention head alone as the sender: a ``[layer, head]`` grid.
+
+    The clean and corrupted caches are computed once; each head then costs two forward passes
+    (steps 2 and 3). ``result.clean`` / ``result.corrupt`` are the metric on the unpatched runs, and
+    ``result.normalized()`` is the fraction of the clean-to-corrupted change carried by the path.
+    """
+    clean, corrupt = _pair(im, clean_ids, corrupt_ids)
+    if not receivers:
+        raise ValueError("path_patching_by_head needs at least one receiver")
+    recv_heads, recv_sites = _parse_receivers(im, receivers, freeze_mlps)
+    layer_list = _layers(layers, im.n_layers)
+    n_heads = _n_heads(im, "attn.z")
+    z_sites = [f"blocks.{i}.attn.z" for i in range(im.n_layers)]
+    mlp_sites = [f"blocks.{i}.mlp_out" for i in range(im.n_layers)] if freeze_mlps else []
+    values = torch.full((len(layer_list), n_heads), float("nan"))
+    with torch.no_grad():
+        clean_logits, clean_cache = im.run_with_cache(clean, sites=z_sites + mlp_sites, **hf_kwargs)
+        corrupt_logits, corrupt_cache = im.run_with_cache(corrupt, sites=z_sites, **hf_kwargs)
+        clean_metric = _scalar(metric(clean_logits), "metric(clean logits)")
+        corrupt_metric = _scalar(metric(corrupt_logits), "metric(corrupted logits)")
+        bar = _progress(len(layer_list) * n_heads, progress, "path patching")
+        try:
+            for i, layer in enumerate(layer_list):
+                for head in range(n_heads):
+                    values[i, head] = _path_steps_2_3(im, clean, metric, clean_cache, corrupt_cache, {layer: [head]},
+                                                      [], recv_heads, recv_sites, mlp_sites, hf_kwargs)
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+    labels = {"layer": [str(x) for x in layer_list], "head": [str(h) for h in range(n_heads)]}
+    return PatchingResult(values, ("layer", "head"), labels, "path", "noise", clean_metric, corrupt_metric)
+
+
+def _pair(im: InstrumentedModel, clean_ids: Any, corrupt_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
     from mishax_py.instrumented import as_ids
 
     clean = as_ids(clean_ids, im.model)
@@ -707,66 +772,71 @@ def path_patching(
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean_ids and corrupt_ids must have the same shape [batch, pos], got "
                          f"{tuple(clean.shape)} and {tuple(corrupt.shape)}")
-    n_layers = im.n_layers
-    n_heads = _n_heads(im, "attn.z")
-    n_kv = _n_heads(im, "attn.k")
-    if not senders or not receivers:
-        raise ValueError("path_patching needs at least one sender and one receiver")
+    return clean, corrupt
 
-    sender_heads: dict[int, list[int]] = {}
-    sender_sites: list[str] = []
+
+def _parse_senders(im: InstrumentedModel, senders: Sequence[Sender]) -> tuple[dict[int, list[int]], list[str]]:
+    """``(layer, head)`` senders grouped by layer, and sender site names."""
+    n_heads = _n_heads(im, "attn.z")
+    heads: dict[int, list[int]] = {}
+    sites: list[str] = []
     for s in senders:
         if isinstance(s, str):
-            name = im.resolve(s)
-            sender_sites += name
+            sites += im.resolve(s)
         else:
-            layer, head = _layer_head(s, n_layers, n_heads, "sender", "(layer, head)")
-            sender_heads.setdefault(layer, []).append(head)
-    recv_heads: dict[str, list[int]] = {}  # site -> heads
-    recv_sites: list[str] = []
+            layer, head = _layer_head(s, im.n_layers, n_heads, "sender", "(layer, head)")
+            heads.setdefault(layer, []).append(head)
+    return heads, sites
+
+
+def _parse_receivers(im: InstrumentedModel, receivers: Sequence[Receiver], freeze_mlps: bool
+                     ) -> tuple[dict[str, list[int]], list[str]]:
+    """Receiver heads as ``{q/k/v site: heads}``, and receiver site names."""
+    n_heads, n_kv = _n_heads(im, "attn.z"), _n_heads(im, "attn.k")
+    heads: dict[str, list[int]] = {}
+    sites: list[str] = []
     for rcv in receivers:
         if isinstance(rcv, str):
             for name in im.resolve(rcv):
                 if name.endswith(".attn.z") or (freeze_mlps and name.endswith(".mlp_out")):
                     raise ValueError(f"receiver {name!r} is frozen in step 2 of path patching; receivers are "
                                      "inputs (q/k/v of a head, or a residual-stream site)")
-                recv_sites.append(name)
+                sites.append(name)
         else:
             if len(rcv) != 3 or rcv[2] not in ("q", "k", "v"):
                 raise ValueError(f"receiver {rcv!r} must be (layer, head, 'q' | 'k' | 'v') or a site name")
             limit = n_heads if rcv[2] == "q" else n_kv
-            layer, head = _layer_head(rcv[:2], n_layers, limit, "receiver",
+            layer, head = _layer_head(rcv[:2], im.n_layers, limit, "receiver",
                                       "(layer, head, 'q')" if rcv[2] == "q" else "(layer, kv_head, 'k'|'v')")
-            recv_heads.setdefault(f"blocks.{layer}.attn.{rcv[2]}", []).append(head)
+            heads.setdefault(f"blocks.{layer}.attn.{rcv[2]}", []).append(head)
+    return heads, sites
 
-    z_sites = [f"blocks.{i}.attn.z" for i in range(n_layers)]
-    mlp_sites = [f"blocks.{i}.mlp_out" for i in range(n_layers)] if freeze_mlps else []
-    with torch.no_grad():
-        # 1. clean and corrupted caches
-        _, clean_cache = im.run_with_cache(clean, sites=z_sites + mlp_sites, **hf_kwargs)
-        _, corrupt_cache = im.run_with_cache(
-            corrupt, sites=list(dict.fromkeys([z_sites[i] for i in sender_heads] + sender_sites)), **hf_kwargs)
-        # 2. senders from corrupt, every other head (and MLP) frozen to clean; record the receivers
-        step2: dict[str, Any] = {}
-        for i, name in enumerate(z_sites):
-            edits = [Patch(clean_cache[name])]
-            if i in sender_heads:
-                edits.append(Patch(corrupt_cache[name], heads=sorted(set(sender_heads[i]))))
-            step2[name] = edits
-        for name in mlp_sites:
-            step2[name] = [Patch(clean_cache[name])]
-        for name in sender_sites:
-            step2.setdefault(name, []).append(Patch(corrupt_cache[name]))
-        recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
-        _, step2_cache = im.run_with_cache(clean, sites=recorded, interventions=step2, **hf_kwargs)
-        # 3. the clean run with only the receivers' inputs patched
-        step3: dict[str, Any] = {}
-        for name, heads in recv_heads.items():
-            step3[name] = [Patch(step2_cache[name], heads=sorted(set(heads)))]
-        for name in recv_sites:
-            step3.setdefault(name, []).append(Patch(step2_cache[name]))
-        logits = im.run(clean, interventions=step3, **hf_kwargs)
-        return _scalar(metric(logits), "metric(path-patched logits)")
+
+def _path_steps_2_3(im: InstrumentedModel, clean: torch.Tensor, metric: Metric, clean_cache: Any, corrupt_cache: Any,
+                    sender_heads: dict[int, list[int]], sender_sites: list[str], recv_heads: dict[str, list[int]],
+                    recv_sites: list[str], mlp_sites: list[str], hf_kwargs: dict[str, Any]) -> float:
+    # 2. senders from corrupt, every other head (and MLP) frozen to clean; record the receivers
+    step2: dict[str, Any] = {}
+    for i in range(im.n_layers):
+        name = f"blocks.{i}.attn.z"
+        edits = [Patch(clean_cache[name])]
+        if i in sender_heads:
+            edits.append(Patch(corrupt_cache[name], heads=sorted(set(sender_heads[i]))))
+        step2[name] = edits
+    for name in mlp_sites:
+        step2[name] = [Patch(clean_cache[name])]
+    for name in sender_sites:
+        step2.setdefault(name, []).append(Patch(corrupt_cache[name]))
+    recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
+    _, step2_cache = im.run_with_cache(clean, sites=recorded, interventions=step2, **hf_kwargs)
+    # 3. the clean run with only the receivers' inputs patched
+    step3: dict[str, Any] = {}
+    for name, heads in recv_heads.items():
+        step3[name] = [Patch(step2_cache[name], heads=sorted(set(heads)))]
+    for name in recv_sites:
+        step3.setdefault(name, []).append(Patch(step2_cache[name]))
+    logits = im.run(clean, interventions=step3, **hf_kwargs)
+    return _scalar(metric(logits), "metric(path-patched logits)")
 
 
 def _layer_head(x: Any, n_layers: int, n_heads: int, what: str, form: str) -> tuple[int, int]:

@@ -11,7 +11,14 @@ from conftest import make_model
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook, Patch
-from mishax_py.patching import PatchingResult, _site_kind, activation_patching, path_patching, plot
+from mishax_py.patching import (
+    PatchingResult,
+    _site_kind,
+    activation_patching,
+    path_patching,
+    path_patching_by_head,
+    plot,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -340,6 +347,18 @@ def test_path_patching_without_a_path_is_the_clean_metric(im, prompts):
     # identical prompts: nothing to patch
     same = path_patching(im, clean, clean, metric, senders=[(0, 1)], receivers=[(1, 0, "v")])
     assert abs(same - clean_metric) < 1e-6
+
+
+def test_path_patching_by_head_grid(im, prompts, tmp_path):
+    clean, corrupt = prompts
+    recv = [(1, 2, "q"), (1, 0, "v")]
+    grid = path_patching_by_head(im, clean, corrupt, metric, recv, freeze_mlps=True)
+    assert grid.axes == ("layer", "head") and grid.shape == (2, 4) and grid.direction == "noise"
+    for layer, head in [(0, 0), (0, 3)]:
+        one = path_patching(im, clean, corrupt, metric, senders=[(layer, head)], receivers=recv, freeze_mlps=True)
+        assert abs(float(grid.values[layer, head]) - one) < 1e-6
+    assert torch.allclose(grid.values[1], torch.full((4,), grid.clean), atol=1e-6)  # layer 1 cannot reach layer 1
+    assert plot(grid, tmp_path / "path.png")
 
 
 def test_path_patching_bad_inputs(im, prompts):
