@@ -19,7 +19,8 @@ than two forwards and a backward either way).
 
 Accuracy: on the bundled trained ``gemma2-tiny`` (induction and key-value recall prompt
 pairs from ``mishax_py.zoo.tasks``), Pearson correlation between the estimates (AtP, AtP*,
-IG) and exact activation patching, for ``resid_pre`` by (layer, pos) and ``attn.z`` by head.
+IG) and exact activation patching, for ``resid_pre`` by (layer, pos), ``attn.z`` by head and
+``attn.q`` by head (where AtP*'s QK fix matters).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def speed(quick: bool) -> None:
     spec = SPECS["quick" if quick else "full"]
     print(f"machine: {machine()}")
     print(f"model: {spec['layers']} layers, d_model {spec['d_model']}, {spec['heads']} heads ({spec['kv_heads']} kv), "
-          f"d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, vocab {spec['vocab']}; batch 1 x {spec['pos']} tokens, fp32")
+          f"d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, vocab {spec['vocab']}; "
+          f"batch 1 x {spec['pos']} tokens, fp32")
     im = g2.instrument(build(spec))
     T, V, n_layers = spec["pos"], spec["vocab"], spec["layers"]
     g = torch.Generator().manual_seed(0)
@@ -165,7 +167,7 @@ def accuracy() -> None:
     for task, (clean, corrupt, metric) in trained_tasks().items():
         im = g2.instrument(model)
         print(f"gemma2-tiny, {task}: {clean.shape[0]} prompt pairs x {clean.shape[1]} tokens")
-        for site, by in (("resid_pre", "pos"), ("attn.z", "head")):
+        for site, by in (("resid_pre", "pos"), ("attn.z", "head"), ("attn.q", "head")):
             with torch.no_grad():
                 exact = activation_patching(im, clean, corrupt, metric, site, by)
             for method in ("atp", "atp*", "ig"):
@@ -205,10 +207,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-layer model, loop baseline sampled")
     parser.add_argument("--no-speed", action="store_true", help="only the accuracy report")
     parser.add_argument("--no-accuracy", action="store_true", help="only the speed benchmark")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared machine more threads mostly spin)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if not args.no_speed:
         speed(args.quick)
     if not args.no_accuracy:
