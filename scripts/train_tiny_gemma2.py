@@ -148,7 +148,7 @@ def train(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, dict]:
         betas=(0.9, 0.98),
     )
     g = torch.Generator().manual_seed(args.seed + DATA_SEED_OFFSET)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     log = []
     for step in range(args.steps):
         for group in opt.param_groups:
@@ -177,8 +177,55 @@ def train(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, dict]:
                 f"acc ind {acc_i:.3f} rec {acc_r:.3f}  lr {lr_at(step, args):.2e}  {elapsed:6.1f}s",
                 flush=True,
             )
-    facts = {"train_seconds": round(time.time() - t0, 1), "log": log}
+    facts = {
+        "train_seconds": round(time.time() - t0, 1),
+        "train_cpu_seconds": round(time.process_time() - c0, 1),
+        "log": log,
+    }
     return model, facts
+
+
+@torch.no_grad()
+def mechanism_report(model: Gemma2ForCausalLM, n: int = 256, half_len: int = 20) -> dict:
+    """Measure where the circuits live, for the model card.
+
+    Per head (attention maps ``[n, head, q, k]`` from eager attention), averaged over the
+    repeated half of induction prompts with ``L = half_len`` (the earlier copy is beyond
+    the sliding window): ``prev`` = attention to the previous position, ``induction`` =
+    attention to the token after the earlier copy, ``bos`` = attention to ``<bos>``.
+    Per layer, the accuracy left after zero-ablating all of its heads (their slice of the
+    ``o_proj`` input) on fresh induction and recall prompts.
+    """
+    was_training = model.training
+    model.eval()
+    L = half_len
+    ind = tasks.induction_batch(n, seq_len=L, seed=31)
+    attn = model(input_ids=ind.input_ids, output_attentions=True).attentions
+    q = torch.arange(L + 1, 2 * L + 1)
+    heads = []
+    for layer, a in enumerate(attn):
+        for h in range(a.shape[1]):
+            heads.append({
+                "layer": layer,
+                "head": h,
+                "prev": round(a[:, h, q, q - 1].mean().item(), 3),
+                "induction": round(a[:, h, q, q - L + 1].mean().item(), 3),
+                "bos": round(a[:, h, q, 0].mean().item(), 3),
+            })
+    ind_eval, rec_eval = tasks.induction_batch(n, seed=32), tasks.recall_batch(n, seed=33)
+    ablations = []
+    for layer, block in enumerate(model.model.layers):
+        hook = block.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+        try:
+            ablations.append({
+                "layer": layer,
+                "induction": round(tasks.batch_accuracy(model, ind_eval), 3),
+                "recall": round(tasks.batch_accuracy(model, rec_eval), 3),
+            })
+        finally:
+            hook.remove()
+    model.train(was_training)
+    return {"heads": heads, "layer_ablations": ablations, "half_len": L}
 
 
 def model_card(cfg: Gemma2Config, facts: dict, argv: list[str] | None) -> str:
@@ -188,6 +235,18 @@ def model_card(cfg: Gemma2Config, facts: dict, argv: list[str] | None) -> str:
         f"| {seed} | {v['induction']:.4f} | {v['recall']:.4f} |" for seed, v in facts["final_accuracy"].items()
     )
     n_params = facts["n_params"]
+    mech = facts["mechanism"]
+    head_rows = "\n".join(
+        f"| {r['layer']} | {r['head']} | {cfg.layer_types[r['layer']]} | {r['prev']:.2f} | {r['induction']:.2f} "
+        f"| {r['bos']:.2f} |"
+        for r in mech["heads"]
+    )
+    abl_rows = "\n".join(
+        f"| {r['layer']} | {r['induction']:.3f} | {r['recall']:.3f} |" for r in mech["layer_ablations"]
+    )
+    a = facts["args"]
+    cpu = facts.get("train_cpu_seconds")
+    cpu_note = f" ({cpu:.0f} s of CPU time: the machine was shared)" if cpu else ""
     return f"""# gemma2-tiny
 
 A real `transformers.Gemma2ForCausalLM`, trained from scratch on two synthetic tasks with
@@ -235,12 +294,11 @@ marker), `k0..k63`=5..68 (keys), `v0..v63`=69..132 (values). Words are whitespac
 {cmd}
 ```
 
-Seeded (`torch.manual_seed({facts['args']['seed']})`, data generator seed + {DATA_SEED_OFFSET}),
-{facts['args']['threads']} CPU thread(s), deterministic algorithms. {facts['args']['steps']} AdamW steps
-(lr {facts['args']['lr']}, warm-up {facts['args']['warmup']}, cosine to 10%, batch
-{facts['args']['batch_size']} rows per task), induction only for the first
-{facts['args']['induction_only_steps']} steps, then both tasks. Training took
-{facts['train_seconds']:.0f} s on the shared 2-core CPU this was built on.
+Seeded (`torch.manual_seed({a['seed']})`, data generator seed + {DATA_SEED_OFFSET}), {a['threads']} CPU
+thread(s), deterministic algorithms: re-running (same torch build and thread count) gives
+bit-identical weights. {a['steps']} AdamW steps (lr {a['lr']}, warm-up {a['warmup']}, cosine to 10%,
+batch {a['batch_size']} rows per task), induction only for the first {a['induction_only_steps']}
+steps, then both tasks. Training took {facts['train_seconds']:.0f} s wall clock{cpu_note}.
 
 ## Measured accuracy (fresh prompts, greedy next token, 2048 prompts per task and seed)
 
@@ -248,8 +306,39 @@ Seeded (`torch.manual_seed({facts['args']['seed']})`, data generator seed + {DAT
 |---|---|---|
 {acc_rows}
 
-`training_facts.json` holds the arguments and the evaluation log of the run.
+## Mechanism (measured by `mechanism_report` in the training script)
+
+Attention from the repeated half of induction prompts (L = {mech['half_len']}, so the earlier
+copy is {mech['half_len'] + 1} positions back, beyond the sliding window of {cfg.sliding_window}):
+`prev` = to the previous position, `induction` = to the token after the earlier copy,
+`bos` = to `<bos>` (a resting head).
+
+| layer | head | type | prev | induction | bos |
+|---|---|---|---|---|---|
+{head_rows}
+
+Accuracy left after zero-ablating every head of one layer (fresh prompts):
+
+| layer ablated | induction | recall |
+|---|---|---|
+{abl_rows}
+
+Heads in one layer are largely redundant (removing a single head barely matters); with
+GQA, query heads 2h and 2h+1 share KV head h.
+
+`training_facts.json` holds the arguments, the evaluation log and these measurements.
 """
+
+
+def rewrite_card(out: Path) -> None:
+    """Reload the saved model in ``out``, re-measure its mechanism and rewrite README.md and the facts."""
+    torch.set_num_threads(1)
+    model = Gemma2ForCausalLM.from_pretrained(out, attn_implementation="eager", local_files_only=True)
+    facts = json.loads((out / "training_facts.json").read_text())
+    facts["mechanism"] = mechanism_report(model)
+    (out / "training_facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(model.config, facts, facts.get("argv", [])))
+    print(f"rewrote {out / 'README.md'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embed-std", type=float, default=0.05, help="init std of the (tied) embeddings")
     p.add_argument("--post-norm-gain", type=float, default=0.1, help="initial (1 + w) of the post-norms")
     p.add_argument("--no-save", action="store_true", help="train and report only")
+    p.add_argument("--card-only", action="store_true",
+                   help="no training: re-measure the mechanism of the model in --out and rewrite its README.md")
     args = p.parse_args(argv)
+    if args.card_only:
+        rewrite_card(args.out)
+        return
     if 2 * max(args.train_max_len, args.train_max_pairs) + 4 > args.context:
         p.error("training sequences must fit in --context")
 
@@ -293,7 +387,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fresh seed {seed}: induction {ind:.4f}  recall {rec:.4f}  (2048 prompts each, lengths 4..24)")
     facts["final_accuracy"] = final
     facts["n_params"] = sum(p.numel() for p in model.parameters())
+    facts["mechanism"] = mechanism_report(model)
     facts["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    facts["argv"] = list(sys.argv[1:] if argv is None else argv)
     print(f"trained in {facts['train_seconds']:.1f}s")
     if args.no_save:
         return

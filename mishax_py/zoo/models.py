@@ -45,13 +45,16 @@ MODELS: dict[str, ZooModel] = {
         folder="gemma2-tiny",
         description=(
             "Gemma2ForCausalLM, 4 layers (sliding window 8 on layers 0 and 2, global on 1 and 3), "
-            "d_model 128, 4 query heads / 2 KV heads of dim 32, d_mlp 256, vocab 133, context 64, "
-            "attention soft-cap 50, final soft-cap 30; ~0.6M parameters, fp32."
+            "d_model 64, 4 query heads / 2 KV heads of dim 16, d_mlp 256, vocab 133 (word level), "
+            "context 64, attention soft-cap 50, final soft-cap 30; 255k parameters, fp32."
         ),
         tasks=("induction_batch", "recall_batch"),
         mechanisms=(
-            "Induction (repeat a random sequence) and key-value recall ('<bos> k v .. ? k' -> v): "
-            "a previous-token head in a sliding layer feeds induction heads in the global layers."
+            "Induction (repeat a random sequence) and key-value recall ('<bos> k v .. ? k' -> v) share "
+            "one circuit: the 4 heads of layer 0 (sliding) are previous-token heads, the 4 heads of "
+            "layer 1 (global) are induction heads attending to the token after the earlier copy; "
+            "layers 2-3 are not needed (layer 3 heads rest on <bos>). Heads within a layer are "
+            "redundant: ablate a whole layer's heads to break a task."
         ),
         train_command="python scripts/train_tiny_gemma2.py",
     ),
@@ -107,8 +110,9 @@ def load(
 
     Args:
         name: a key of ``MODELS`` (``"gemma2-tiny"``).
-        attn_implementation: ``"eager"`` (default; the only one exposing attention
-            scores/patterns and applying the attention soft-cap) or ``"sdpa"``.
+        attn_implementation: passed to ``from_pretrained``. ``"eager"`` (default) is the
+            implementation that applies Gemma 2's attention soft-cap and exposes attention
+            scores/patterns (transformers 5.23 refuses ``"sdpa"`` for Gemma 2).
         dtype: parameter dtype (trained and stored in float32).
         device: optional device to move the model to.
 
