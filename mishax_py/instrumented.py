@@ -105,20 +105,37 @@ class InstrumentedModel:
         ``rows`` restricts every intervention to those batch rows (used by sweeps).
         """
         self._ensure_installed()
-        planned: list[tuple[str, Intervention]] = []
+        ctx = RunContext(parent if parent is not None else active_context())
+        for name, ivs in self.plan(interventions, batch=batch, pos=pos).items():
+            spec = self.catalogue.by_name[name]
+            for iv in ivs:
+                ctx.add(spec.key, name, spec.layer, iv, rows)
+        return ctx
+
+    def plan(
+        self, interventions: Interventions | None, *, batch: int | None = None, pos: int | None = None
+    ) -> dict[str, list[Intervention]]:
+        """``{canonical site: [interventions in order]}`` in forward order, each validated with ``check``.
+
+        Resolves names, aliases and globs; wraps plain functions in :class:`Hook`; adds each
+        intervention's ``companions()`` (other sites it needs handlers at, e.g. a transcoder
+        splice recording its input site) before it. Raises before anything runs.
+        """
+        planned: dict[str, list[Intervention]] = {}
+
+        def add(name: str, iv: Intervention) -> None:
+            for other, companion in dict(getattr(iv, "companions", dict)()).items():
+                add(self.catalogue.canonical(other), companion)
+            if not any(existing is iv for existing in planned.get(name, [])):
+                iv.check(name, self.site_info(name).concrete_shape(batch, pos))
+                planned.setdefault(name, []).append(iv)
+
         for pattern, value in (interventions or {}).items():
             ivs = as_intervention_list(value)
             for name in self.catalogue.resolve(pattern):
-                shape = self.site_info(name).concrete_shape(batch, pos)
                 for iv in ivs:
-                    iv.check(name, shape)
-                    planned.append((name, iv))
-        planned.sort(key=lambda item: self.catalogue.order(item[0]))
-        ctx = RunContext(parent if parent is not None else active_context())
-        for name, iv in planned:
-            spec = self.catalogue.by_name[name]
-            ctx.add(spec.key, name, spec.layer, iv, rows)
-        return ctx
+                    add(name, iv)
+        return dict(sorted(planned.items(), key=lambda item: self.catalogue.order(item[0])))
 
     def add_handler(self, ctx: RunContext, site: str, handler: Callable[[torch.Tensor, SiteEvent], torch.Tensor],
                     rows: torch.Tensor | None = None) -> None:

@@ -112,7 +112,7 @@ def sweep(
     Raises the first variant's validation error (naming the variant, site and shapes) before any
     forward pass.
     """
-    from mishax_py.instrumented import as_ids, as_intervention_list
+    from mishax_py.instrumented import as_ids
 
     ids = as_ids(ids, im.model)
     B, P = ids.shape
@@ -139,22 +139,12 @@ def sweep(
     for vi, variant in enumerate(variants):
         if not isinstance(variant, Mapping):
             raise TypeError(f"sweep variant {vi} must be a {{site: intervention}} dict, got {type(variant).__name__}")
-        sites: dict[str, list[Intervention]] = {}
-        for pattern, value in variant.items():
-            ivs = as_intervention_list(value)
-            try:
-                names = im.catalogue.resolve(pattern)
-            except UnknownSiteError as e:
-                raise UnknownSiteError(f"sweep variant {vi}: {e}") from None
-            for name in names:
-                shape = im.site_info(name).concrete_shape(B, P)
-                for iv in ivs:
-                    try:
-                        iv.check(name, shape)
-                    except (ValueError, IndexError) as e:
-                        raise type(e)(f"sweep variant {vi}: {e}") from e
-                sites.setdefault(name, []).extend(ivs)
-        ordered = dict(sorted(sites.items(), key=lambda kv: im.catalogue.order(kv[0])))
+        try:  # resolution, companions and validation are shared with im.run (InstrumentedModel.plan)
+            ordered = im.plan(variant, batch=B, pos=P)
+        except UnknownSiteError as e:
+            raise UnknownSiteError(f"sweep variant {vi}: {e}") from None
+        except (ValueError, IndexError) as e:
+            raise type(e)(f"sweep variant {vi}: {e}") from e
         start = _start_layer(im, ordered, n_layers, first_block) if share else 0
         plans.append(_Variant(vi, ordered, start, _first_position(im, ordered, B, P) if share_pos else 0))
 

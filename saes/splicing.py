@@ -331,10 +331,11 @@ class _InputRecorder(Intervention):
 class TranscoderSplice(Splice):
     """Splice a :class:`~saes.base.Transcoder` at its output site, reading its input site.
 
-    Register both parts: ``im.run(ids, interventions=ts.interventions())`` (a dict
-    ``{tc.site: recorder, tc.output_site: splice}``; merge it with other interventions as
-    needed). The output becomes ``pred(f') + (y - pred(f))`` with ``y`` the output site's
-    value, ``pred(f) = decode(f) (+ x @ W_skip)`` (``keep_error=True``), or ``pred(f')``.
+    ``im.run(ids, interventions={tc.output_site: ts})`` is enough: the splice names its
+    input-site recorder in :meth:`companions`, which the model registers first.
+    ``ts.interventions()`` (``{tc.site: recorder, tc.output_site: splice}``) also works.
+    The output becomes ``pred(f') + (y - pred(f))`` with ``y`` the output site's value,
+    ``pred(f) = decode(f) (+ x @ W_skip)`` (``keep_error=True``), or ``pred(f')``.
     Use one ``TranscoderSplice`` per variant in a sweep.
 
     Args:
@@ -369,6 +370,10 @@ class TranscoderSplice(Splice):
     def interventions(self) -> dict[str, Intervention]:
         """``{input_site: recorder, output_site: this splice}`` for ``im.run(..., interventions=...)``."""
         return {self.input_site: self.recorder, self.output_site: self}
+
+    def companions(self) -> dict[str, Intervention]:
+        """The input-site recorder: ``{tc.output_site: TranscoderSplice(tc)}`` alone registers it too."""
+        return {self.input_site: self.recorder}
 
     def _input(self, value: torch.Tensor, event: SiteEvent, scope: EditScope) -> torch.Tensor:
         got = self._inputs.get(event.context)

@@ -208,14 +208,16 @@ def test_transcoder_splice_reads_input_site(tiny_im: InstrumentedModel, ids: tor
         assert torch.allclose(
             c2["blocks.0.mlp_out"] - clean["blocks.0.mlp_out"], -f4 * tc.W_dec[4], atol=1e-5
         )
-        with pytest.raises(RuntimeError, match="no value from its input site"):
-            tiny_im.run(ids, interventions={"blocks.0.mlp_out": ts})
+        # the splice names its input recorder as a companion: the output site alone is enough
+        alone = tiny_im.run(ids, interventions={"blocks.0.mlp_out": ts})
+        assert torch.equal(alone, tiny_im.run(ids, interventions=ts.interventions()))
+        assert (alone - plain).abs().max() > 1e-4
 
         # sweeps (one TranscoderSplice per variant) and runs restricted to some rows
         singles = {
             j: tiny_im.run(ids, interventions=saes.splice(tc, edit=saes.FeatureAblate([j]))) for j in (4, 9)
         }
-        variants = [saes.TranscoderSplice(tc, edit=saes.FeatureAblate([j])).interventions() for j in (4, 9)]
+        variants = [{"blocks.0.mlp_out": saes.TranscoderSplice(tc, edit=saes.FeatureAblate([j]))} for j in (4, 9)]
         for j, out in zip((4, 9), tiny_im.sweep(ids, variants), strict=True):
             assert (out - singles[j]).abs().max() <= 1e-5
         from mishax_py.runtime import activate
