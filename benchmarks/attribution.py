@@ -142,17 +142,16 @@ def speed(quick: bool) -> None:
 
     attribution_patching(im, clean[:, :8], worst[:, :8], metric, "resid_pre")  # warm-up
     for name, corrupt in (("worst case (all positions differ)", worst), ("IOI-like (2 positions differ)", ioi)):
-        atp, t_atp = timed(lambda c=corrupt: attribution_patching(im, clean, c, metric, "resid_pre"))
-        ref, t_loop = loop_baseline(im, clean, corrupt, metric, n_layers, sample=48 if quick else None)
+        _, t_atp = timed(lambda c=corrupt: attribution_patching(im, clean, c, metric, "resid_pre"))
+        _, t_loop = loop_baseline(im, clean, corrupt, metric, n_layers, sample=48 if quick else None)
         line = (f"{name}: attribution patching {t_atp:.3f} s; plain loop {t_loop:.2f} s "
                 f"({n_layers * T} forwards{', time extrapolated from 48' if quick else ''}) -> "
                 f"{t_loop / t_atp:.1f}x faster")
         if activation_patching is not None:
             with torch.no_grad():
-                exact, t_batched = timed(lambda c=corrupt: activation_patching(im, clean, c, metric, "resid_pre"), 1)
+                _, t_batched = timed(lambda c=corrupt: activation_patching(im, clean, c, metric, "resid_pre"), 1)
             line += f"; batched activation_patching {t_batched:.2f} s -> {t_batched / t_atp:.1f}x faster"
         print(line)
-        print(f"    (random weights) Pearson(AtP, loop) = {pearson(atp.effects, ref):.3f}")
 
 
 def accuracy() -> None:
