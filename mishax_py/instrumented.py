@@ -106,7 +106,8 @@ class InstrumentedModel:
         """
         self._ensure_installed()
         ctx = RunContext(parent if parent is not None else active_context())
-        for name, ivs in self.plan(interventions, batch=batch, pos=pos).items():
+        # with rows=, interventions see a sub-batch: do not check them against the full batch
+        for name, ivs in self.plan(interventions, batch=None if rows is not None else batch, pos=pos).items():
             spec = self.catalogue.by_name[name]
             for iv in ivs:
                 ctx.add(spec.key, name, spec.layer, iv, rows)

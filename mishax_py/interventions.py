@@ -108,6 +108,8 @@ class Intervention:
 class Hook(Intervention):
     """A user function at a site: ``fn(value)`` or ``fn(value, event)``.
 
+    ``fn`` gets the :class:`~mishax_py.runtime.SiteEvent` when it takes two positional
+    parameters without defaults (or ``*args``); parameters with defaults do not count.
     ``fn`` returns the replacement value, or ``None`` to leave the value unchanged
     (useful for reading values, or for in-place edits you take responsibility for).
     """
@@ -131,8 +133,13 @@ def _accepts_two_args(fn: Callable[..., object]) -> bool:
         return False
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2
+    # Only parameters without defaults count: `fn(v, src=cache, pos=3)` (defaults used to bind
+    # loop variables) is a one-argument hook.
+    required = [
+        p for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
+    ]
+    return len(required) >= 2
 
 
 # ---------------------------------------------------------------------------------------------

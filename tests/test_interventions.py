@@ -465,3 +465,22 @@ def test_reprs_are_readable() -> None:
     assert repr(Steer(torch.zeros(4), 2.0, index=[1])) == "Steer(<tensor (4,)>, scale=2.0, index=[1])"
     assert repr(Clamp(1.0, rows=[0])) == "Clamp(1.0, rows=[0])"
     assert "Hook" in repr(Hook(lambda v: v))
+
+
+def test_hook_arity_counts_only_required_positional_parameters(tiny_im, ids) -> None:
+    seen: list[object] = []
+
+    def one_arg_with_defaults(v, scale=2.0, sink=seen):  # defaults bind values: fn(value)
+        sink.append(type(v))
+        return v * scale
+
+    def two_args(v, event):
+        seen.append(event.site)
+        return v
+
+    with torch.no_grad():
+        plain = tiny_im.run(ids)
+        doubled = tiny_im.run(ids, interventions={"logits": Hook(one_arg_with_defaults)})
+        tiny_im.run(ids, interventions={"blocks.0.resid_post": Hook(two_args)})
+    assert torch.equal(doubled, plain * 2.0)
+    assert seen == [torch.Tensor, "blocks.0.resid_post"]
