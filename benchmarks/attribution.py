@@ -3,6 +3,7 @@
     python benchmarks/attribution.py            # 12 layers, d_model 768, 32 tokens + the zoo model report
     python benchmarks/attribution.py --quick    # a 4-layer model, the loop baseline sampled
     python benchmarks/attribution.py --no-speed # only the accuracy report on the bundled trained model
+    python benchmarks/attribution.py --no-speed --circuits --out /tmp/g   # + graph and feature circuit
 
 Speed: attribution patching over every ``resid_pre`` (layer, pos) -- two forwards and one
 backward -- against, measured in the same run,
@@ -21,6 +22,12 @@ Accuracy: on the bundled trained ``gemma2-tiny`` (induction and key-value recall
 pairs from ``mishax_py.zoo.tasks``), Pearson correlation between the estimates (AtP, AtP*,
 IG) and exact activation patching, for ``resid_pre`` by (layer, pos), ``attn.z`` by head and
 ``attn.q`` by head (where AtP*'s QK fix matters).
+
+Circuits (``--circuits``): on one recall prompt, the transcoder attribution graph (completeness
+error, pruned size, JSON + PNG written to ``--out``) and whether ablating the features with the
+strongest edges into the answer moves it the way the graph says; then sparse feature
+circuits with residual SAEs at every layer and their faithfulness / completeness. Bundled
+SAEs/transcoders are used when present, else small ones are trained on task data first.
 """
 
 from __future__ import annotations
@@ -201,11 +208,128 @@ def trained_tasks() -> dict[str, tuple[torch.Tensor, torch.Tensor, Callable[[tor
     return out
 
 
+def _quick_dictionary(x: torch.Tensor, y: torch.Tensor, d_sae: int, site: str, output_site: str | None,
+                      steps: int = 400, l1: float = 2e-2, seed: int = 0):
+    """A small ReLU SAE (``y is x``) or transcoder trained for a few hundred Adam steps (when none is bundled)."""
+    import saes
+
+    d_in, d_out = x.shape[-1], y.shape[-1]
+    if output_site is None:
+        sae = saes.ReLUSAE(d_in, d_sae, site=site)
+    else:
+        sae = saes.Transcoder(d_in, d_sae, d_out=d_out, site=site, output_site=output_site, activation="relu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in ** -0.5)
+        sae.W_dec.normal_(0, 0.1 * d_sae ** -0.5)
+        sae.b_enc.fill_(-0.05)
+    opt = torch.optim.Adam(sae.parameters(), lr=5e-3)
+    scale = float(y.pow(2).sum(-1).mean())
+    for _ in range(steps):
+        f = sae.encode(x)
+        loss = ((sae.decode(f) - y) ** 2).sum(-1).mean() / scale + l1 * f.abs().sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        f = sae.encode(x)
+        fvu = float(((sae.decode(f) - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+        l0 = float((f > 0).float().sum(-1).mean())
+    return sae.requires_grad_(False), fvu, l0
+
+
+def circuits(out_dir: str) -> None:
+    """Transcoder attribution graph and a sparse feature circuit on the bundled gemma2-tiny (recall task)."""
+    from mishax_py.circuits import attribution_graph, feature_circuit
+    from mishax_py.circuits.graph import feature_clamp
+    from mishax_py.zoo import load, tasks
+    from mishax_py.zoo.saes import has_saes, load_saes
+
+    model, tok = load("gemma2-tiny")
+    im = g2.instrument(model)
+    n_layers = im.n_layers
+    train = torch.cat([tasks.recall_batch(64, n_pairs=6, seed=101).input_ids[:, :15],
+                       tasks.induction_batch(64, seq_len=7, seed=102).input_ids[:, :15]])
+    sites = [f"blocks.{L}.{s}" for L in range(n_layers) for s in ("ln2_normalized", "mlp_out", "resid_post")]
+    with torch.no_grad():
+        _, cache = im.run_with_cache(train, sites=sites)
+    flat = {k: cache[k].reshape(-1, cache[k].shape[-1]).float() for k in sites}
+    bundled = load_saes("gemma2-tiny") if has_saes("gemma2-tiny") else {}
+    tcs, res = {}, {}
+    for L in range(n_layers):
+        tc = next((s for s in bundled.values() if getattr(s, "output_site", None) == f"blocks.{L}.mlp_out"), None)
+        sae = next((s for s in bundled.values() if s.site == f"blocks.{L}.resid_post"
+                    and getattr(s, "output_site", s.site) == s.site), None)
+        if tc is None:
+            tc, fvu, l0 = _quick_dictionary(flat[f"blocks.{L}.ln2_normalized"], flat[f"blocks.{L}.mlp_out"], 512,
+                                            f"blocks.{L}.ln2_normalized", f"blocks.{L}.mlp_out", seed=L)
+            print(f"  transcoder L{L} (trained here): FVU {fvu:.3f}, L0 {l0:.1f}")
+        if sae is None:
+            sae, fvu, l0 = _quick_dictionary(flat[f"blocks.{L}.resid_post"], flat[f"blocks.{L}.resid_post"], 512,
+                                             f"blocks.{L}.resid_post", None, seed=10 + L)
+            print(f"  residual SAE L{L} (trained here): FVU {fvu:.3f}, L0 {l0:.1f}")
+        tcs[L], res[f"blocks.{L}.resid_post"] = tc, sae
+
+    clean, corrupt = tasks.recall_clean_corrupt(8, n_pairs=6, seed=12)
+    pos = int(clean.info["answer_pos"][0])
+    ids = clean.input_ids[:1, : pos + 1]  # one prompt, ending at the query key
+    t0 = time.perf_counter()
+    graph = attribution_graph(im, ids, tcs, tokenizer=tok, batch_size=64)
+    t_graph = time.perf_counter() - t0
+    data = graph.to_json(os.path.join(out_dir, "recall-graph.json"), slug="gemma2-tiny-recall")
+    graph.render(os.path.join(out_dir, "recall-graph.png"))
+    answer = tok.decode([int(graph.logit_tokens[0])])
+    p0 = float(graph.logit_probabilities[0])
+    print(f"attribution graph of {' '.join(graph.tokens)!r} -> {answer!r} (p={p0:.3f}):"
+          f" {graph.n_features} active features, {graph.n_nodes} nodes, built in {t_graph:.2f} s; completeness "
+          f"error {graph.completeness_error():.2e}; pruned JSON {len(data['nodes'])} nodes / {len(data['links'])} "
+          f"links -> {out_dir}/recall-graph.json, .png")
+    target = graph.logit_index(0)
+    W_U = im.model.get_output_embeddings().weight.detach()
+    tok0 = int(graph.logit_tokens[0])
+
+    def logit(interventions=None) -> float:
+        with torch.no_grad():
+            _, c = im.run_with_cache(ids, sites=["ln_final"], interventions=interventions)
+        pre = c["ln_final"][0, -1] @ W_U.T
+        return float(pre[tok0] - pre.mean())
+
+    base = logit()
+    predicted = graph.ablation_effects(target)  # direct edges + chains through active features
+    last = graph.features[:, 1] == graph.n_pos - 1
+    for where, pool in (("anywhere", torch.ones_like(last)), ("at the answer position", last)):
+        agree = 0
+        cand = predicted.abs().masked_fill(~pool, -1.0)
+        for i in cand.topk(5).indices.tolist():
+            L, p, f = (int(v) for v in graph.features[i])
+            moved = logit(feature_clamp(tcs[L], f, 0.0, positions=p)) - base
+            agree += (moved * float(predicted[i])) > 0
+            print(f"    ablate {L}_{f}_{p}: graph predicts {float(predicted[i]):+.3f} for {answer!r} (direct edge "
+                  f"{float(graph.adjacency[target, i]):+.3f}); the model moves {moved:+.3f}")
+        print(f"  top 5 features {where}: {agree}/5 ablations move the logit the way the graph predicts")
+
+    right, wrong, rows = clean.info["answer"], corrupt.info["answer"], torch.arange(8)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[rows, pos, right] - logits[rows, pos, wrong]).mean()
+
+    for k in (5, 20, 50):
+        t0 = time.perf_counter()
+        circ = feature_circuit(im, clean.input_ids, res, metric, corrupt.input_ids, top_k=k, edges=k == 5)
+        t_c = time.perf_counter() - t0
+        ev = circ.evaluate(im, metric)
+        print(f"feature circuit (recall, residual SAEs at every layer, top {k} nodes per site, patch ablation): "
+              f"{len(circ.nodes)} nodes, {len(circ.edges)} edges, {t_c:.2f} s; faithfulness {ev['faithfulness']:.3f},"
+              f" completeness {ev['completeness']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 4-layer model, loop baseline sampled")
     parser.add_argument("--no-speed", action="store_true", help="only the accuracy report")
-    parser.add_argument("--no-accuracy", action="store_true", help="only the speed benchmark")
+    parser.add_argument("--no-accuracy", action="store_true", help="no accuracy report")
+    parser.add_argument("--circuits", action="store_true", help="also the graph / feature-circuit report")
+    parser.add_argument("--out", default=".", help="where --circuits writes its graph JSON and PNG")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine more threads mostly spin)")
     args = parser.parse_args()
@@ -214,6 +338,8 @@ def main() -> None:
         speed(args.quick)
     if not args.no_accuracy:
         accuracy()
+    if args.circuits:
+        circuits(args.out)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,13 @@ def test_render_png_and_svg(graph, tmp_path):
 
 
 def test_feature_clamp_moves_logit_as_the_graph_predicts(setup, graph):
-    """Ablating the feature with the strongest direct edge into the top logit moves that logit the other way."""
+    """Clamping the features the graph ranks highest for the top logit moves it the way the graph predicts.
+
+    Candidates sit at the answer position: their effect runs through the residual stream, later
+    transcoder features and the unembedding, which the graph models. (A feature at an earlier
+    position acts through attention, whose patterns -- and the norm scales -- the graph freezes;
+    on the trained gemma2-tiny those can disagree, see benchmarks/attribution.py --circuits.)
+    """
     im, tcs, ids = setup
     target = graph.logit_index(0)
     tok = int(graph.logit_tokens[0])
@@ -172,17 +178,18 @@ def test_feature_clamp_moves_logit_as_the_graph_predicts(setup, graph):
 
     base = logit_value()
     assert base == pytest.approx(float(graph.logit_values[0]), abs=1e-4)
-    row = graph.adjacency[target, : graph.n_features]
-    checked = 0
-    for i in row.abs().topk(3).indices.tolist():
+    predicted = graph.ablation_effects(target)
+    at_answer = graph.features[:, 1] == graph.n_pos - 1
+    picks = predicted.abs().masked_fill(~at_answer, -1).topk(3).indices.tolist()
+    for i in picks:
         layer, pos, feat = (int(v) for v in graph.features[i])
-        edge = float(row[i])
+        # the vectorised prediction is the single-feature propagation
+        assert float(graph.clamp_effect(i, 0.0)[target]) == pytest.approx(float(predicted[i]), rel=1e-4, abs=1e-6)
+        a = float(graph.activations[i])
         ablated = logit_value(feature_clamp(tcs[layer], feat, 0.0, positions=pos)) - base
-        doubled = logit_value(feature_clamp(tcs[layer], feat, 2 * float(graph.activations[i]), positions=pos)) - base
-        assert ablated * edge < 0, (i, edge, ablated)  # removing a positive contribution lowers the logit
-        assert doubled * edge > 0, (i, edge, doubled)
-        checked += 1
-    assert checked == 3
+        doubled = logit_value(feature_clamp(tcs[layer], feat, 2 * a, positions=pos)) - base
+        assert ablated * float(predicted[i]) > 0, (i, float(predicted[i]), ablated)
+        assert doubled * float(graph.clamp_effect(i, 2 * a)[target]) > 0, (i, doubled)
     assert active_context() is None
 
 

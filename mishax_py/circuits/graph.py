@@ -216,6 +216,53 @@ class AttributionGraph:
         got = self.adjacency[rows].sum(1) + self.bias[rows]
         return float((got - vals[rows]).abs().max())
 
+    def clamp_effect(self, node: int, value: float = 0.0) -> torch.Tensor:
+        """What the graph predicts clamping feature ``node`` to ``value`` does: ``[n_nodes]`` value changes.
+
+        The change ``value - a`` of the feature's activation moves each target's
+        pre-activation by ``edge * (value - a) / a`` (an edge is ``a`` times the per-unit
+        effect); a changed active feature passes its change on to its own targets the same
+        way (slope 1: ReLU, JumpReLU and TopK features are linear while active), until the
+        logits. This is the linear replacement model's total effect (attention patterns,
+        norm scales and error nodes frozen); read ``[logit_index(k)]`` for logit ``k``. Rows
+        that were not computed (``max_feature_nodes``) pass nothing on.
+        """
+        if self.node_kind(node) != "feature":
+            raise ValueError(f"node {node} ({self.node_id(node)}) is not a feature node")
+        nf = self.n_features
+        acts = self.activations.to(self.adjacency.dtype)
+        per_unit = self.adjacency[:, :nf] / acts.clamp(min=1e-12)  # d target / d activation of each feature
+        delta = per_unit[:, node] * (float(value) - float(acts[node]))
+        total = delta.clone()
+        total[node] = 0.0
+        for _ in range(nf + 1):  # acyclic: each round moves at least one layer downstream
+            step = per_unit @ delta[:nf]
+            if not bool(step.any()):
+                break
+            total += step
+            delta = step
+        total[node] = float(value) - float(acts[node])
+        return total
+
+    def ablation_effects(self, target: int) -> torch.Tensor:
+        """``[n_features]``: the change of node ``target`` the graph predicts when each feature is set to 0.
+
+        ``-a_s * (total per-unit effect of s on target)`` through direct edges and chains of
+        active features (see :meth:`clamp_effect`, which this computes for all features at once).
+        """
+        nf = self.n_features
+        acts = self.activations.to(self.adjacency.dtype)
+        per_unit_ff = self.adjacency[:nf, :nf] / acts.clamp(min=1e-12)
+        row = self.adjacency[target, :nf] / acts.clamp(min=1e-12)
+        total = row.clone()
+        for _ in range(nf + 1):
+            row = row[None] @ per_unit_ff
+            row = row[0]
+            if not bool(row.any()):
+                break
+            total += row
+        return -acts * total
+
     def top_sources(self, target: int, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` sources with the largest ``|edge|`` into node ``target``: ``(node id, weight)``."""
         row = self.adjacency[target]
