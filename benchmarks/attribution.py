@@ -240,8 +240,8 @@ def _quick_dictionary(x: torch.Tensor, y: torch.Tensor, d_sae: int, site: str, o
 
 def circuits(out_dir: str) -> None:
     """Transcoder attribution graph and a sparse feature circuit on the bundled gemma2-tiny (recall task)."""
+    import saes
     from mishax_py.circuits import attribution_graph, feature_circuit
-    from mishax_py.circuits.graph import feature_clamp
     from mishax_py.zoo import load, tasks
     from mishax_py.zoo.saes import has_saes, load_saes
 
@@ -302,7 +302,7 @@ def circuits(out_dir: str) -> None:
         cand = predicted.abs().masked_fill(~pool, -1.0)
         for i in cand.topk(5).indices.tolist():
             L, p, f = (int(v) for v in graph.features[i])
-            moved = logit(feature_clamp(tcs[L], f, 0.0, positions=p)) - base
+            moved = logit(saes.splice(tcs[L], edit=saes.FeatureClamp([f], 0.0, positions=[p]))) - base
             agree += (moved * float(predicted[i])) > 0
             print(f"    ablate {L}_{f}_{p}: graph predicts {float(predicted[i]):+.3f} for {answer!r} (direct edge "
                   f"{float(graph.adjacency[target, i]):+.3f}); the model moves {moved:+.3f}")

@@ -13,11 +13,15 @@ import saes
 from mishax_py.circuits.graph import (
     AttributionGraph,
     attribution_graph,
-    feature_clamp,
     load_graph_json,
     render_graph,
 )
 from mishax_py.runtime import active_context
+
+
+def clamp(transcoder, feature: int, value: float, position: int) -> dict:
+    """Interventions clamping one transcoder feature at one position (error term kept)."""
+    return saes.splice(transcoder, edit=saes.FeatureClamp([feature], value, positions=[position]))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -186,8 +190,8 @@ def test_feature_clamp_moves_logit_as_the_graph_predicts(setup, graph):
         # the vectorised prediction is the single-feature propagation
         assert float(graph.clamp_effect(i, 0.0)[target]) == pytest.approx(float(predicted[i]), rel=1e-4, abs=1e-6)
         a = float(graph.activations[i])
-        ablated = logit_value(feature_clamp(tcs[layer], feat, 0.0, positions=pos)) - base
-        doubled = logit_value(feature_clamp(tcs[layer], feat, 2 * a, positions=pos)) - base
+        ablated = logit_value(clamp(tcs[layer], feat, 0.0, pos)) - base
+        doubled = logit_value(clamp(tcs[layer], feat, 2 * a, pos)) - base
         assert ablated * float(predicted[i]) > 0, (i, float(predicted[i]), ablated)
         assert doubled * float(graph.clamp_effect(i, 2 * a)[target]) > 0, (i, doubled)
     assert active_context() is None

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +86,6 @@ __all__ = [
     "AttributionGraph",
     "attribution_graph",
     "compute_influence",
-    "feature_clamp",
     "load_graph_json",
     "prune",
     "render_graph",
@@ -878,17 +877,3 @@ def attribution_graph(
         logit_values=logit_values.cpu(), adjacency=A, bias=bias, visited=visited,
         transcoder_layers=sorted(tcs), error_norms=err.norm(dim=-1), settings=settings,
     )
-
-
-def feature_clamp(transcoder: Any, feature: int, value: float, positions: int | Iterable[int] | None = None
-                  ) -> dict[str, Any]:
-    """Interventions clamping ``feature`` of ``transcoder`` to ``value`` at ``positions`` (``saes.TranscoderSplice``).
-
-    Returns the ``{site: intervention}`` dict for ``im.run(ids, interventions=...)``. The
-    transcoder's error term is kept, so only the clamped feature's contribution changes.
-    """
-    import saes  # the application layer; imported here so mishax_py never needs saes to import
-
-    pos = [positions] if isinstance(positions, int) else (None if positions is None else list(positions))
-    ts = saes.TranscoderSplice(transcoder, edit=saes.FeatureClamp([int(feature)], float(value), positions=pos))
-    return ts.interventions()
