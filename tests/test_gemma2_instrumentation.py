@@ -67,7 +67,7 @@ def test_every_site_fires_once_in_catalogue_order(tiny_im: InstrumentedModel, id
     tiny_im.run(ids, interventions={"*": Hook(lambda v, ev: fired.append(ev.site))})
     assert fired == tiny_im.site_names()
     n = tiny_im.n_layers
-    assert len(fired) == 2 + n * 21 + 1 - 1 + 1  # embed, 21 per layer, ln_final, logits
+    assert len(fired) == 1 + 21 * n + 2  # embed, 21 per layer, ln_final and logits
     assert len(set(fired)) == len(fired)
 
 
