@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from _common import build  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 
@@ -33,14 +33,6 @@ CONFIGS = {
 }
 
 
-def build(spec: dict[str, int]) -> Gemma2ForCausalLM:
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        head_dim=spec["d_head"], sliding_window=64, max_position_embeddings=1024, attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(config).eval()
 
 
 def time_per_call(fn: Callable[[], object], min_seconds: float) -> float:

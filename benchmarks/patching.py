@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
@@ -44,30 +43,8 @@ SPECS = {
 }
 
 
-def build(spec: dict[str, int]) -> Gemma2ForCausalLM:
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        head_dim=spec["d_head"], sliding_window=spec["pos"] // 2, max_position_embeddings=256,
-        attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(config).eval()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}, load avg {load[0]:.2f}")
 
 
 def loop_baseline(im, clean, corrupt, metric, n_layers: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,22 +43,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM  # noqa: E402
 
 import instrumentation.gemma2 as g2  # noqa: E402
 import saes  # noqa: E402
+from benchmarks._common import machine  # noqa: E402 - the repo root is on sys.path (above)
 from saes import kernels  # noqa: E402
 from saes.base import init_tied  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {isa}"
 
 
 def bench(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -19,13 +19,11 @@ Prints seconds and the speed-up over the loop.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Ablate, Patch
@@ -36,32 +34,8 @@ SPECS = {
 }
 
 
-def build(spec: dict[str, int]) -> Gemma2ForCausalLM:
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        head_dim=spec["d_head"], sliding_window=spec["pos"] // 2, max_position_embeddings=256,
-        attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(config).eval()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        cpu += f" / {torch.cuda.get_device_name()}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}, load avg {load:.2f}")
 
 
 def timed(fn: Callable[[], list]) -> tuple[float, list]:

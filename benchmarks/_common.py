@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmark scripts: the machine description and random Gemma 2 models."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+
+def build(spec: dict[str, int], *, sliding_window: int | None = None, max_positions: int = 256) -> Gemma2ForCausalLM:
+    """A seeded random-weight Gemma 2 from a spec dict (layers, d_model, heads, kv_heads, d_head, d_mlp, vocab, pos).
+
+    The sliding window defaults to half the benchmark's sequence length, so both layer kinds matter.
+    """
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+        head_dim=spec["d_head"], sliding_window=sliding_window or max(spec["pos"] // 2, 1),
+        max_position_embeddings=max(max_positions, spec["pos"]), attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+def machine() -> str:
+    """CPU model, cores, torch version and threads, python, load average: printed with every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),)
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}, load avg {load[0]:.2f}")
