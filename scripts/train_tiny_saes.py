@@ -3,8 +3,8 @@
 
 What it trains (all JumpReLU, Gemma Scope recipe via :mod:`saes.train`):
 
-* residual-stream SAEs on ``blocks.L.resid_post`` for ``--res-layers`` (default 1 and 3, the
-  two global layers, where the induction / recall heads write);
+* residual-stream SAEs on ``blocks.L.resid_post`` for ``--res-layers`` (default 1, right after
+  the induction heads, and 3, the last layer's output);
 * transcoders ``blocks.L.ln2_normalized -> blocks.L.mlp_out`` for ``--tc-layers`` (default
   every layer, so attribution graphs replace every MLP).
 
@@ -15,6 +15,12 @@ no padding), collected with :func:`saes.train.collect_activations` into activati
 registry: L0, FVU, dead features, and the delta LM loss when the reconstruction replaces
 the site (``keep_error=False``) -- the increase in next-token cross-entropy on the tasks'
 scored targets (the tokens the model can predict) -- plus the task accuracies when spliced.
+
+Deviations from the Gemma Scope recipe, for a 64-wide model trained for 2000 steps instead of
+billions of tokens: learning rate 5e-3 (not 7e-5), θ initialised at 0.02 and kernel bandwidth
+ε = 0.01 (not 0.001 / 0.001: with inputs scaled to unit mean squared norm, a 64-dim model's
+pre-activations are ~6x larger than a 2304-dim one's, and with ε = 0.001 the thresholds barely
+move in 2000 steps), and λ steered towards a target L0 (``TrainConfig.target_l0``).
 
 Transcoders are trained here with the same pieces (the JumpReLU / Heaviside straight-through
 estimators of :mod:`saes.train`, λ warm-up, Adam β = (0, 0.999), unit-norm decoder rows)
@@ -112,14 +118,14 @@ class TCConfig:
     d_sae: int
     steps: int
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float = 5e-3
     lr_warmup_steps: int = 100
     lr_decay_frac: float = 0.2
     l0_coefficient: float = 1e-3
     lambda_warmup_steps: int | None = None
     target_l0: float | None = None
-    bandwidth: float = 0.001
-    theta_init: float = 0.001
+    bandwidth: float = 0.01
+    theta_init: float = 0.02
     seed: int = 0
 
 
@@ -233,17 +239,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=64, help="prompts per batch")
     p.add_argument("--res-layers", type=int, nargs="*", default=[1, 3])
     p.add_argument("--tc-layers", type=int, nargs="*", default=[0, 1, 2, 3])
-    p.add_argument("--res-d-sae", type=int, default=1024)
+    p.add_argument("--res-d-sae", type=int, default=512)
     p.add_argument("--tc-d-sae", type=int, default=512)
-    p.add_argument("--res-l0", type=float, default=12.0, help="target L0 of the residual SAEs")
-    p.add_argument("--tc-l0", type=float, default=12.0, help="target L0 of the transcoders")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--res-l0", type=float, default=16.0, help="target L0 of the residual SAEs")
+    p.add_argument("--tc-l0", type=float, default=20.0, help="target L0 of the transcoders")
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--bandwidth", type=float, default=0.01, help="ε of the STE rectangle kernel")
+    p.add_argument("--theta-init", type=float, default=0.02, help="initial JumpReLU threshold (scaled units)")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
     t0 = time.time()
     model_dir = args.model_dir or model_path(MODEL)
     from transformers import Gemma2ForCausalLM
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = TrainConfig(
                 d_sae=args.res_d_sae, l0_coefficient=1e-3, lr=args.lr, lr_warmup_steps=100, lr_decay_frac=0.2,
                 batch_size=args.batch_size, steps=args.steps, target_l0=args.res_l0, b_dec_init="mean",
-                seed=args.seed, site=site,
+                bandwidth=args.bandwidth, theta_init=args.theta_init, seed=args.seed, site=site,
             )  # fmt: skip
             ts = time.time()
             sae = train_sae(x, cfg).sae
@@ -289,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             x, y = acts(site, "train"), acts(out_site, "train")
             x_held, y_held = acts(site, "held"), acts(out_site, "held")
             cfg_tc = TCConfig(d_sae=args.tc_d_sae, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              target_l0=args.tc_l0, seed=args.seed)  # fmt: skip
+                              target_l0=args.tc_l0, bandwidth=args.bandwidth, theta_init=args.theta_init,
+                              seed=args.seed)  # fmt: skip
             ts = time.time()
             tc = train_transcoder(x, y, cfg_tc, site, out_site)
             stats = evaluate(tc, (x_held, y_held))

@@ -89,6 +89,7 @@ class Subject:
         token_name: id -> readable token string.
         content_ids: ``[n]`` ids random induction prompts are drawn from.
         bos_id: id placed at position 0 (``None``: no BOS token).
+        tokenizer: the model's tokenizer, if it has one.
     """
 
     name: str
@@ -98,6 +99,7 @@ class Subject:
     token_name: Callable[[int], str]
     content_ids: torch.Tensor
     bos_id: int | None
+    tokenizer: Any = None
 
     @property
     def n_layers(self) -> int:
@@ -116,10 +118,10 @@ def load_subject(model: str | None) -> Subject:
 
     if model is None or model in MODELS:
         name = model or "gemma2-tiny"
-        hf, _tok = load(name)
+        hf, tok = load(name)
         names = tasks.token_names()
         content = torch.arange(tasks.CONTENT_START, tasks.VOCAB_SIZE)
-        return Subject(name, hf, g2.instrument(hf), True, lambda i: names[i], content, tasks.BOS_ID)
+        return Subject(name, hf, g2.instrument(hf), True, lambda i: names[i], content, tasks.BOS_ID, tok)
     path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -159,7 +161,7 @@ def load_subject(model: str | None) -> Subject:
         return str(s) if s is not None else str(i)
 
     bos = cfg.bos_token_id if isinstance(cfg.bos_token_id, int) else None
-    return Subject(str(path), hf, g2.instrument(hf), False, token_name, pool, bos)
+    return Subject(str(path), hf, g2.instrument(hf), False, token_name, pool, bos, tok)
 
 
 # ------------------------------------------------------------------------------ prompts/data
@@ -558,13 +560,13 @@ def _ground_truth_section(
     heatmap_figure(
         pm, out_dir / "prefix_matching.png", title="Prefix-matching score (ground truth)",
         row_labels=[f"layer {i}" for i in range(n_layers)], col_labels=[f"H{h}" for h in range(n_heads)],
-        xlabel="head", ylabel="layer", cmap="Greens", symmetric=False, annotate=True, highlight=named,
+        xlabel="head", ylabel="layer", cmap="Greens", vrange=(0.0, 1.0), annotate=True, highlight=named,
         colorbar_label="attention to the token after the first occurrence",
     )  # fmt: skip
     heatmap_figure(
         single, out_dir / "single_head_ablation.png", title="Induction accuracy with one head zero-ablated",
         row_labels=[f"layer {i}" for i in range(n_layers)], col_labels=[f"H{h}" for h in range(n_heads)],
-        xlabel="head", ylabel="layer", cmap="viridis", symmetric=False, annotate=True, highlight=named,
+        xlabel="head", ylabel="layer", cmap="viridis", vrange=(0.0, 1.0), annotate=True, highlight=named,
         colorbar_label=f"accuracy (clean {base:.2f})",
     )  # fmt: skip
     labels = ["none", "named: " + "+".join(_head_label(*h) for h in named)] + [
@@ -652,12 +654,26 @@ def _not_available(title: str, why: str, anchor: str) -> Section:
 
 @dataclass
 class _Features:
+    """What the SAE section found, for the feature-edit section."""
+
     sae: Any
     name: str
-    ids: list[int]
-    promoted: dict[int, list[int]]
+    shown: list[int]  # the task features in the table (most often among the top carriers first)
+    promotes: dict[int, int]  # feature -> the token its decoder direction promotes most (logit lens)
     max_act: dict[int, float]
-    active: list[int]
+
+
+TOP_K_CARRIERS = 5  # features ablated per position in the feature-ablation experiment
+
+
+def direct_logit_attribution(sae: Any, f: torch.Tensor, W_U: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[n, T, d_sae]``: each feature's direct contribution to the (de-meaned) logit of ``targets [n, T]``.
+
+    ``f[..., i] * W_dec[i] · (W_U[target] - mean_v W_U[v])``: the logit lens of the feature's output,
+    ignoring the final norm's per-token scale (which rescales every feature of a position alike).
+    """
+    dirs = W_U[targets] - W_U.mean(0)  # [n, T, d_model]
+    return f * torch.einsum("ntm,dm->ntd", dirs, sae.W_dec.detach().float())
 
 
 @torch.no_grad()
@@ -670,11 +686,13 @@ def _sae_section(
         return Section(title, ['<span class="na">Skipped: no SAEs are bundled for this model.</span>'],
                        anchor=anchor), None  # fmt: skip
     try:
-        from mishax_py.zoo.saes import has_saes, load_saes
+        from mishax_py.zoo.saes import has_saes, load_saes, sae_registry
 
         if not has_saes(subject.name):
             raise FileNotFoundError("the SAE registry is missing (scripts/train_tiny_saes.py)")
         all_saes = load_saes(subject.name, kind="sae")
+        if not all_saes:
+            raise FileNotFoundError("no residual SAEs are registered")
     except (ImportError, FileNotFoundError, KeyError) as e:
         results["sae_features"] = {"available": False, "reason": str(e)}
         return _not_available(title, str(e), anchor), None
@@ -686,28 +704,30 @@ def _sae_section(
     layer = min((li for li in by_layer if li >= top_layer), default=max(by_layer))
     name, sae = by_layer[layer]
     site = sae.site
-    data = induction_data(subject, 128, 10_000 + seed, half=PATCH_HALF)
+    L = PATCH_HALF
+    data = induction_data(subject, 256, 10_000 + seed, half=L)
     _, cache = subject.im.run_with_cache(data.ids, sites=[site])
     f = sae.encode(cache[site])  # [n, T, d_sae]
     T = data.ids.shape[1]
     pos = torch.arange(T)
-    L = PATCH_HALF
-    first = (pos >= 1) & (pos < L)  # first-half positions whose next token is unpredictable
-    rep = data.mask[0]  # repeated-half positions whose next token is predictable
-    act_rep = (f[:, rep] > 0).float().mean((0, 1))
-    act_first = (f[:, first] > 0).float().mean((0, 1))
-    score = act_rep - act_first
-    top = [int(i) for i in score.argsort(descending=True)[:N_FEATURES] if float(score[i]) > 0]
-    # contexts over a mixed dataset: the induction prompts above and recall prompts
+    first = (pos >= 1) & (pos <= L)  # first half: the next token is not predictable
+    rep = data.mask  # [n, T] repeated half from its 2nd token: the next token is predictable
+    W_U = subject.model.get_output_embeddings().weight.detach().float()
+    attr = direct_logit_attribution(sae, f, W_U, data.targets)
+    top = attr.topk(TOP_K_CARRIERS, -1).indices[rep]  # [n_rep, k]: the top carriers of each repeated position
+    carrier_counts = torch.bincount(top.flatten(), minlength=sae.d_sae)
+    on = f > 0
+    r_rep = on[rep].float().mean(0)
+    r_first = on[:, first].float().mean((0, 1))
+    mean_attr = attr[rep].sum(0) / on[rep].sum(0).clamp_min(1)
+    shown = [int(i) for i in carrier_counts.argsort(descending=True)[:N_FEATURES] if int(carrier_counts[i]) > 0]
     rec = tasks.recall_batch(128, n_pairs=8, seed=11_000 + seed)
     _, cache_r = subject.im.run_with_cache(rec.input_ids, sites=[site])
     f_r = sae.encode(cache_r[site])
-    W_U = subject.model.get_output_embeddings().weight.detach().float()
-    logit_dirs = sae.W_dec.detach().float() @ W_U.T  # [d_sae, vocab] (logit lens; final norm ignored)
+    logit_dirs = sae.W_dec.detach().float() @ (W_U - W_U.mean(0)).T  # [d_sae, vocab]
     names = tasks.token_names()
-    rows, feats_json, promoted, max_act = [], [], {}, {}
-    active = [int(i) for i in ((f > 0).flatten(0, 1).any(0) | (f_r > 0).flatten(0, 1).any(0)).nonzero().flatten()]
-    for i in top:
+    rows, feats_json, max_act, promotes = [], [], {}, {}
+    for i in shown:
         contexts = []
         for src_ids, acts in ((data.ids, f[..., i]), (rec.input_ids, f_r[..., i])):
             flat = acts.flatten()
@@ -716,53 +736,56 @@ def _sae_section(
                 if float(flat[j]) <= 0:
                     continue
                 prev = names[int(src_ids[b, p - 1])] if p > 0 else ""
-                nxt = names[int(src_ids[b, p + 1])] if p + 1 < src_ids.shape[1] else "∅"
-                contexts.append((float(flat[j]), f"{prev} [{names[int(src_ids[b, p])]}] → {nxt}"))
+                after = names[int(src_ids[b, p + 1])] if p + 1 < src_ids.shape[1] else "∅"
+                contexts.append((float(flat[j]), f"{prev} [{names[int(src_ids[b, p])]}] → {after}"))
         contexts.sort(key=lambda c: -c[0])
         prom = logit_dirs[i].argsort(descending=True)[:3].tolist()
-        promoted[i] = prom
+        promotes[i] = prom[0]
         max_act[i] = max([c[0] for c in contexts], default=0.0)
-        rows.append([i, float(act_rep[i]), float(act_first[i]), max_act[i],
-                     "; ".join(c[1] for c in contexts[:4]), " ".join(names[t] for t in prom)])  # fmt: skip
-        feats_json.append({"feature": i, "freq_repeated": float(act_rep[i]), "freq_first_half": float(act_first[i]),
-                           "max_activation": max_act[i], "top_contexts": [c[1] for c in contexts[:6]],
-                           "promoted_tokens": [names[t] for t in prom]})  # fmt: skip
-    reg = sae.metadata.get("registry", {})
+        n_rep = int(rep.sum())
+        rows.append([i, f"{int(carrier_counts[i])} ({int(carrier_counts[i]) / n_rep:.1%})", float(r_rep[i]),
+                     float(r_first[i]), float(mean_attr[i]), max_act[i], "; ".join(c[1] for c in contexts[:4]),
+                     " ".join(names[t] for t in prom)])  # fmt: skip
+        feats_json.append({
+            "feature": i, "top_carrier_count": int(carrier_counts[i]), "freq_repeated": float(r_rep[i]),
+            "freq_first_half": float(r_first[i]), "mean_logit_attribution": float(mean_attr[i]),
+            "max_activation": max_act[i], "top_contexts": [c[1] for c in contexts[:6]],
+            "promoted_tokens": [names[t] for t in prom],
+        })  # fmt: skip
     results["sae_features"] = {
-        "available": True, "sae": name, "site": site, "d_sae": sae.d_sae, "registry": reg,
-        "features": feats_json,
-        "l0_on_prompts": float((f[:, 1:] > 0).sum(-1).float().mean()),
+        "available": True, "sae": name, "site": site, "d_sae": sae.d_sae, "registry": sae.metadata.get("registry", {}),
+        "top_k_carriers": TOP_K_CARRIERS, "n_carrier_features": int((carrier_counts > 0).sum()),
+        "features": feats_json, "l0_on_prompts": float(on[:, 1:].sum(-1).float().mean()),
     }  # fmt: skip
-    sae_rows = []
-    try:
-        from mishax_py.zoo.saes import sae_registry
-
-        for e in sae_registry(subject.name)["saes"]:
-            sae_rows.append([e["name"], e["site"] + (" → " + e["output_site"] if e["kind"] == "transcoder" else ""),
-                             e["d_sae"], e["l0"], e["fvu"], e["delta_lm_loss"]])  # fmt: skip
-    except (FileNotFoundError, KeyError):
-        pass
+    sae_rows = [[e["name"], e["site"] + (" → " + e["output_site"] if e["kind"] == "transcoder" else ""),
+                 e["d_sae"], e["l0"], e["fvu"], e["delta_lm_loss"]] for e in sae_registry(subject.name)["saes"]]
     section = Section(
         title,
         [
-            f"Bundled JumpReLU SAEs (Gemma Scope <code>params.npz</code> files loaded with <code>saes.load</code>). "
-            f"Features of <code>{name}</code> ({site}, d_sae {sae.d_sae}) ranked by how much more often they fire on "
-            "the repeated half (where the next token is predictable) than on the first half of induction prompts. "
-            "Contexts: <code>previous [token] → next</code> at the feature's top activations over induction and "
-            "recall prompts; promoted tokens: the logit lens of the decoder direction.",
+            "Bundled JumpReLU SAEs and transcoders (Gemma Scope <code>params.npz</code> files loaded with "
+            "<code>saes.load</code>; numbers measured on held-out task prompts; Δ LM loss: increase of the "
+            "cross-entropy on the tasks' scored tokens when the site is replaced by the reconstruction).",
+            f"Features of <code>{name}</code> ({site}, right after the induction heads) on 256 induction prompts. "
+            "At every position of the repeated half, each feature's direct effect on the correct next token's "
+            "logit is its activation times its decoder direction's logit lens "
+            f"(<code>f_i · W_dec[i] · W_U[next]</code>); the {TOP_K_CARRIERS} largest are that position's "
+            f"<b>carriers</b>. {results['sae_features']['n_carrier_features']} features carry the answer somewhere; "
+            "the table lists those that do so most often, with their firing rates on the repeated and first half, "
+            "their top-activating contexts and the tokens they promote.",
         ],
-        [Table(["SAE", "site", "d_sae", "L0", "FVU", "Δ LM loss"], sae_rows, "Bundled SAEs (held-out task data)"),
-         Table(["feature", "freq. repeated", "freq. first half", "max act.", "top-activating contexts",
-                "promoted tokens"], rows, f"Task features of {name}")],
+        [Table(["SAE", "site", "d_sae", "L0", "FVU", "Δ LM loss"], sae_rows, "Bundled SAEs"),
+         Table(["feature", "top carrier at", "fires on repeat", "fires on 1st half", "mean attribution", "max act.",
+                "top-activating contexts: previous [token] → next", "promoted tokens"], rows,
+               f"Task features of {name}")],
         anchor=anchor,
     )  # fmt: skip
-    return section, _Features(sae, name, top, promoted, max_act, active)
+    return section, _Features(sae, name, shown, promotes, max_act)
 
 
 @torch.no_grad()
 def _feature_edit_section(subject: Subject, feats: _Features | None, results: dict[str, Any], seed: int) -> Section:
     title, anchor = "Feature ablation and clamping", "feature-edits"
-    if feats is None or not feats.ids:
+    if feats is None or not feats.shown:
         why = results.get("sae_features", {}).get("reason", "no task features found")
         results["feature_edits"] = {"available": False, "reason": why}
         return Section(title, [f'<span class="na">Skipped: {why}.</span>'], anchor=anchor)
@@ -771,67 +794,78 @@ def _feature_edit_section(subject: Subject, feats: _Features | None, results: di
 
     im, sae = subject.im, feats.sae
     site = sae.site
-    data = induction_data(subject, 128, 12_000 + seed)
-    g = torch.Generator().manual_seed(13_000 + seed)
-    pool = [i for i in feats.active if i not in feats.ids]
-    k = len(feats.ids)
-    rand_ids = [pool[j] for j in torch.randperm(len(pool), generator=g)[:k].tolist()]
-    variants = [
-        {},
-        {site: saes.Splice(sae, keep_error=False)},
-        {site: saes.Splice(sae, edit=saes.FeatureAblate(feats.ids))},
-        {site: saes.Splice(sae, edit=saes.FeatureAblate(rand_ids))},
-    ]
-    res = im.sweep(data.ids, variants, metric=lambda lg: (accuracy(lg, data), float(mean_logprob(lg, data))),
-                   progress=False)  # fmt: skip
-    (a0, m0), (a_rec, m_rec), (a_abl, m_abl), (a_rand, m_rand) = res
-    # Clamp: the task feature whose decoder most strongly promotes one token; clamp it at the answer
-    # position of recall prompts and count how often the model now outputs that token.
-    best = max(feats.ids, key=lambda i: float(feats.max_act[i]))
+    data = induction_data(subject, 128, 12_000 + seed, half=PATCH_HALF)
+    _, cache = im.run_with_cache(data.ids, sites=[site])
+    f = sae.encode(cache[site])
     W_U = subject.model.get_output_embeddings().weight.detach().float()
-    lens = sae.W_dec.detach().float() @ W_U.T
-    margins = {i: float(lens[i].max() - lens[i].median()) for i in feats.ids}
-    best = max(margins, key=margins.get)
-    target = int(lens[best].argmax())
+    attr = direct_logit_attribution(sae, f, W_U, data.targets)
+    g = torch.Generator().manual_seed(13_000 + seed)
+    ablation: dict[str, Any] = {}
+    rows = []
+
+    def run_masked(mask: torch.Tensor) -> tuple[float, float]:
+        edit = (lambda ff: ff.masked_fill(mask.to(ff.device), 0.0)) if mask is not None else None
+        lg = im.run(data.ids, interventions={site: saes.Splice(sae, edit=edit)})
+        return accuracy(lg, data), float(mean_logprob(lg, data))
+
+    a0, m0 = run_masked(None)
+    rows.append(["none", "", a0, m0])
+    lg_rec = im.run(data.ids, interventions={site: saes.Splice(sae, keep_error=False)})
+    rows.append(["SAE reconstruction only (no error term)", "", accuracy(lg_rec, data),
+                 float(mean_logprob(lg_rec, data))])  # fmt: skip
+    ablation["reconstruction_only"] = {"accuracy": rows[-1][2], "mean_logprob": rows[-1][3]}
+    for k in (1, 3, TOP_K_CARRIERS):
+        where = data.mask[..., None]
+        m_top = torch.zeros_like(f, dtype=torch.bool).scatter_(-1, attr.topk(k, -1).indices, True) & where
+        noise = torch.rand(f.shape, generator=g) * (f > 0)
+        noise[m_top] = 0.0
+        m_rnd = torch.zeros_like(f, dtype=torch.bool).scatter_(-1, noise.topk(k, -1).indices, True) & where & (f > 0)
+        (a_top, lp_top), (a_rnd, lp_rnd) = run_masked(m_top), run_masked(m_rnd)
+        rows.append([f"ablate the top {k} carrier(s) per position", k, a_top, lp_top])
+        rows.append([f"ablate {k} random active feature(s) per position", k, a_rnd, lp_rnd])
+        ablation[f"top{k}"] = {"accuracy": a_top, "mean_logprob": lp_top}
+        ablation[f"random{k}"] = {"accuracy": a_rnd, "mean_logprob": lp_rnd}
+    # Clamp: the task feature whose decoder most clearly promotes one token; clamp it at the answer position of
+    # recall prompts (at 2x its largest activation seen) and count how often the model now outputs that token.
+    logit_dirs = sae.W_dec.detach().float() @ (W_U - W_U.mean(0)).T
+    margin = {i: float(logit_dirs[i].topk(2).values[0] - logit_dirs[i].topk(2).values[1]) for i in feats.shown}
+    best = max(feats.shown, key=lambda i: margin[i])
+    target = feats.promotes[best]
     rec = tasks.recall_batch(128, n_pairs=8, seed=14_000 + seed)
     qpos = int(rec.info["answer_pos"][0])
     value = 2.0 * max(feats.max_act[best], 1e-3)
     base_logits = im.run(rec.input_ids)
     clamp_logits = im.run(rec.input_ids, interventions={
         site: saes.Splice(sae, edit=saes.FeatureClamp([best], value, positions=[qpos]))})  # fmt: skip
-    before = float((base_logits[:, qpos].argmax(-1) == target).float().mean())
-    after = float((clamp_logits[:, qpos].argmax(-1) == target).float().mean())
+    keep = rec.info["answer"] != target  # prompts whose answer is not already the clamped token
+    before = float((base_logits[keep, qpos].argmax(-1) == target).float().mean())
+    after = float((clamp_logits[keep, qpos].argmax(-1) == target).float().mean())
     acc_before = float((base_logits[:, qpos].argmax(-1) == rec.info["answer"]).float().mean())
     acc_after = float((clamp_logits[:, qpos].argmax(-1) == rec.info["answer"]).float().mean())
     names = tasks.token_names()
     results["feature_edits"] = {
-        "available": True, "sae": feats.name, "site": site, "features": feats.ids, "random_features": rand_ids,
-        "induction_accuracy": {"clean": a0, "reconstruction_only": a_rec, "task_features_ablated": a_abl,
-                               "random_features_ablated": a_rand},
-        "mean_logprob": {"clean": m0, "reconstruction_only": m_rec, "task_features_ablated": m_abl,
-                         "random_features_ablated": m_rand},
+        "available": True, "sae": feats.name, "site": site, "prompts": int(data.ids.shape[0]),
+        "clean": {"accuracy": a0, "mean_logprob": m0}, "ablation": ablation,
         "clamp": {"feature": best, "value": value, "position": qpos, "promoted_token": names[target],
                   "rate_before": before, "rate_after": after, "recall_accuracy_before": acc_before,
-                  "recall_accuracy_after": acc_after, "prompts": 128},
+                  "recall_accuracy_after": acc_after, "prompts": int(keep.sum())},
     }  # fmt: skip
-    rows = [
-        ["none", a0, m0],
-        ["SAE reconstruction only (no error term)", a_rec, m_rec],
-        [f"ablate the {k} task features", a_abl, m_abl],
-        [f"ablate {k} random active features", a_rand, m_rand],
-    ]
+    k = TOP_K_CARRIERS
     return Section(
         title,
         [
-            f"Edits go through <code>saes.Splice</code> at {site} (error term kept, so only the edit changes "
-            f"the run). Ablating the {k} task features found above, versus {k} random features that are active on "
-            "the same data:",
-            f"<b>Clamp</b>: feature {best} (its decoder direction promotes <code>{names[target]}</code>) clamped to "
-            f"{value:.2f} at the answer position of 128 recall prompts: the model outputs "
-            f"<code>{names[target]}</code> on {after:.0%} of them (before: {before:.0%}); recall accuracy "
-            f"{acc_before:.3f} → {acc_after:.3f}.",
+            f"Edits go through <code>saes.Splice</code> at {site} with the error term kept, so only the edit "
+            "changes the run. At each position of the repeated half of 128 fresh induction prompts we ablate the "
+            "features that carry the correct next token (largest direct logit attribution, see above) versus as "
+            f"many random features active at the same position: ablating {k} carriers per position takes "
+            f"induction accuracy from {a0:.3f} to <b>{ablation[f'top{k}']['accuracy']:.3f}</b>; {k} random active "
+            f"features leave {ablation[f'random{k}']['accuracy']:.3f}.",
+            f"<b>Clamp</b>: feature {best} (its decoder promotes <code>{names[target]}</code>) clamped to "
+            f"{value:.2f} at the answer position of {int(keep.sum())} recall prompts whose answer is another "
+            f"token: the model outputs <code>{names[target]}</code> on {after:.0%} of them (before: {before:.0%}); "
+            f"recall accuracy {acc_before:.3f} → {acc_after:.3f}.",
         ],
-        [Table(["edit", "induction accuracy", "mean log-prob"], rows)],
+        [Table(["edit", "features per position", "induction accuracy", "mean log-prob"], rows)],
         anchor=anchor,
     )  # fmt: skip
 
@@ -863,11 +897,12 @@ def _graph_section(subject: Subject, results: dict[str, Any], out_dir: Path, see
     with torch.no_grad():
         logits = subject.im.run(ids)
     answer = int(b.input_ids[0, -1])
-    graph = attribution_graph(subject.im, ids, tcs, max_n_logits=3, batch_size=64, progress=False)
+    graph = attribution_graph(subject.im, ids, tcs, tokenizer=subject.tokenizer, max_n_logits=3, batch_size=64,
+                              progress=False)  # fmt: skip
     render_graph(graph, out_dir / "attribution_graph.png",
                  title=f"Attribution graph: {' '.join(tokens)} → {names[answer]}")  # fmt: skip
     top_logit = graph.logit_index(0)
-    srcs = graph.top_sources(top_logit, k=6)
+    srcs = [(_node_name(node, names), w) for node, w in graph.top_sources(top_logit, k=6)]
     results["attribution_graph"] = {
         "available": True, "prompt": tokens, "answer": names[answer],
         "predicted": names[int(logits[0, -1].argmax())],
@@ -889,6 +924,18 @@ def _graph_section(subject: Subject, results: dict[str, Any], out_dir: Path, see
         figures=[("attribution_graph.png", "pruned attribution graph (red: positive, blue: negative edges)")],
         anchor=anchor,
     )  # fmt: skip
+
+
+def _node_name(node_id: str, names: list[str]) -> str:
+    """A readable name for a circuit-tracer node id (``E_tok_pos``, ``layer_feature_pos``, ``layer_-1_pos``)."""
+    parts = node_id.split("_")
+    try:
+        if parts[0] == "E":
+            return f"embedding {names[int(parts[1])]}@{parts[2]}"
+        layer, idx, p = (int(x) for x in parts)
+    except (ValueError, IndexError):
+        return node_id
+    return f"L{layer} error@{p}" if idx == -1 else f"L{layer} feature {idx}@{p}"
 
 
 # ------------------------------------------------------------------------------------ output
@@ -930,8 +977,9 @@ def _summary(results: dict[str, Any], out_dir: Path) -> str:
     rows.append(["accuracy, other heads ablated (mean)", gt["accuracy_others_mean"]])
     fe = results.get("feature_edits", {})
     if fe.get("available"):
-        rows.append(["accuracy, task SAE features ablated", fe["induction_accuracy"]["task_features_ablated"]])
-        rows.append(["accuracy, random SAE features ablated", fe["induction_accuracy"]["random_features_ablated"]])
+        k = results["sae_features"]["top_k_carriers"]
+        rows.append([f"accuracy, top-{k} SAE carriers ablated", fe["ablation"][f"top{k}"]["accuracy"]])
+        rows.append([f"accuracy, {k} random SAE features ablated", fe["ablation"][f"random{k}"]["accuracy"]])
         c = fe["clamp"]
         rows.append([f"clamp feature {c['feature']} → {c['promoted_token']}", f"{c['rate_before']:.0%} → "
                      f"{c['rate_after']:.0%}"])  # fmt: skip
