@@ -1,6 +1,6 @@
 """``mishax-py demo``: an end-to-end interpretability study of a Gemma 2 model, written as a report.
 
-On the bundled ``gemma2-tiny`` (default; offline, about a minute on 2 CPU cores) the study:
+On the bundled ``gemma2-tiny`` (default; offline, about 15 s on 2 CPU cores) the study:
 
 1. **Task accuracy** -- induction and key-value recall accuracy on fresh prompts, by length.
 2. **Activation patching** -- clean ``<bos> A A`` vs corrupt ``<bos> B A`` induction prompts
@@ -15,11 +15,13 @@ On the bundled ``gemma2-tiny`` (default; offline, about a minute on 2 CPU cores)
    same number of other heads (random draws), plus every head ablated alone.
 4. **Attention patterns** of the induction heads (and the strongest previous-token head).
 5. **SAE features** (when SAEs are bundled for the model, :func:`mishax_py.zoo.load_saes`):
-   residual-SAE features that fire on the repeated half but not the first, with their
-   top-activating contexts and the tokens their decoder directions promote.
-6. **Feature edits** -- ablating those features (``saes.Splice`` + ``FeatureAblate``) versus as
-   many random active features, and clamping an output feature (``FeatureClamp``) at the
-   answer position of recall prompts.
+   features of the residual SAE right after the induction heads that *carry the answer* --
+   at each repeated position, the features with the largest direct logit attribution to the
+   correct next token -- with their firing rates, top-activating contexts and the tokens
+   their decoder directions promote.
+6. **Feature edits** -- ablating each position's top carriers (``saes.Splice`` with the error
+   term kept) versus as many random active features, and clamping one feature
+   (``FeatureClamp``) at the answer position of recall prompts.
 7. **Attribution graph** (when :mod:`mishax_py.circuits` and transcoders are available) of one
    induction prompt, rendered with the circuits package.
 
@@ -360,7 +362,6 @@ def run_demo(
     t_start = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     stage_names = ["load", "accuracy", "patching", "ground truth", "attention", "SAE features", "feature edits",
                    "attribution graph", "report"]  # fmt: skip
     st = _Stages(stage_names, progress)
