@@ -68,8 +68,11 @@ def bench(name: str, spec: dict[str, int], rounds: int, burst: float) -> dict[st
     }
     times: dict[str, list[float]] = {m: [] for m in modes}
     with torch.no_grad():
-        for _ in range(rounds):
-            for mode, fn in modes.items():
+        names = list(modes)
+        for r in range(rounds):
+            # rotate the order each round so no mode always follows the same one
+            for mode in names[r % len(names):] + names[: r % len(names)]:
+                fn = modes[mode]
                 if mode == "unpatched":
                     g2.uninstall()
                 times[mode].append(time_per_call(fn, burst))
