@@ -34,7 +34,7 @@ import re
 import tempfile
 import textwrap
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,11 +258,6 @@ class ModuleASTPatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
-
-    def originals(self) -> Iterator[tuple[str, Callable[..., Any]]]:
-        """(target, original function object) for each installed patch."""
-        for target, (fn, _) in self._originals.items():
-            yield target, fn
 
 
 _PATCHED_DIR: str | None = None

@@ -100,7 +100,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mishax_py.instrumented import as_ids
-from mishax_py.patching import PatchingResult, plot
+from mishax_py.patching import BY_ALIASES, PatchingResult, plot
 from mishax_py.runtime import SiteEvent, activate
 
 if TYPE_CHECKING:
@@ -212,14 +212,6 @@ def site_kind(dims: Sequence[int | str]) -> str:
 _BY = {"stream": ("pos", "layer"), "head": ("head", "head_pos", "pos", "layer"), "map": ("head", "head_pos", "pos",
                                                                                        "layer")}
 _DEFAULT_BY = {"stream": "pos", "head": "head", "map": "head"}
-# spellings accepted by activation_patching too
-_BY_ALIASES: dict[Any, str] = {
-    "pos": "pos", "layer_pos": "pos", ("layer", "pos"): "pos",
-    "layer": "layer", ("layer",): "layer",
-    "head": "head", "layer_head": "head", ("layer", "head"): "head", ("head",): "head",
-    "head_pos": "head_pos", "layer_head_pos": "head_pos", ("head", "pos"): "head_pos",
-    ("layer", "head", "pos"): "head_pos",
-}
 
 
 def _normalise_site(site: str) -> str:
@@ -580,7 +572,7 @@ def attribution_patching(
     dims = im.site_info(names[0]).dims
     kind = site_kind(dims)
     key = tuple(by) if isinstance(by, list) else by
-    by = _DEFAULT_BY[kind] if by is None else _BY_ALIASES.get(key)  # type: ignore[arg-type]
+    by = _DEFAULT_BY[kind] if by is None else BY_ALIASES.get(key)  # type: ignore[arg-type]
     if by not in _BY[kind]:
         raise ValueError(f"by={key!r} is not available for site {site!r} (shape {dims}); choose one of {_BY[kind]}")
     short = names[0].split(".", 2)[2]  # canonical within-block name

@@ -13,6 +13,7 @@ supplies the site catalogue and an ``ensure_installed`` callable.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -273,8 +274,6 @@ def _recorder(store: dict[str, torch.Tensor], name: str, grad: bool) -> Handler:
 def _derived_recorder(
     store: dict[str, torch.Tensor], derived: list[tuple[list[str], str]], grad: bool
 ) -> Callable[[str, torch.Tensor], None]:
-    import fnmatch
-
     def sink(name: str, value: torch.Tensor) -> None:
         for sites, suffix in derived:
             for site in sites:

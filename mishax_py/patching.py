@@ -83,7 +83,8 @@ STREAM_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITES = ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern")
 _BY_STREAM = ("pos", "layer")
 _BY_HEAD = ("head", "head_pos")
-_BY_ALIASES: dict[Any, str] = {
+# `by=` spellings -> canonical grid kind; attribution_patching accepts the same ones.
+BY_ALIASES: dict[Any, str] = {
     "pos": "pos", "layer_pos": "pos", ("layer", "pos"): "pos",
     "layer": "layer", ("layer",): "layer",
     "head": "head", "layer_head": "head", ("layer", "head"): "head", ("head",): "head",
@@ -331,7 +332,7 @@ def _by(kind: str, by: Any) -> str:
     if by is None:
         return allowed[0]
     key = tuple(by) if isinstance(by, list) else by
-    mode = _BY_ALIASES.get(key)
+    mode = BY_ALIASES.get(key)
     if mode not in allowed:
         raise ValueError(f"by={by!r} is not supported for site {kind!r}; use one of {', '.join(allowed)}")
     return mode
