@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mishax_py import memory
 from mishax_py.cache import ActivationCache
 from mishax_py.interventions import Hook, Intervention
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
@@ -124,20 +125,22 @@ class InstrumentedModel:
         splice recording its input site) before it. Raises before anything runs.
         """
         planned: dict[str, list[Intervention]] = {}
-
-        def add(name: str, iv: Intervention) -> None:
-            for other, companion in dict(getattr(iv, "companions", dict)()).items():
-                add(self.catalogue.canonical(other), companion)
-            if not any(existing is iv for existing in planned.get(name, [])):
-                iv.check(name, self.site_info(name).concrete_shape(batch, pos))
-                planned.setdefault(name, []).append(iv)
-
         for pattern, value in (interventions or {}).items():
             ivs = as_intervention_list(value)
             for name in self.catalogue.resolve(pattern):
                 for iv in ivs:
-                    add(name, iv)
+                    self._plan_one(planned, name, iv, batch, pos)
         return dict(sorted(planned.items(), key=lambda item: self.catalogue.order(item[0])))
+
+    def _plan_one(self, planned: dict[str, list[Intervention]], name: str, iv: Intervention,
+                  batch: int | None, pos: int | None) -> None:
+        """Add ``iv`` at ``name`` to ``planned``, its companions first (a method, not a recursive
+        closure: a closure that calls itself is a reference cycle that would keep the plan alive)."""
+        for other, companion in dict(getattr(iv, "companions", dict)()).items():
+            self._plan_one(planned, self.catalogue.canonical(other), companion, batch, pos)
+        if not any(existing is iv for existing in planned.get(name, [])):
+            iv.check(name, self.site_info(name).concrete_shape(batch, pos))
+            planned.setdefault(name, []).append(iv)
 
     def add_handler(self, ctx: RunContext, site: str, handler: Callable[[torch.Tensor, SiteEvent], torch.Tensor],
                     rows: torch.Tensor | None = None) -> None:
@@ -190,6 +193,8 @@ class InstrumentedModel:
         with activate(ctx):
             logits = self.forward(ids, **hf_kwargs)
         order = {n: i for i, n in enumerate(names)}
+        if logits.device.type == "cpu":  # let the next run reuse this cache's memory (see mishax_py.memory)
+            memory.reserve_for(sum(v.numel() * v.element_size() for v in store.values()))
         ordered = dict(sorted(store.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
         return logits, ActivationCache(ordered, self.catalogue.canonical)
 

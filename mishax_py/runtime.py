@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,6 @@ def skip_layer(owner: object, layer: int) -> bool:
 Handler = Callable[[torch.Tensor, "SiteEvent"], torch.Tensor]
 
 
-@dataclass
 class SiteEvent:
     """What a handler knows about the site call it is handling.
 
@@ -92,12 +92,34 @@ class SiteEvent:
         context: the active run (positions offset during generation, recording).
         rows: for batched sweeps, the batch rows this handler applies to (a
             LongTensor), else ``None`` for all rows.
+
+    Events a run builds for its own table hold the run weakly (``weak_context=True``):
+    a strong reference back would make every run a reference cycle, keeping a cache's
+    tensors alive until the garbage collector's next pass instead of freeing them at once.
     """
 
-    site: str
-    layer: int | None
-    context: RunContext
-    rows: torch.Tensor | None = None
+    __slots__ = ("site", "layer", "rows", "_context")
+
+    def __init__(
+        self,
+        site: str,
+        layer: int | None,
+        context: RunContext,
+        rows: torch.Tensor | None = None,
+        *,
+        weak_context: bool = False,
+    ) -> None:
+        self.site = site
+        self.layer = layer
+        self.rows = rows
+        self._context: Callable[[], RunContext | None] = weakref.ref(context) if weak_context else lambda: context
+
+    @property
+    def context(self) -> RunContext:
+        ctx = self._context()
+        if ctx is None:
+            raise RuntimeError(f"the run of site event {self.site!r} has ended")
+        return ctx
 
     @property
     def position_offset(self) -> int:
@@ -107,6 +129,9 @@ class SiteEvent:
     def record(self, suffix: str, value: torch.Tensor) -> None:
         """Offer a derived tensor ``f"{site}.{suffix}"`` (e.g. SAE features) to the run's cache."""
         self.context.record_derived(f"{self.site}.{suffix}", value)
+
+    def __repr__(self) -> str:
+        return f"SiteEvent(site={self.site!r}, layer={self.layer!r}, rows={self.rows!r})"
 
 
 @dataclass
@@ -133,7 +158,7 @@ class RunContext:
         if parent is not None:  # nested runs see the outer run's handlers first
             for key, entry in parent.table.items():
                 # re-bind the parent's handlers to this context (so .record and offsets reach this run)
-                handlers = [(h, SiteEvent(ev.site, ev.layer, self, ev.rows)) for h, ev in entry.handlers]
+                handlers = [(h, SiteEvent(ev.site, ev.layer, self, ev.rows, weak_context=True)) for h, ev in entry.handlers]
                 self.table[key] = _SiteEntry(entry.site, entry.layer, handlers)
             self.derived_sinks = list(parent.derived_sinks)
 
@@ -149,7 +174,7 @@ class RunContext:
         entry = self.table.get(key)
         if entry is None:
             entry = self.table[key] = _SiteEntry(site, layer)
-        entry.handlers.append((handler, SiteEvent(site, layer, self, rows)))
+        entry.handlers.append((handler, SiteEvent(site, layer, self, rows, weak_context=True)))
 
     def dispatch(self, owner: object, name: str, value: Any, transpose: tuple[int, int] | None) -> Any:
         entry = self.table.get((id(owner), name))
