@@ -23,7 +23,7 @@ from torch import nn
 from mishax_py import memory
 from mishax_py.cache import ActivationCache
 from mishax_py.interventions import Hook, Intervention
-from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
+from mishax_py.runtime import RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
 from mishax_py.sites import SiteCatalogue, SiteInfo, UnknownSiteError
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class InstrumentedModel:
         self.catalogue = catalogue
         self.family = family
         self._ensure_installed = ensure_installed
+        self._recording_tables: dict[tuple[str, ...], dict[SiteKey, Any]] = {}
 
     # -- the catalogue ------------------------------------------------------------------
     @property
@@ -186,17 +187,31 @@ class InstrumentedModel:
         names, derived = self._cache_plan(sites)
         ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
         store: dict[str, torch.Tensor] = {}
-        for name in names:
-            self.add_handler(ctx, name, _recorder(store, name, grad))
+        if grad:
+            for name in names:
+                self.add_handler(ctx, name, _recorder(store, name, grad))
+        else:  # recorded by the run itself: no handler call per site, the table built once per site list
+            ctx.record_into(store, self._recording_table(tuple(names)))
         if derived:
             ctx.derived_sinks.append(_derived_recorder(store, derived, grad))
         with activate(ctx):
             logits = self.forward(ids, **hf_kwargs)
-        order = {n: i for i, n in enumerate(names)}
         if logits.device.type == "cpu":  # let the next run reuse this cache's memory (see mishax_py.memory)
             memory.reserve_for(sum(v.numel() * v.element_size() for v in store.values()))
-        ordered = dict(sorted(store.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-        return logits, ActivationCache(ordered, self.catalogue.canonical)
+        if list(store) != names:  # sites fire in catalogue order; derived names and skipped layers don't
+            order = {n: i for i, n in enumerate(names)}
+            store = dict(sorted(store.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+        return logits, ActivationCache(store, self.catalogue.canonical)
+
+    def _recording_table(self, names: tuple[str, ...]) -> dict[SiteKey, Any]:
+        """The shared recording table of ``names`` (built once per site list; a few are kept)."""
+        table = self._recording_tables.get(names)
+        if table is None:
+            if len(self._recording_tables) >= 8:
+                self._recording_tables.pop(next(iter(self._recording_tables)))
+            specs = [self.catalogue.by_name[name] for name in names]
+            table = self._recording_tables[names] = recording_table((s.key, s.name, s.layer) for s in specs)
+        return table
 
     @contextlib.contextmanager
     def intervene(self, interventions: Interventions) -> Iterator[RunContext]:

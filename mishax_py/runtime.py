@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "active_context",
     "activate",
     "begin_forward",
+    "recording_table",
     "skip_layer",
     "tag",
 ]
@@ -140,14 +141,24 @@ class _SiteEntry:
     layer: int | None
     # (handler, its event): events are built once at registration, not per call.
     handlers: list[tuple[Handler, SiteEvent]] = field(default_factory=list)
+    # store the value (after the handlers, detached) in the run's ``store`` under ``site``
+    record: bool = False
+    # entries of a recording template are shared between runs: copied before handlers are added
+    shared: bool = False
+
+
+def recording_table(entries: Iterable[tuple[SiteKey, str, int | None]]) -> dict[SiteKey, _SiteEntry]:
+    """A reusable table that records ``(key, site, layer)`` entries; see :meth:`RunContext.record_into`."""
+    return {key: _SiteEntry(site, layer, [], record=True, shared=True) for key, site, layer in entries}
 
 
 class RunContext:
     """One active run: the site table and the handlers registered on it.
 
     ``table`` maps ``(id(owner), local_name)`` to the canonical site and its handlers.
-    Only keys with at least one handler are in the table, so untouched sites cost a
-    single dict lookup.
+    Only keys with at least one handler (or recorded) are in the table, so untouched
+    sites cost a single dict lookup. ``store`` receives the values of recorded sites
+    (:meth:`record_into`), without a handler call per site.
     """
 
     def __init__(self, parent: RunContext | None = None) -> None:
@@ -155,12 +166,34 @@ class RunContext:
         self.derived_sinks: list[Callable[[str, torch.Tensor], None]] = []
         self.position_offset: int = 0
         self.start_layer: int = 0
+        self.store: dict[str, torch.Tensor] = {}
         if parent is not None:  # nested runs see the outer run's handlers first
             for key, entry in parent.table.items():
                 # re-bind the parent's handlers to this context (so .record and offsets reach this run)
-                handlers = [(h, SiteEvent(ev.site, ev.layer, self, ev.rows, weak_context=True)) for h, ev in entry.handlers]
+                handlers = [(h, SiteEvent(ev.site, ev.layer, self, ev.rows, weak_context=True))
+                            for h, ev in entry.handlers]
+                if entry.record:  # the outer run keeps recording into its own store
+                    event = SiteEvent(entry.site, entry.layer, self, weak_context=True)
+                    handlers.append((_StoreRecorder(parent.store, entry.site), event))
                 self.table[key] = _SiteEntry(entry.site, entry.layer, handlers)
             self.derived_sinks = list(parent.derived_sinks)
+
+    def record_into(self, store: dict[str, torch.Tensor], template: dict[SiteKey, _SiteEntry]) -> None:
+        """Record the sites of ``template`` (from :func:`recording_table`) into ``store``.
+
+        Values are stored detached, after the site's handlers, in firing order. The
+        template is shared, not copied: registering a handler later copies the entry.
+        """
+        self.store = store
+        if not self.table:
+            self.table.update(template)
+            return
+        for key, entry in template.items():
+            mine = self.table.get(key)
+            if mine is None:
+                self.table[key] = entry
+            else:
+                mine.record = True
 
     def add(
         self,
@@ -174,6 +207,8 @@ class RunContext:
         entry = self.table.get(key)
         if entry is None:
             entry = self.table[key] = _SiteEntry(site, layer)
+        elif entry.shared:
+            entry = self.table[key] = _SiteEntry(site, layer, [], record=entry.record)
         entry.handlers.append((handler, SiteEvent(site, layer, self, rows, weak_context=True)))
 
     def dispatch(self, owner: object, name: str, value: Any, transpose: tuple[int, int] | None) -> Any:
@@ -181,6 +216,10 @@ class RunContext:
         if entry is None:
             return value
         canonical = value.transpose(*transpose) if transpose is not None else value
+        if not entry.handlers:  # recorded only
+            if entry.record:
+                self.store[entry.site] = canonical.detach() if canonical.requires_grad else canonical
+            return value
         out = canonical
         for handler, event in entry.handlers:
             out = handler(out, event)
@@ -189,6 +228,8 @@ class RunContext:
                     f"handler {handler!r} at site {entry.site!r} returned {type(out).__name__}, "
                     "expected a Tensor"
                 )
+        if entry.record:
+            self.store[entry.site] = out.detach() if out.requires_grad else out
         if out is canonical and transpose is None:
             return value
         # Transposed sites always continue through the canonical view (even when unchanged),
@@ -203,6 +244,19 @@ class RunContext:
     def record_derived(self, name: str, value: torch.Tensor) -> None:
         for sink in self.derived_sinks:
             sink(name, value)
+
+
+class _StoreRecorder:
+    """A handler storing values (detached) into a given store: an outer recording run seen from a nested one."""
+
+    __slots__ = ("store", "site")
+
+    def __init__(self, store: dict[str, torch.Tensor], site: str) -> None:
+        self.store, self.site = store, site
+
+    def __call__(self, value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        self.store[self.site] = value.detach() if value.requires_grad else value
+        return value
 
 
 def active_context() -> RunContext | None:
