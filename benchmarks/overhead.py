@@ -8,6 +8,9 @@ noise hits them alike; prints medians and ratios against the unpatched baseline.
 
 Targets (issue 2): idle ≤ 1.02× on 12 layers × d_model 768 (batch 4 × 128 tokens),
 ≤ 1.10× on 4 layers × d_model 256 (batch 1 × 16 tokens); cache-all ≤ 1.15×.
+
+``run_with_cache`` keeps a freed cache's memory for the next run (``mishax_py.memory``);
+run with ``MISHAX_PY_KEEP_FREED_MEMORY=0`` to measure glibc's default behaviour instead.
 """
 
 from __future__ import annotations
