@@ -22,29 +22,31 @@ import transformers.models.gemma2.modeling_gemma2 as modeling_gemma2
 from torch import nn
 
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
+from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
 from mishax_py.runtime import begin_forward, skip_layer, tag
 from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
 
 __all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "install", "installed", "instrument", "patcher", "uninstall"]
 
-VERIFIED_TRANSFORMERS = ("5.23.0",)
+VERIFIED_TRANSFORMERS = ("5.23.0", "5.24.0")
 
 # Each patch names a function of modeling_gemma2 and the snippets rewritten in it.
 # `tag(owner, local, value)` returns `value` unchanged unless a run is active.
+# CACHE_KWARG is the KV-cache argument's name (`past_key_values` before transformers 5.24, `cache` since).
 PATCHES: dict[str, list[Replace]] = {
     "Gemma2Model.forward": [
         Replace(
             "hidden_states = inputs_embeds",
-            "begin_forward(self, past_key_values)\nhidden_states = tag(self, 'embed', inputs_embeds)",
+            f"begin_forward(self, {CACHE_KWARG})\nhidden_states = tag(self, 'embed', inputs_embeds)",
         ),
         Replace(
-            """for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
-                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings, position_ids=position_ids, past_key_values=past_key_values, **kwargs)""",  # noqa: E501
-            """for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
+            f"""for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
+                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings, position_ids=position_ids, {CACHE_KWARG}={CACHE_KWARG}, **kwargs)""",  # noqa: E501
+            f"""for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
                    if skip_layer(self, i):
                        continue
-                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings, position_ids=position_ids, past_key_values=past_key_values, **kwargs)""",  # noqa: E501
+                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings, position_ids=position_ids, {CACHE_KWARG}={CACHE_KWARG}, **kwargs)""",  # noqa: E501
         ),
         Replace(
             "hidden_states = self.norm(hidden_states)",

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.interventions import Patch
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 
@@ -605,7 +606,7 @@ def _packed_pass(im: InstrumentedModel, kind: str, layer: int, templates: list[l
     im.add_handler(ctx, f"blocks.{layer}.{kind}", patch_fn)
     ids = base_ids[row_b[:, None], pos_d]
     with activate(ctx):
-        return im.forward(ids, attention_mask=masks, position_ids=pos_d, past_key_values=kv, use_cache=False)
+        return im.forward(ids, attention_mask=masks, position_ids=pos_d, use_cache=False, **{CACHE_KWARG: kv})
 
 
 def _packed_patch(kind: str, templates: list[list[_Segment]], todo: list[_Patch], source: torch.Tensor, B: int,

@@ -57,7 +57,7 @@ def tag(owner: object, name: str, value: Any, transpose: tuple[int, int] | None 
     return ctx.dispatch(owner, name, value, transpose)
 
 
-def begin_forward(owner: object, past_key_values: Any) -> None:
+def begin_forward(owner: object, kv_cache: Any) -> None:
     """Called by the patched model at the start of each forward: note the KV-cache offset.
 
     During generation with a KV cache, the positions of a forward start at the number of
@@ -66,7 +66,7 @@ def begin_forward(owner: object, past_key_values: Any) -> None:
     ctx = _ACTIVE.get()
     if ctx is None:
         return
-    ctx.position_offset = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+    ctx.position_offset = int(kv_cache.get_seq_length()) if kv_cache is not None else 0
 
 
 def skip_layer(owner: object, layer: int) -> bool:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.hf_compat import CACHE_KWARG, output_cache
 from mishax_py.interventions import Intervention
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 from mishax_py.sites import UnknownSiteError
@@ -126,6 +127,7 @@ def sweep(
         and not torch.is_grad_enabled()
         and tensor_kwargs <= {"attention_mask"}
         and not hf_kwargs.get("use_cache")
+        and hf_kwargs.get(CACHE_KWARG) is None
         and hf_kwargs.get("past_key_values") is None
     )
 
@@ -259,7 +261,7 @@ def _kv_prefix(im: InstrumentedModel, ids: torch.Tensor, p0: int, hf_kwargs: dic
     if "attention_mask" in kw and kw["attention_mask"] is not None:
         kw["attention_mask"] = kw["attention_mask"][:, :p0]
     # no run is active here (position sharing is off inside intervene), so this is the clean model
-    return im.model(input_ids=ids[:, :p0], use_cache=True, **kw).past_key_values
+    return output_cache(im.model(input_ids=ids[:, :p0], use_cache=True, **kw))
 
 
 def _run_chunk(
@@ -279,7 +281,7 @@ def _run_chunk(
     if kv_prefix is not None:  # positions < p0 come from the clean run's KV cache, tiled per variant
         cache = copy.deepcopy(kv_prefix)
         cache.batch_select_indices(torch.arange(B, device=ids.device).repeat(n))
-        kwargs.update(past_key_values=cache, use_cache=True)
+        kwargs.update({CACHE_KWARG: cache, "use_cache": True})
         ids = ids[:, p0:]
     if prefix is not None:
         ctx.start_layer = chunk.start

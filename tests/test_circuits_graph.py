@@ -75,13 +75,20 @@ def graph(setup) -> AttributionGraph:
 
 
 def test_transcoders_are_trained(setup):
-    im, tcs, ids = setup
-    with torch.no_grad():
-        _, cache = im.run_with_cache(ids, sites=["blocks.1.ln2_normalized", "blocks.1.mlp_out"])
-        y = cache["blocks.1.mlp_out"]
-        fvu = ((tcs[1](cache["blocks.1.ln2_normalized"]) - y) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum()
-        l0 = (tcs[1].encode(cache["blocks.1.ln2_normalized"]) > 0).float().sum(-1).mean()
-    assert fvu < 0.5 and l0 < 40, (float(fvu), float(l0))
+    """Held-out FVU well below 1 (an untrained transcoder explains nothing) at a modest L0, both layers.
+
+    Measured on 96 held-out tokens: a single short prompt makes the FVU too noisy to threshold.
+    """
+    im, tcs, _ = setup
+    ids = torch.randint(4, 64, (8, 12), generator=torch.Generator().manual_seed(7))
+    for layer, tc in tcs.items():
+        x_site, y_site = f"blocks.{layer}.ln2_normalized", f"blocks.{layer}.mlp_out"
+        with torch.no_grad():
+            _, cache = im.run_with_cache(ids, sites=[x_site, y_site])
+            y = cache[y_site]
+            fvu = ((tc(cache[x_site]) - y) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum()
+            l0 = (tc.encode(cache[x_site]) > 0).float().sum(-1).mean()
+        assert fvu < 0.5 and l0 < 40, (layer, float(fvu), float(l0))
 
 
 def test_completeness_every_target_row(graph):
