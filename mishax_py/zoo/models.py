@@ -112,7 +112,7 @@ def load(
         name: a key of ``MODELS`` (``"gemma2-tiny"``).
         attn_implementation: passed to ``from_pretrained``. ``"eager"`` (default) is the
             implementation that applies Gemma 2's attention soft-cap and exposes attention
-            scores/patterns (transformers 5.23 refuses ``"sdpa"`` for Gemma 2).
+            scores/patterns (transformers 5.23-5.24 refuse ``"sdpa"`` for Gemma 2).
         dtype: parameter dtype (trained and stored in float32).
         device: optional device to move the model to.
 
