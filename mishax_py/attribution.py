@@ -139,6 +139,9 @@ class AttributionResult(PatchingResult):
             with the gradient through layer ``l``'s residual contributions dropped.
         score: a non-negative importance per element: the AtP* GradDrop score
             ``1/(L-1) sum_l |graddrop[l]|`` with GradDrop, else ``|effects|``.
+        positions: the patched token positions (absolute), in the order of the position axis
+            (with ``by="head"``/``"layer"``: the positions patched together).
+        under_interventions: whether the runs were made under ``interventions=``.
     """
 
     effects: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -150,6 +153,8 @@ class AttributionResult(PatchingResult):
     steps: int | None = None
     graddrop: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    positions: list[int] = field(default_factory=list)
+    under_interventions: bool = False
 
     @property
     def target_metric(self) -> float:
@@ -623,7 +628,7 @@ def attribution_patching(
         values=effects + m_tgt, axes=axes, labels=labels, site=short, direction=direction, clean=clean_m,
         corrupt=corrupt_m, effects=effects, method=method, by=by, layers=layers, sites=names, qk_fix=bool(qk_fix),
         steps=steps if method == "ig" else None, graddrop=None if gd is None else gd.detach().float().cpu(),
-        score=score.detach().float().cpu(),
+        score=score.detach().float().cpu(), positions=pos_list, under_interventions=bool(interventions),
     )
 
 
