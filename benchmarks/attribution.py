@@ -21,7 +21,7 @@ than two forwards and a backward either way).
 Accuracy: on the bundled trained ``gemma2-tiny`` (induction and key-value recall prompt
 pairs from ``mishax_py.zoo.tasks``), Pearson correlation between the estimates (AtP, AtP*,
 IG) and exact activation patching, for ``resid_pre`` by (layer, pos), ``attn.z`` by head and
-``attn.q`` by head (where AtP*'s QK fix matters).
+``attn.q`` by head (where AtP*'s QK fix matters), denoising and noising.
 
 Circuits (``--circuits``): on one recall prompt, the transcoder attribution graph (completeness
 error, pruned size, JSON + PNG written to ``--out``) and whether ablating the features with the
@@ -150,13 +150,15 @@ def accuracy() -> None:
     for task, (clean, corrupt, metric) in trained_tasks().items():
         im = g2.instrument(model)
         print(f"gemma2-tiny, {task}: {clean.shape[0]} prompt pairs x {clean.shape[1]} tokens")
-        for site, by in (("resid_pre", "pos"), ("attn.z", "head"), ("attn.q", "head")):
-            with torch.no_grad():
-                exact = activation_patching(im, clean, corrupt, metric, site, by)
-            for method in ("atp", "atp*", "ig"):
-                est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16)
-                r = pearson(est.values, exact.values)
-                print(f"    {site} by {by:<4} {method:<5} Pearson {r:.3f}")
+        for direction in ("denoise", "noise"):
+            for site, by in (("resid_pre", "pos"), ("attn.z", "head"), ("attn.q", "head")):
+                with torch.no_grad():
+                    exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction)
+                for method in ("atp", "atp*", "ig"):
+                    est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16,
+                                               direction=direction)
+                    r = pearson(est.values, exact.values)
+                    print(f"    {direction:<7} {site} by {by:<4} {method:<5} Pearson {r:.3f}")
 
 
 def trained_tasks() -> dict[str, tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:

@@ -1,27 +1,29 @@
 """Attribution patching vs exact activation patching on the bundled trained gemma2-tiny.
 
 The numbers these tests check are printed by ``python benchmarks/attribution.py --no-speed``.
-Measured (8 prompt pairs per task; Pearson over the whole grid):
+Measured (8 prompt pairs per task; Pearson over the whole grid; denoise / noise):
 
-===============================  ======  ======  ======
-grid                              AtP    AtP*    IG(16)
-===============================  ======  ======  ======
-induction, attn.z by head         0.996   0.996   0.987
-recall, attn.z by head            1.000   1.000   0.990
-induction, attn.q by head         0.53    0.97    0.85
-recall, attn.q by head           -0.03    1.00    0.99
-induction, resid_pre by (L, pos)  0.65    0.65    0.74
-recall, resid_pre by (L, pos)     0.72    0.72    1.00
-===============================  ======  ======  ======
+===============================  =============  =============  =============
+grid                              AtP            AtP*           IG(16)
+===============================  =============  =============  =============
+induction, attn.z by head         0.996 / -0.05  0.996 / -0.05  0.987 / 0.64
+recall, attn.z by head            1.000 / 0.99   1.000 / 0.99   0.990 / 1.00
+induction, attn.q by head         0.53 / 0.79    0.97 / 0.97    0.85 / 0.99
+recall, attn.q by head           -0.03 / 0.02    1.00 / 0.99    0.99 / 1.00
+induction, resid_pre by (L, pos)  0.65 / 0.00    0.65 / 0.00    0.74 / 0.89
+recall, resid_pre by (L, pos)     0.72 / 0.69    0.72 / 0.69    1.00 / 1.00
+===============================  =============  =============  =============
 
 Plain AtP on ``resid_pre`` stays below 0.8: this model is extremely confident (the recall
 logit difference moves by 26 between the runs), patching the one differing token position
-flips the answer at every layer, and the gradient at the corrupt run sees the flat,
+flips the answer at every layer, and the gradient at the target run sees the flat,
 saturated side of that switch (0.7 at layer 0 for an exact 26.4). Integrated gradients
 follows the switch (1.00 on recall); on induction single-position patches interact
 strongly (each first-half token restores its own link), which neither a first-order
-estimate nor IG's joint per-layer path captures (0.65 / 0.74). The QK fix of AtP* repairs
-the query sites, where the nonlinearity is the attention softmax itself.
+estimate nor IG's joint per-layer path captures (0.65 / 0.74 denoising). Noising induction
+starts from repeat tokens at log-prob ~0, where the metric's gradient vanishes (AtP -0.05 on
+heads). The QK fix of AtP* repairs the query sites, where the nonlinearity is the attention
+softmax itself. ``check_attribution`` exposes such failures from a few exact patches.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 import instrumentation.gemma2 as g2
 from mishax_py.attribution import attribution_patching
+from mishax_py.attribution_check import check_attribution
 from mishax_py.patching import activation_patching
 from mishax_py.zoo import load, tasks
 
@@ -113,3 +116,20 @@ def test_qk_fix_repairs_query_attribution(zoo, task):
                     exact.values)
     print(f"{task} attn.q by head: AtP {plain:.3f}, AtP* {fixed:.3f}")
     assert fixed >= 0.9 and fixed > plain + 0.3
+
+
+def test_check_attribution_exposes_the_saturated_estimate(zoo):
+    """On recall resid_pre, AtP's top elements are off by >10 logits (sign flipped) and the check shows it; IG's not."""
+    im, data = zoo
+    clean, corrupt, metric = data["recall"]
+    atp = attribution_patching(im, clean, corrupt, metric, "resid_pre")
+    ig = attribution_patching(im, clean, corrupt, metric, "resid_pre", method="ig", steps=16)
+    bad = check_attribution(im, atp, clean, corrupt, metric, k=4, n_random=4)
+    good = check_attribution(im, ig, clean, corrupt, metric, k=4, n_random=4)
+    print(bad, good, sep="\n")
+    assert bad.max_abs_error > 10 and bad.pearson < 0.8
+    assert good.max_abs_error < 1 and good.pearson > 0.95
+    # the exact values are activation patching's grid at the same elements
+    exact = _exact(im, clean, corrupt, metric, "resid_pre", "pos")
+    for j, el in enumerate(bad.elements):
+        assert float(bad.exact[j]) == pytest.approx(float(exact.values[el]), abs=1e-3)
