@@ -10,6 +10,19 @@ import instrumentation.gemma2 as g2
 from mishax_py import InstrumentedModel
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one intra-op thread (restored afterwards).
+
+    Modules of tiny tensors use it (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    shared 2-core CPU, two threads are several times slower for them.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides: object) -> Gemma2Config:
     """A 2-layer Gemma 2 with every Gemma 2 feature on: GQA, soft-caps, sliding window < context."""
     kwargs: dict[str, object] = dict(

@@ -13,14 +13,7 @@ from mishax_py.attribution import AttributionResult, _key_effect, attribution_pa
 from mishax_py.patching import PatchingResult, activation_patching
 from mishax_py.runtime import active_context
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared, loaded machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def exact_patching(im, source, target, metric, site, by, layers=None):

@@ -14,13 +14,7 @@ from mishax_py.attribution_check import AttributionCheck, check_attribution
 from mishax_py.interventions import Ablate
 from mishax_py.patching import activation_patching
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from mishax_py.runtime import active_context
 SITES = ["blocks.0.resid_post", "blocks.1.resid_mid"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared, loaded machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def train_sae(im, site: str, d_sae: int = 64, steps: int = 300, seed: int = 0):

@@ -24,13 +24,7 @@ def clamp(transcoder, feature: int, value: float, position: int) -> dict:
     return saes.splice(transcoder, edit=saes.FeatureClamp([feature], value, positions=[position]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared, loaded machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def train_transcoder(im, layer: int, d_sae: int = 64, steps: int = 400, skip: bool = False, seed: int = 0):

@@ -13,13 +13,7 @@ from mishax_py.zoo import tasks
 FRESH_SEEDS = (31337, 8086)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's forwards on one thread: on a shared 2-core CPU, 2 threads are ~3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
