@@ -100,15 +100,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mishax_py.instrumented import as_ids
-from mishax_py.patching import BY_ALIASES, PatchingResult, plot
+from mishax_py.patching import BY_ALIASES, Metric, PatchingResult, plot, prompt_pair
 from mishax_py.runtime import SiteEvent, activate
 
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel, Interventions
 
 __all__ = ["AttributionResult", "attribution_patching", "site_gradients", "site_kind"]
-
-Metric = Callable[[torch.Tensor], torch.Tensor]
 
 METHODS = ("atp", "atp*", "ig")
 DIRECTIONS = {"denoise": "denoise", "noise": "noise", "denoising": "denoise", "noising": "noise"}
@@ -555,13 +553,7 @@ def attribution_patching(
     direction = DIRECTIONS[direction]
     if not callable(metric):
         raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
-    clean = as_ids(clean_ids, im.model)
-    corrupt = as_ids(corrupt_ids, im.model)
-    if clean.shape != corrupt.shape:
-        raise ValueError(
-            f"clean_ids and corrupt_ids must have the same shape [batch, pos] (activations are patched position by "
-            f"position), got {tuple(clean.shape)} and {tuple(corrupt.shape)}"
-        )
+    clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     site = _normalise_site(site)
     n_layers = im.n_layers
     layers = list(range(n_layers)) if layers is None else [int(L) for L in layers]

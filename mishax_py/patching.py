@@ -92,6 +92,8 @@ BY_ALIASES: dict[Any, str] = {
     "head_pos": "head_pos", "layer_head_pos": "head_pos", ("head", "pos"): "head_pos",
     ("layer", "head", "pos"): "head_pos",
 }
+#: ``metric(logits [batch, pos, vocab]) -> scalar``: a 0-dim tensor (differentiable where gradients are
+#: taken: attribution, feature circuits) or, for exact patching, a float.
 Metric = Callable[[torch.Tensor], Any]
 
 
@@ -243,15 +245,7 @@ def activation_patching(
         method: ``"auto"`` | ``"packed"`` | ``"rows"`` (see the module docs).
         **hf_kwargs: passed to the model (``attention_mask``, ...); they select the rows method.
     """
-    from mishax_py.instrumented import as_ids
-
-    clean = as_ids(clean_ids, im.model)
-    corrupt = as_ids(corrupt_ids, im.model)
-    if clean.shape != corrupt.shape:
-        raise ValueError(
-            f"clean_ids and corrupt_ids must have the same shape [batch, pos], got {tuple(clean.shape)} "
-            f"and {tuple(corrupt.shape)} (pad them to a common length and pass attention_mask=...)"
-        )
+    clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise', got {direction!r}")
     if not callable(metric):
@@ -703,7 +697,7 @@ def path_patching(
 
     Returns the metric of step 3 (compare with ``metric`` on the clean run).
     """
-    clean, corrupt = _pair(im, clean_ids, corrupt_ids)
+    clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     if not senders or not receivers:
         raise ValueError("path_patching needs at least one sender and one receiver")
     sender_heads, sender_sites = _parse_senders(im, senders)
@@ -737,7 +731,7 @@ def path_patching_by_head(
     (steps 2 and 3). ``result.clean`` / ``result.corrupt`` are the metric on the unpatched runs, and
     ``result.normalized()`` is the fraction of the clean-to-corrupted change carried by the path.
     """
-    clean, corrupt = _pair(im, clean_ids, corrupt_ids)
+    clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     if not receivers:
         raise ValueError("path_patching_by_head needs at least one receiver")
     recv_heads, recv_sites = _parse_receivers(im, receivers, freeze_mlps)
@@ -766,14 +760,22 @@ def path_patching_by_head(
     return PatchingResult(values, ("layer", "head"), labels, "path", "noise", clean_metric, corrupt_metric)
 
 
-def _pair(im: InstrumentedModel, clean_ids: Any, corrupt_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_pair(im: InstrumentedModel, clean_ids: Any, corrupt_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean and corrupted prompts as token-id tensors of one shape ``[batch, pos]``.
+
+    Patching and attribution pair activations position by position, so the shapes must agree;
+    otherwise a ``ValueError`` names both shapes.
+    """
     from mishax_py.instrumented import as_ids
 
     clean = as_ids(clean_ids, im.model)
     corrupt = as_ids(corrupt_ids, im.model)
     if clean.shape != corrupt.shape:
-        raise ValueError(f"clean_ids and corrupt_ids must have the same shape [batch, pos], got "
-                         f"{tuple(clean.shape)} and {tuple(corrupt.shape)}")
+        raise ValueError(
+            f"clean_ids and corrupt_ids must have the same shape [batch, pos] (activations are patched position by "
+            f"position), got {tuple(clean.shape)} and {tuple(corrupt.shape)}; pad them to a common length and pass "
+            "attention_mask=..."
+        )
     return clean, corrupt
 
 

@@ -48,7 +48,7 @@ SAEs are duck-typed (``encode``, ``decode``, ``W_dec``; ``attn.z`` SAEs read the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,7 @@ import torch
 from mishax_py.attribution import _check_metric_value, _forward, _progress, _replicate_hf, site_gradients
 from mishax_py.instrumented import as_ids
 from mishax_py.interventions import Intervention
+from mishax_py.patching import Metric, prompt_pair
 from mishax_py.runtime import SiteEvent
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CircuitNode", "FeatureCircuit", "ablate_complement", "feature_circuit"]
 
-Metric = Callable[[torch.Tensor], torch.Tensor]
 # (site, position, feature index; -1 for the error node)
 CircuitNode = tuple[str, int, int]
 ABLATIONS = ("mean", "zero", "patch")
@@ -296,11 +296,10 @@ def feature_circuit(
         batch_size: rows per forward for IG and edge replicas (default ``8 * batch``).
         progress: progress bars (default: on a terminal).
     """
-    clean = as_ids(clean_ids, im.model)
-    corrupt = None if corrupt_ids is None else as_ids(corrupt_ids, im.model)
-    if corrupt is not None and corrupt.shape != clean.shape:
-        raise ValueError(f"clean_ids and corrupt_ids must have the same shape, got {tuple(clean.shape)} and "
-                         f"{tuple(corrupt.shape)}")
+    if corrupt_ids is None:
+        clean, corrupt = as_ids(clean_ids, im.model), None
+    else:
+        clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     ablation = ablation or ("patch" if corrupt is not None else "mean")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
