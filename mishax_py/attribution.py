@@ -594,14 +594,14 @@ def attribution_patching(
     pos_mask[pos_list] = True
 
     source, target = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
-    common = dict(kind=kind, by=by, names=names, batch=batch, batch_size=batch_size, pos_mask=pos_mask,
-                  interventions=interventions, hf=hf_kwargs, progress=progress)
+    grid = _Grid(kind=kind, by=by, names=names, batch=batch, batch_size=batch_size, pos_mask=pos_mask,
+                 interventions=interventions, hf=hf_kwargs, progress=progress)
     gd = None
     if method == "ig":
-        effects, m_tgt, m_src = _ig(im, source, target, metric, steps=steps, **common)
+        effects, m_tgt, m_src = _ig(im, source, target, metric, grid, steps=steps)
     else:
-        effects, gd, m_tgt, m_src = _atp(im, source, target, metric, qk_kind=qk_kind if qk_fix else None,
-                                         graddrop=graddrop, **common)
+        effects, gd, m_tgt, m_src = _atp(im, source, target, metric, grid,
+                                         qk_kind=qk_kind if qk_fix else None, graddrop=graddrop)
     axes = _dims(by)
     if "pos" in axes:  # keep the patched positions only, in the order given
         index = torch.tensor(pos_list, device=effects.device)
@@ -624,6 +624,35 @@ def attribution_patching(
     )
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """What one attribution_patching call attributes and how it runs (shared by the AtP and IG paths).
+
+    ``names``: the site per attributed layer; ``kind``/``by``: the site kind and granularity;
+    ``batch``: rows of one run; ``batch_size``: most rows per forward of replicated runs;
+    ``pos_mask``: ``[pos]`` the patched positions; ``hf``: model kwargs.
+    """
+
+    kind: str
+    by: str
+    names: list[str]
+    batch: int
+    batch_size: int
+    pos_mask: torch.Tensor
+    interventions: Interventions | None
+    hf: Mapping[str, Any]
+    progress: bool | None
+
+
+def _keeper(store: dict[str, torch.Tensor], name: str) -> Handler:
+    """A handler storing the site's value (detached) under ``name``, leaving it unchanged."""
+    def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        store[name] = value.detach()
+        return value
+
+    return h
+
+
 # -- AtP (with QK fix and GradDrop) -------------------------------------------------------------
 
 
@@ -632,20 +661,14 @@ def _atp(
     source: torch.Tensor,
     target: torch.Tensor,
     metric: Metric,
+    grid: _Grid,
     *,
-    kind: str,
-    by: str,
-    names: list[str],
-    batch: int,
-    batch_size: int,
-    pos_mask: torch.Tensor,
-    interventions: Interventions | None,
-    hf: Mapping[str, Any],
-    progress: bool | None,
     qk_kind: str | None,
     graddrop: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
     """Returns (signed estimate [n_layers, ...], GradDrop estimates [L, n_layers, ...] or None, m_tgt, m_src)."""
+    kind, by, names, batch, batch_size = grid.kind, grid.by, grid.names, grid.batch, grid.batch_size
+    pos_mask, interventions, hf, progress = grid.pos_mask, grid.interventions, grid.hf, grid.progress
     # what to record: the site itself, or for the QK fix the attention internals
     if qk_kind is None:
         src_sites = {n: n for n in names}
@@ -663,16 +686,8 @@ def _atp(
 
     # 1. source run: activations only
     src_store: dict[str, torch.Tensor] = {}
-
-    def keep(store: dict[str, torch.Tensor], name: str) -> Handler:
-        def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
-            store[name] = value.detach()
-            return value
-
-        return h
-
     with torch.no_grad():
-        src_logits = _forward(im, source, [(n, keep(src_store, n)) for n in src_sites], interventions, hf)
+        src_logits = _forward(im, source, [(n, _keeper(src_store, n)) for n in src_sites], interventions, hf)
         m_src = float(_check_metric_value(metric(src_logits)))
     del src_logits
 
@@ -772,32 +787,19 @@ def _ig(
     source: torch.Tensor,
     target: torch.Tensor,
     metric: Metric,
+    grid: _Grid,
     *,
-    kind: str,
-    by: str,
-    names: list[str],
-    batch: int,
-    batch_size: int,
-    pos_mask: torch.Tensor,
-    interventions: Interventions | None,
-    hf: Mapping[str, Any],
-    progress: bool | None,
     steps: int,
 ) -> tuple[torch.Tensor, float, float]:
+    """Returns (signed IG estimate [n_layers, ...], m_tgt, m_src)."""
+    kind, by, names, batch, batch_size = grid.kind, grid.by, grid.names, grid.batch, grid.batch_size
+    pos_mask, interventions, hf, progress = grid.pos_mask, grid.interventions, grid.hf, grid.progress
     src_store: dict[str, torch.Tensor] = {}
     tgt_store: dict[str, torch.Tensor] = {}
-
-    def keep(store: dict[str, torch.Tensor], name: str) -> Handler:
-        def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
-            store[name] = value.detach()
-            return value
-
-        return h
-
     with torch.no_grad():
-        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, keep(src_store, n)) for n in names],
+        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in names],
                                                           interventions, hf))))
-        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, keep(tgt_store, n)) for n in names],
+        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, _keeper(tgt_store, n)) for n in names],
                                                           interventions, hf))))
     toward = {n: tgt_store[n] + _mask_pos(src_store[n] - tgt_store[n], kind, pos_mask) for n in names}
     mean_grads = _ig_gradients(im, target, metric, names, tgt_store, toward, steps=steps, batch=batch,
