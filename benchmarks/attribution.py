@@ -20,8 +20,9 @@ than two forwards and a backward either way).
 
 Accuracy: on the bundled trained ``gemma2-tiny`` (induction and key-value recall prompt
 pairs from ``mishax_py.zoo.tasks``), Pearson correlation between the estimates (AtP, AtP*,
-IG) and exact activation patching, for ``resid_pre`` by (layer, pos), ``attn.z`` by head and
-``attn.q`` by head (where AtP*'s QK fix matters), denoising and noising.
+IG per layer, IG along the input path) and exact activation patching, for ``resid_pre`` by
+(layer, pos), ``attn.z`` by head and ``attn.q`` by head (where AtP*'s QK fix matters),
+denoising and noising.
 
 Circuits (``--circuits``): on one recall prompt, the transcoder attribution graph (completeness
 error, pruned size, JSON + PNG written to ``--out``) and whether ablating the features with the
@@ -136,6 +137,11 @@ def speed(quick: bool) -> None:
                 _, t_batched = timed(lambda c=corrupt: activation_patching(im, clean, c, metric, "resid_pre"), 1)
             line += f"; batched activation_patching {t_batched:.2f} s -> {t_batched / t_atp:.1f}x faster"
         print(line)
+        for method in ("ig", "ig-input"):  # the integrated-gradients estimates, against the same loop
+            _, t_ig = timed(lambda c=corrupt, m=method: attribution_patching(im, clean, c, metric, "resid_pre",
+                                                                            method=m, steps=16), 1)
+            print(f"    {method} (16 steps): {t_ig:.2f} s -> {t_loop / t_ig:.1f}x faster than the plain loop, "
+                  f"{t_ig / t_atp:.1f}x the time of AtP")
 
 
 def accuracy() -> None:
@@ -154,7 +160,7 @@ def accuracy() -> None:
             for site, by in (("resid_pre", "pos"), ("attn.z", "head"), ("attn.q", "head")):
                 with torch.no_grad():
                     exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction)
-                for method in ("atp", "atp*", "ig"):
+                for method in ("atp", "atp*", "ig", "ig-input"):
                     est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16,
                                                direction=direction)
                     r = pearson(est.values, exact.values)

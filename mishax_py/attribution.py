@@ -79,6 +79,15 @@ Methods
     ``alpha_k = (k + 1/2) / steps``. Summed over a layer's whole site it converges to the
     exact effect of patching that whole site (completeness). All ``n_layers * steps``
     interpolations run as one batch (chunked by ``batch_size`` rows).
+``method="ig-input"``, ``steps=k``
+    Integrated gradients along one path for every layer at once (the node form of
+    EAP-IG, Hanna et al. 2024): the token embeddings (the ``embed`` site, all positions)
+    move on the straight line from the target run's to the source run's, and the gradient
+    is read at each attributed site along that path:
+    ``(a_s - a_t) . mean_k d metric / d a |_{run with embed = e_t + alpha_k (e_s - e_t)}``.
+    ``steps`` forward/backward passes in total instead of ``n_layers * steps``; for the
+    layer-0 ``resid_pre`` (the embeddings themselves) it is the same estimate as ``"ig"``.
+    On ``gemma2-tiny`` it tracks exact patching like ``"ig"`` (``benchmarks/RESULTS.md``).
 
 Performance and memory: AtP is two forward passes and one backward pass whatever the
 number of elements. Only the requested sites are kept (plus ``rot_q``/``rot_k``/
@@ -108,7 +117,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AttributionResult", "attribution_patching", "site_gradients", "site_kind"]
 
-METHODS = ("atp", "atp*", "ig")
+METHODS = ("atp", "atp*", "ig", "ig-input")
+_IG_METHODS = ("ig", "ig-input")
 DIRECTIONS = {"denoise": "denoise", "noise": "noise", "denoising": "denoise", "noising": "noise"}
 _QK_SITES = ("attn.q", "attn.k", "attn.rot_q", "attn.rot_k", "attn.scores")
 # elements of one chunk of the QK-fix temporaries (float64) -- 2**25 * 8 B = 256 MiB each
@@ -127,7 +137,7 @@ class AttributionResult(PatchingResult):
         values: estimates of the patched runs' metric, ``[n_layers, ...]`` (see the module
             docs for shapes): ``target metric + effects``.
         effects: the estimated change ``metric(patched) - metric(target run)``.
-        method: ``"atp"``, ``"atp*"`` or ``"ig"``.
+        method: ``"atp"``, ``"atp*"``, ``"ig"`` or ``"ig-input"``.
         by: the patching granularity (``"pos"``, ``"layer"``, ``"head"``, ``"head_pos"``).
         layers: the model layers along the first axis.
         sites: the canonical site names, one per layer.
@@ -526,13 +536,15 @@ def attribution_patching(
             ``"hook_resid_pre"`` work too).
         by: ``"pos"`` (default for ``[batch, pos, d]`` sites), ``"head"`` (default for
             per-head sites and attention maps), ``"head_pos"`` or ``"layer"``.
-        method: ``"atp"``, ``"atp*"`` (QK fix + GradDrop) or ``"ig"``.
+        method: ``"atp"``, ``"atp*"`` (QK fix + GradDrop), ``"ig"`` (each layer's site
+            interpolated on its own) or ``"ig-input"`` (one path: the input embeddings
+            interpolated; see the module docs).
         direction: ``"denoise"`` (clean patched into corrupt; gradient on the corrupt
             run) or ``"noise"`` (corrupt into clean; gradient on the clean run).
         qk_fix: recompute the attention softmax exactly for query/key/score sites
             (default: on for ``"atp*"`` on those sites).
         graddrop: AtP* GradDrop (default: on for ``"atp*"``); see the module docs.
-        steps: integrated-gradients steps (``method="ig"``).
+        steps: integrated-gradients steps (``method="ig"``/``"ig-input"``).
         layers: the layers to attribute (default: all), in the order of the result's first axis.
         positions: the positions to patch (default all; negative counts from the end). With
             ``by="head"``/``"layer"`` these positions are patched together.
@@ -579,13 +591,13 @@ def attribution_patching(
         qk_fix = star and qk_kind is not None
     if qk_fix and qk_kind is None:
         raise ValueError(f"qk_fix applies to query/key/score sites {_QK_SITES}, not {site!r}")
-    if qk_fix and method == "ig":
-        raise ValueError("qk_fix is an AtP correction; it does not combine with method='ig'")
+    if qk_fix and method in _IG_METHODS:
+        raise ValueError(f"qk_fix is an AtP correction; it does not combine with method={method!r}")
     if graddrop is None:
         graddrop = star
-    if graddrop and method == "ig":
-        raise ValueError("graddrop is an AtP correction; it does not combine with method='ig'")
-    if method == "ig" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+    if graddrop and method in _IG_METHODS:
+        raise ValueError(f"graddrop is an AtP correction; it does not combine with method={method!r}")
+    if method in _IG_METHODS and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if batch_size is not None and batch_size < batch:
         raise ValueError(f"batch_size ({batch_size}) must be at least the input batch ({batch})")
@@ -599,6 +611,8 @@ def attribution_patching(
     gd = None
     if method == "ig":
         effects, m_tgt, m_src = _ig(im, source, target, metric, grid, steps=steps)
+    elif method == "ig-input":
+        effects, m_tgt, m_src = _ig_input(im, source, target, metric, grid, steps=steps)
     else:
         effects, gd, m_tgt, m_src = _atp(im, source, target, metric, grid,
                                          qk_kind=qk_kind if qk_fix else None, graddrop=graddrop)
@@ -619,7 +633,7 @@ def attribution_patching(
     return AttributionResult(
         values=effects + m_tgt, axes=axes, labels=labels, site=short, direction=direction, clean=clean_m,
         corrupt=corrupt_m, effects=effects, method=method, by=by, layers=layers, sites=names, qk_fix=bool(qk_fix),
-        steps=steps if method == "ig" else None, graddrop=None if gd is None else gd.detach().float().cpu(),
+        steps=steps if method in _IG_METHODS else None, graddrop=None if gd is None else gd.detach().float().cpu(),
         score=score.detach().float().cpu(), positions=pos_list, under_interventions=bool(interventions),
     )
 
@@ -809,6 +823,61 @@ def _ig(
     for li, n in enumerate(names):
         delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
         vals.append(_reduce(delta * grad_sum[li] / steps, kind, by))
+    return torch.stack(vals), m_tgt, m_src
+
+
+def _ig_input(
+    im: InstrumentedModel,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    metric: Metric,
+    grid: _Grid,
+    *,
+    steps: int,
+) -> tuple[torch.Tensor, float, float]:
+    """IG along the input path: interpolate ``embed``, read the gradient at every site in ``grid.names``.
+
+    Returns (signed estimate [n_layers, ...], m_tgt, m_src).
+    """
+    kind, by, names, batch, batch_size = grid.kind, grid.by, grid.names, grid.batch, grid.batch_size
+    pos_mask, interventions, hf, progress = grid.pos_mask, grid.interventions, grid.hf, grid.progress
+    if "embed" not in im.site_names():
+        raise ValueError("method='ig-input' interpolates the token embeddings, but this model has no 'embed' site")
+    keep = [*names, "embed"]
+    src_store: dict[str, torch.Tensor] = {}
+    tgt_store: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in keep],
+                                                          interventions, hf))))
+        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, _keeper(tgt_store, n)) for n in keep],
+                                                          interventions, hf))))
+    e_tgt = tgt_store["embed"]
+    e_delta = src_store["embed"] - e_tgt
+    alphas = [(k + 0.5) / steps for k in range(steps)]
+    per_chunk = max(1, batch_size // batch)
+    grad_sum = {n: torch.zeros_like(tgt_store[n], dtype=torch.float32) for n in names}
+    bar = _progress(steps, "integrated gradients (input path)", progress if steps > per_chunk else False)
+    for a0 in range(0, steps, per_chunk):
+        chunk = alphas[a0:a0 + per_chunk]
+        ids = target.repeat(len(chunk), 1)
+        interp = torch.cat([e_tgt + a * e_delta for a in chunk])
+        store: dict[str, torch.Tensor] = {}
+        handlers: list[tuple[str, Handler]] = [("embed", lambda value, event, interp=interp: interp.to(value.dtype))]
+        handlers += [(n, _grad_recorder(store, n)) for n in names]
+        with torch.enable_grad():
+            logits = _forward(im, ids, handlers, interventions, _replicate_hf(hf, batch, len(chunk)))
+            ms = _metric_per_replica(metric, logits, batch, need_grad=True)
+            grads = torch.autograd.grad(ms.sum(), [store[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads, strict=True):
+            if g is not None:
+                grad_sum[n] += g.detach().float().view(len(chunk), batch, *g.shape[1:]).sum(0)
+        del logits, grads, store
+        bar.update(len(chunk))
+    bar.close()
+    vals = []
+    for n in names:
+        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
+        vals.append(_reduce(delta * grad_sum[n] / steps, kind, by))
     return torch.stack(vals), m_tgt, m_src
 
 
