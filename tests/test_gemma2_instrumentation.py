@@ -372,3 +372,19 @@ def test_a_patch_that_no_longer_matches_raises_patch_error(tmp_path: Path) -> No
         assert "gate = self.act_fn" in msg  # shows the source it looked in
     finally:
         sys.modules.pop(name, None)
+
+
+def test_dependency_range_is_the_verified_releases() -> None:
+    """pyproject's transformers range admits every verified release and nothing newer than the newest one."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "transformers"]
+    verified = sorted(Version(v) for v in g2.VERIFIED_TRANSFORMERS)
+    assert all(req.specifier.contains(v) for v in verified), (str(req.specifier), verified)
+    newest = verified[-1]
+    assert not req.specifier.contains(Version(f"{newest.major}.{newest.minor + 1}.0")), str(req.specifier)
