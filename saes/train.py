@@ -38,6 +38,16 @@ out in units of ``x``; decoder rows stay unit norm).
 TopK SAEs use the same scaling, ``b_dec`` subtraction, initialisation and decoder
 constraint, with the loss ``||s x - x_hat||^2``.
 
+Transcoders (``train_sae(x, config, target=y)``): the same recipe (JumpReLU with the L0
+penalty, or TopK) predicting ``y`` (e.g. ``mlp_out``) from ``x`` (e.g. ``ln2_normalized``).
+Input and target are scaled separately (``s_x``, ``s_y``, each to unit mean squared norm),
+nothing is subtracted from the input (``pre = s_x x @ W_enc + b_enc``), the loss is
+``||s_y y - y_hat||^2 (+ λ ||f||_0)``, and with ``config.skip`` a linear skip ``s_x x @ W_skip``
+(zero at init) is added to ``y_hat``. Folding divides by ``s_y``: ``W_enc' = W_enc s_x/s_y``,
+``b_enc' = b_enc/s_y``, ``θ' = θ/s_y``, ``b_dec' = b_dec/s_y``, ``W_skip' = W_skip s_x/s_y``
+(features in units of ``y``; decoder rows unit norm). The result is a
+:class:`~saes.base.Transcoder` on raw activations.
+
 ``target_l0`` (optional, not part of the Gemma Scope recipe): after the λ warm-up, λ is
 nudged multiplicatively each step towards the L0 asked for.
 
@@ -361,6 +371,8 @@ class TrainConfig:
         target_l0: if set, adapt λ after warm-up towards this L0 (not in the Gemma Scope recipe).
         seed: RNG seed (init and data order).
         device: training device; site: stored on the trained SAE.
+        output_site: for transcoders, the site ``target`` was read from (stored on the result).
+        skip: for transcoders, train a linear skip connection ``W_skip`` too.
         log_every: record metrics every this many steps; progress: tqdm bar.
     """
 
@@ -383,31 +395,40 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     site: str | None = None
+    output_site: str | None = None
+    skip: bool = False
     log_every: int = 100
     progress: bool = False
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train_sae` returns: the SAE (folded, ready for inference) and its history."""
+    """What :func:`train_sae` returns: the SAE (folded, ready for inference) and its history.
+
+    ``scale`` is the input scaling ``s`` (``s_x``); ``output_scale`` the target's ``s_y`` for a
+    transcoder (``None`` for an SAE).
+    """
 
     sae: SAE
     scale: float
     history: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    output_scale: float | None = None
 
 
 class _Trainable(nn.Module):
     """Training parameterisation: scaled inputs, ``b_dec`` subtracted, ``log θ``."""
 
-    def __init__(self, d_in: int, cfg: TrainConfig, generator: torch.Generator) -> None:
+    def __init__(self, d_in: int, cfg: TrainConfig, generator: torch.Generator, d_out: int | None = None) -> None:
         super().__init__()
-        proto = JumpReLUSAE(d_in, cfg.d_sae)
+        proto = JumpReLUSAE(d_in, cfg.d_sae, d_out=d_out)
         init_tied(proto, generator=generator)
         self.W_enc = nn.Parameter(proto.W_enc.detach().clone())
         self.b_enc = nn.Parameter(proto.b_enc.detach().clone())
         self.W_dec = nn.Parameter(proto.W_dec.detach().clone())
         self.b_dec = nn.Parameter(proto.b_dec.detach().clone())
+        self.transcoder = d_out is not None  # no b_dec subtraction from an input of another site
+        self.W_skip = nn.Parameter(torch.zeros(d_in, proto.d_out)) if self.transcoder and cfg.skip else None
         self.jump = cfg.architecture == "jumprelu"
         self.k = cfg.k
         self.eps = cfg.bandwidth
@@ -415,8 +436,8 @@ class _Trainable(nn.Module):
             self.log_theta = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.theta_init)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x`` scaled ``[n, d_in]`` -> (reconstruction, features, L0 per token via the STE)."""
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        """``x`` scaled ``[n, d_in]`` -> (reconstruction or prediction, features, L0 per token via the STE)."""
+        pre = (x if self.transcoder else x - self.b_dec) @ self.W_enc + self.b_enc
         if self.jump:
             theta = self.log_theta.exp()
             f = JumpReLUFunction.apply(pre, theta, self.eps)
@@ -427,6 +448,8 @@ class _Trainable(nn.Module):
             f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
             l0 = (f > 0).sum(-1).to(x.dtype)
         x_hat = f @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            x_hat = x_hat + x @ self.W_skip
         return x_hat, f, l0
 
     @torch.no_grad()
@@ -450,47 +473,86 @@ def fold_scaling(
     b_dec: torch.Tensor,
     threshold: torch.Tensor | None,
     scale: float,
+    *,
+    output_scale: float | None = None,
+    W_skip: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fold input scaling ``s`` and ``b_dec`` subtraction into inference parameters.
 
-    Training computes ``pre = (s x - b_dec) W_enc + b_enc``, ``x_hat_s = f W_dec + b_dec``.
-    Returns parameters of the plain formula on raw ``x`` whose features are ``f / s``:
-    ``W_enc``, ``b_enc' = (b_enc - b_dec W_enc)/s``, ``θ' = θ/s``, ``W_dec``, ``b_dec' = b_dec/s``.
+    SAE (``output_scale=None``): training computes ``pre = (s x - b_dec) W_enc + b_enc``,
+    ``x_hat_s = f W_dec + b_dec``. Returns parameters of the plain formula on raw ``x`` whose
+    features are ``f / s``: ``W_enc``, ``b_enc' = (b_enc - b_dec W_enc)/s``, ``θ' = θ/s``,
+    ``W_dec``, ``b_dec' = b_dec/s``.
+
+    Transcoder (``output_scale = s_y``, ``scale = s_x``): training computes
+    ``pre = s_x x W_enc + b_enc``, ``y_hat_s = f W_dec + b_dec (+ s_x x W_skip)``. Returns the
+    plain formula on raw ``x`` predicting raw ``y`` with features ``f / s_y``:
+    ``W_enc' = W_enc s_x/s_y``, ``b_enc' = b_enc/s_y``, ``θ' = θ/s_y``, ``W_dec``,
+    ``b_dec' = b_dec/s_y`` and ``W_skip' = W_skip s_x/s_y``.
     """
-    out = {
-        "W_enc": W_enc.clone(),
-        "b_enc": (b_enc - b_dec @ W_enc) / scale,
-        "W_dec": W_dec.clone(),
-        "b_dec": b_dec / scale,
-    }
+    if output_scale is None:
+        if W_skip is not None:
+            raise ValueError("W_skip is a transcoder parameter: pass output_scale too")
+        out = {
+            "W_enc": W_enc.clone(),
+            "b_enc": (b_enc - b_dec @ W_enc) / scale,
+            "W_dec": W_dec.clone(),
+            "b_dec": b_dec / scale,
+        }
+        if threshold is not None:
+            out["threshold"] = threshold / scale
+        return out
+    ratio = scale / output_scale
+    out = {"W_enc": W_enc * ratio, "b_enc": b_enc / output_scale, "W_dec": W_dec.clone(), "b_dec": b_dec / output_scale}
     if threshold is not None:
-        out["threshold"] = threshold / scale
+        out["threshold"] = threshold / output_scale
+    if W_skip is not None:
+        out["W_skip"] = W_skip * ratio
     return out
 
 
 def _batches_forever(
-    data: torch.Tensor | ActivationStore, batch_size: int, generator: torch.Generator, seed: int
-) -> Iterator[torch.Tensor]:
+    data: torch.Tensor | ActivationStore, batch_size: int, generator: torch.Generator, seed: int,
+    target: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Shuffled ``(x, y)`` batches, epoch after epoch (``y`` the same rows of ``target``, or ``None``)."""
     epoch = 0
     while True:
         if isinstance(data, ActivationStore):
-            yield from data.iter_batches(batch_size, shuffle=True, seed=seed + epoch)
+            for x in data.iter_batches(batch_size, shuffle=True, seed=seed + epoch):
+                yield x, None
         else:
             perm = torch.randperm(data.shape[0], generator=generator)
             for j in range(0, data.shape[0] - batch_size + 1, batch_size):
-                yield data[perm[j : j + batch_size]]
+                rows = perm[j : j + batch_size]
+                yield data[rows], None if target is None else target[rows]
             if data.shape[0] < batch_size:
-                yield data
+                yield data, target
         epoch += 1
 
 
-def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> TrainResult:
+def _mean_sq_scale(sample: list[torch.Tensor], what: str) -> float:
+    """``s`` with ``E||s v||^2 = 1`` over the sampled batches."""
+    sq = torch.cat(sample).float().pow(2).sum(-1).mean().item()
+    if not math.isfinite(sq) or sq <= 0:
+        raise ValueError(f"{what} have mean squared norm {sq}; cannot scale")
+    return 1.0 / math.sqrt(sq)
+
+
+def train_sae(
+    data: torch.Tensor | ActivationStore, config: TrainConfig, *, target: torch.Tensor | None = None
+) -> TrainResult:
     """Train a JumpReLU (Gemma Scope recipe) or TopK SAE on ``data`` (``[n, d_in]`` or a store).
 
+    With ``target`` (``[n, d_out]``, row ``i`` the output-site value for input row ``i``; ``data``
+    then an in-memory ``[n, d_in]`` tensor) it trains a transcoder ``data -> target`` instead
+    (module docs).
+
     Returns:
-        :class:`TrainResult` with the SAE in the plain inference parameterisation
-        (scaling and ``b_dec`` subtraction folded in; works on raw activations), the
-        scale ``s``, and the history (step, loss, mse, l0, lambda, lr every ``log_every`` steps).
+        :class:`TrainResult` with the SAE (or :class:`~saes.base.Transcoder`) in the plain
+        inference parameterisation (scaling and ``b_dec`` subtraction folded in; works on raw
+        activations), the scale(s), and the history (step, loss, mse, l0, lambda, lr every
+        ``log_every`` steps).
     """
     from tqdm.auto import tqdm
 
@@ -509,23 +571,33 @@ def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> Trai
         site = cfg.site
     if n_rows == 0:
         raise ValueError("no training data")
+    d_out: int | None = None
+    if target is not None:
+        if isinstance(data, ActivationStore):
+            raise ValueError("transcoder training (target=...) takes in-memory tensors: data [n, d_in], "
+                             "target [n, d_out]; load the store's rows first")
+        if target.dim() != 2 or target.shape[0] != n_rows:
+            raise ValueError(f"target must be [n, d_out] with the same n as data {tuple(data.shape)}, "
+                             f"got {tuple(target.shape)}")
+        d_out = int(target.shape[1])
+    elif cfg.skip:
+        raise ValueError("skip=True is a transcoder option: pass target=...")
     device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.steps if cfg.steps is not None else max(1, n_rows // cfg.batch_size)
     lam_warm = cfg.lambda_warmup_steps if cfg.lambda_warmup_steps is not None else max(1, steps // 10)
 
-    batches = _batches_forever(data, cfg.batch_size, gen, cfg.seed)
-    # Input scaling: s with E||s x||^2 = 1, from the first scale_batches batches.
-    sample = [next(batches).float() for _ in range(max(1, cfg.scale_batches))]
-    sq = torch.cat(sample).pow(2).sum(-1).mean().item()
-    if not math.isfinite(sq) or sq <= 0:
-        raise ValueError(f"activations have mean squared norm {sq}; cannot scale")
-    scale = 1.0 / math.sqrt(sq)
+    batches = _batches_forever(data, cfg.batch_size, gen, cfg.seed, target)
+    # Scaling: s with E||s x||^2 = 1 (and s_y for a transcoder's target), from the first scale_batches batches.
+    sample = [next(batches) for _ in range(max(1, cfg.scale_batches))]
+    scale = _mean_sq_scale([x for x, _ in sample], "activations")
+    out_scale = None if target is None else _mean_sq_scale([y for _, y in sample if y is not None], "targets")
+    out_sample = [x if y is None else y for x, y in sample]
 
-    model = _Trainable(d_in, cfg, gen).to(device)
+    model = _Trainable(d_in, cfg, gen, d_out=d_out).to(device)
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
-            model.b_dec.copy_(torch.cat(sample).mean(0).to(device) * scale)
+            model.b_dec.copy_(torch.cat(out_sample).float().mean(0).to(device) * (out_scale or scale))
     elif cfg.b_dec_init != "zeros":
         raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {cfg.b_dec_init!r}")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])))
@@ -536,7 +608,9 @@ def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> Trai
     l0_ema: float | None = None
     try:
         for step in range(steps):
-            x = next(batches).to(device=device, dtype=torch.float32) * scale
+            x, y = next(batches)
+            x = x.to(device=device, dtype=torch.float32) * scale
+            y = x if y is None else y.to(device=device, dtype=torch.float32) * out_scale
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
             if step >= decay_start and steps > decay_start:
                 lr *= max(0.0, (steps - step) / (steps - decay_start))
@@ -544,7 +618,7 @@ def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> Trai
                 group["lr"] = lr
             warm = min(1.0, (step + 1) / lam_warm)
             x_hat, f, l0 = model(x)
-            mse = (x - x_hat).pow(2).sum(-1).mean()
+            mse = (y - x_hat).pow(2).sum(-1).mean()
             l0_mean = l0.mean()
             loss = mse + (warm * lam) * l0_mean if model.jump else mse
             opt.zero_grad(set_to_none=True)
@@ -566,9 +640,13 @@ def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> Trai
 
     with torch.no_grad():
         theta = model.log_theta.exp() if model.jump else None
-        params = fold_scaling(model.W_enc, model.b_enc, model.W_dec, model.b_dec, theta, scale)
+        params = fold_scaling(model.W_enc, model.b_enc, model.W_dec, model.b_dec, theta, scale,
+                              output_scale=out_scale, W_skip=model.W_skip)
     sae: SAE
-    if model.jump:
+    if d_out is not None:
+        sae = Transcoder(d_in, cfg.d_sae, d_out=d_out, site=site, output_site=cfg.output_site,
+                         activation=cfg.architecture, k=cfg.k, skip=cfg.skip, device=device)
+    elif model.jump:
         sae = JumpReLUSAE(d_in, cfg.d_sae, site=site, device=device)
     else:
         assert cfg.k is not None
@@ -578,7 +656,9 @@ def train_sae(data: torch.Tensor | ActivationStore, config: TrainConfig) -> Trai
             getattr(sae, name).copy_(t)
     sae.requires_grad_(False).eval()
     sae.metadata.update({"trained": True, "input_scale": scale, "steps": steps})
-    return TrainResult(sae, scale, history, asdict(cfg))
+    if out_scale is not None:
+        sae.metadata["output_scale"] = out_scale
+    return TrainResult(sae, scale, history, asdict(cfg), output_scale=out_scale)
 
 
 # ------------------------------------------------------------------- evaluation
