@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mishax_py.hf_compat import CACHE_KWARG
-from mishax_py.interventions import Patch
+from mishax_py.interventions import Patch, PositionsLike
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 
 if TYPE_CHECKING:
@@ -677,6 +677,8 @@ def path_patching(
     receivers: Sequence[Receiver],
     *,
     freeze_mlps: bool = False,
+    sender_positions: PositionsLike = None,
+    receiver_positions: PositionsLike = None,
     **hf_kwargs: Any,
 ) -> float:
     """The metric after patching the effect of ``senders`` on ``receivers`` through direct paths only.
@@ -693,6 +695,11 @@ def path_patching(
             ``resid_post`` for the direct path to the logits).
         freeze_mlps: also freeze every MLP output (``mlp_out``) to its clean value in step 2, so
             that only paths through the residual stream (no MLP in between) count.
+        sender_positions: the positions at which senders take their corrupted value (default all;
+            elsewhere they stay clean). Any ``positions=`` selector of the interventions: an int, a
+            list, a slice, or one list per batch row (e.g. each prompt's subject token).
+        receiver_positions: the positions at which receivers are patched in step 3 (default all),
+            e.g. the final token for the name-mover queries of the IOI circuit (Wang et al.).
         **hf_kwargs: passed to the model (``attention_mask``, ...).
 
     Returns the metric of step 3 (compare with ``metric`` on the clean run).
@@ -710,7 +717,7 @@ def path_patching(
         _, corrupt_cache = im.run_with_cache(
             corrupt, sites=list(dict.fromkeys([z_sites[i] for i in sender_heads] + sender_sites)), **hf_kwargs)
         return _path_steps_2_3(im, clean, metric, clean_cache, corrupt_cache, sender_heads, sender_sites,
-                               recv_heads, recv_sites, mlp_sites, hf_kwargs)
+                               recv_heads, recv_sites, mlp_sites, hf_kwargs, sender_positions, receiver_positions)
 
 
 def path_patching_by_head(
@@ -721,11 +728,15 @@ def path_patching_by_head(
     receivers: Sequence[Receiver],
     *,
     freeze_mlps: bool = False,
+    sender_positions: PositionsLike = None,
+    receiver_positions: PositionsLike = None,
     layers: Sequence[int] | None = None,
     progress: bool | None = None,
     **hf_kwargs: Any,
 ) -> PatchingResult:
     """:func:`path_patching` with each attention head alone as the sender: a ``[layer, head]`` grid.
+
+    ``sender_positions`` / ``receiver_positions`` as in :func:`path_patching`.
 
     The clean and corrupted caches are computed once; each head then costs two forward passes
     (steps 2 and 3). ``result.clean`` / ``result.corrupt`` are the metric on the unpatched runs, and
@@ -750,7 +761,8 @@ def path_patching_by_head(
             for i, layer in enumerate(layer_list):
                 for head in range(n_heads):
                     values[i, head] = _path_steps_2_3(im, clean, metric, clean_cache, corrupt_cache, {layer: [head]},
-                                                      [], recv_heads, recv_sites, mlp_sites, hf_kwargs)
+                                                      [], recv_heads, recv_sites, mlp_sites, hf_kwargs,
+                                                      sender_positions, receiver_positions)
                     if bar is not None:
                         bar.update(1)
         finally:
@@ -818,27 +830,28 @@ def _parse_receivers(im: InstrumentedModel, receivers: Sequence[Receiver], freez
 
 def _path_steps_2_3(im: InstrumentedModel, clean: torch.Tensor, metric: Metric, clean_cache: Any, corrupt_cache: Any,
                     sender_heads: dict[int, list[int]], sender_sites: list[str], recv_heads: dict[str, list[int]],
-                    recv_sites: list[str], mlp_sites: list[str], hf_kwargs: dict[str, Any]) -> float:
-    # 2. senders from corrupt, every other head (and MLP) frozen to clean; record the receivers
+                    recv_sites: list[str], mlp_sites: list[str], hf_kwargs: dict[str, Any],
+                    sender_positions: PositionsLike = None, receiver_positions: PositionsLike = None) -> float:
+    # 2. senders from corrupt (at sender_positions), every other head (and MLP) frozen to clean; record receivers
     step2: dict[str, Any] = {}
     for i in range(im.n_layers):
         name = f"blocks.{i}.attn.z"
         edits = [Patch(clean_cache[name])]
         if i in sender_heads:
-            edits.append(Patch(corrupt_cache[name], heads=sorted(set(sender_heads[i]))))
+            edits.append(Patch(corrupt_cache[name], heads=sorted(set(sender_heads[i])), positions=sender_positions))
         step2[name] = edits
     for name in mlp_sites:
         step2[name] = [Patch(clean_cache[name])]
     for name in sender_sites:
-        step2.setdefault(name, []).append(Patch(corrupt_cache[name]))
+        step2.setdefault(name, []).append(Patch(corrupt_cache[name], positions=sender_positions))
     recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
     _, step2_cache = im.run_with_cache(clean, sites=recorded, interventions=step2, **hf_kwargs)
-    # 3. the clean run with only the receivers' inputs patched
+    # 3. the clean run with only the receivers' inputs patched (at receiver_positions)
     step3: dict[str, Any] = {}
     for name, heads in recv_heads.items():
-        step3[name] = [Patch(step2_cache[name], heads=sorted(set(heads)))]
+        step3[name] = [Patch(step2_cache[name], heads=sorted(set(heads)), positions=receiver_positions)]
     for name in recv_sites:
-        step3.setdefault(name, []).append(Patch(step2_cache[name]))
+        step3.setdefault(name, []).append(Patch(step2_cache[name], positions=receiver_positions))
     logits = im.run(clean, interventions=step3, **hf_kwargs)
     return _scalar(metric(logits), "metric(path-patched logits)")
 

@@ -337,6 +337,58 @@ def test_path_patching_through_mlps_and_site_senders(im, prompts):
     assert abs(got - want) < 1e-5
 
 
+@pytest.mark.parametrize("sender_positions,receiver_positions", [
+    ([2], None),
+    ([[2], [2, 5]], [3, 6]),     # one list of sender positions per row
+    (None, [[6], [3]]),
+])
+def test_path_patching_at_positions_in_closed_form(im, prompts, sender_positions, receiver_positions):
+    """The direct path to the logits with senders patched only at some positions and receivers only at some:
+    with heads and MLPs frozen, the final residual is a per-position sum, so the answer is written out."""
+    clean, corrupt = prompts
+    model = im.model
+    senders = [(0, 1), (1, 3)]
+    last = im.n_layers - 1
+    got = path_patching(im, clean, corrupt, metric, senders=senders, receivers=[f"blocks.{last}.resid_post"],
+                        freeze_mlps=True, sender_positions=sender_positions, receiver_positions=receiver_positions)
+    B, T = clean.shape
+
+    def mask(positions):  # [batch, pos] bool
+        m = torch.zeros(B, T, dtype=torch.bool)
+        if positions is None:
+            m[:] = True
+        elif isinstance(positions[0], list):
+            for row, ps in enumerate(positions):
+                m[row, ps] = True
+        else:
+            m[:, positions] = True
+        return m
+
+    send, recv = mask(sender_positions), mask(receiver_positions)
+    with torch.no_grad():
+        _, cc = im.run_with_cache(clean)
+        _, xc = im.run_with_cache(corrupt)
+        resid = cc["embed"]
+        for layer, mod in enumerate(model.model.layers):
+            z = cc[f"blocks.{layer}.attn.z"].clone()
+            for sl, sh in senders:
+                if sl == layer:
+                    z[:, :, sh] = torch.where(send[..., None], xc[f"blocks.{layer}.attn.z"][:, :, sh], z[:, :, sh])
+            resid = resid + _attn_out(mod, z) + cc[f"blocks.{layer}.mlp_out"]
+        resid = torch.where(recv[..., None], resid, cc[f"blocks.{last}.resid_post"])
+        cap = model.config.final_logit_softcapping
+        want = float(metric(cap * torch.tanh(model.lm_head(model.model.norm(resid)) / cap)))
+        everywhere = path_patching(im, clean, corrupt, metric, senders=senders,
+                                   receivers=[f"blocks.{last}.resid_post"], freeze_mlps=True)
+    assert abs(got - want) < 1e-5
+    assert abs(got - everywhere) > 1e-4  # positions made a difference
+    grid = path_patching_by_head(im, clean, corrupt, metric, [f"blocks.{last}.resid_post"], freeze_mlps=True,
+                                 sender_positions=sender_positions, receiver_positions=receiver_positions)
+    one = path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=[f"blocks.{last}.resid_post"],
+                        freeze_mlps=True, sender_positions=sender_positions, receiver_positions=receiver_positions)
+    assert abs(float(grid.values[0, 1]) - one) < 1e-6
+
+
 def test_path_patching_without_a_path_is_the_clean_metric(im, prompts):
     clean, corrupt = prompts
     with torch.no_grad():
@@ -377,3 +429,7 @@ def test_path_patching_bad_inputs(im, prompts):
         path_patching(im, clean, corrupt, metric, senders=[], receivers=[(1, 0, "q")])
     with pytest.raises(KeyError, match="mlp_outt"):
         path_patching(im, clean, corrupt, metric, senders=["blocks.0.mlp_outt"], receivers=[(1, 0, "q")])
+    with pytest.raises(IndexError, match=r"positions=\[9\] out of range at site 'blocks.1.attn.q'"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 0)], receivers=[(1, 0, "q")], receiver_positions=[9])
+    with torch.no_grad():
+        assert torch.equal(im.run(clean), im.model(clean).logits)  # nothing left active
