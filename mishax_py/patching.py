@@ -65,14 +65,14 @@ from __future__ import annotations
 import numbers
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mishax_py.hf_compat import CACHE_KWARG
-from mishax_py.interventions import Patch, PositionsLike
+from mishax_py.interventions import Hook, Patch, PositionsLike
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 
 if TYPE_CHECKING:
@@ -731,16 +731,18 @@ def path_patching_by_head(
     sender_positions: PositionsLike = None,
     receiver_positions: PositionsLike = None,
     layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
     progress: bool | None = None,
     **hf_kwargs: Any,
 ) -> PatchingResult:
     """:func:`path_patching` with each attention head alone as the sender: a ``[layer, head]`` grid.
 
-    ``sender_positions`` / ``receiver_positions`` as in :func:`path_patching`.
-
-    The clean and corrupted caches are computed once; each head then costs two forward passes
-    (steps 2 and 3). ``result.clean`` / ``result.corrupt`` are the metric on the unpatched runs, and
-    ``result.normalized()`` is the fraction of the clean-to-corrupted change carried by the path.
+    The clean and corrupted caches are computed once; steps 2 and 3 then run for all heads as two
+    batched sweeps (:meth:`InstrumentedModel.sweep`: one head per block of batch rows, ``batch_size``
+    rows per forward), each equal to running that head alone. ``result.clean`` / ``result.corrupt``
+    are the metric on the unpatched runs, and ``result.normalized()`` is the fraction of the
+    clean-to-corrupted change carried by the path. ``sender_positions`` / ``receiver_positions`` as
+    in :func:`path_patching`.
     """
     clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     if not receivers:
@@ -750,26 +752,41 @@ def path_patching_by_head(
     n_heads = _n_heads(im, "attn.z")
     z_sites = [f"blocks.{i}.attn.z" for i in range(im.n_layers)]
     mlp_sites = [f"blocks.{i}.mlp_out" for i in range(im.n_layers)] if freeze_mlps else []
-    values = torch.full((len(layer_list), n_heads), float("nan"))
+    senders = [(layer, head) for layer in layer_list for head in range(n_heads)]
+    recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
     with torch.no_grad():
         clean_logits, clean_cache = im.run_with_cache(clean, sites=z_sites + mlp_sites, **hf_kwargs)
         corrupt_logits, corrupt_cache = im.run_with_cache(corrupt, sites=z_sites, **hf_kwargs)
         clean_metric = _scalar(metric(clean_logits), "metric(clean logits)")
         corrupt_metric = _scalar(metric(corrupt_logits), "metric(corrupted logits)")
-        bar = _progress(len(layer_list) * n_heads, progress, "path patching")
-        try:
-            for i, layer in enumerate(layer_list):
-                for head in range(n_heads):
-                    values[i, head] = _path_steps_2_3(im, clean, metric, clean_cache, corrupt_cache, {layer: [head]},
-                                                      [], recv_heads, recv_sites, mlp_sites, hf_kwargs,
-                                                      sender_positions, receiver_positions)
-                    if bar is not None:
-                        bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+        del clean_logits, corrupt_logits
+        # 2. per sender head: senders from corrupt, the rest frozen; a Hook keeps each receiver's value
+        step2_values: list[dict[str, torch.Tensor]] = [{} for _ in senders]
+        step2 = []
+        for j, (layer, head) in enumerate(senders):
+            variant = _path_step2(im, clean_cache, corrupt_cache, {layer: [head]}, [], mlp_sites, sender_positions)
+            for name in recorded:
+                variant.setdefault(name, []).append(Hook(_keep_into(step2_values[j], name)))
+            step2.append(variant)
+        im.sweep(clean, step2, metric=_discard, batch_size=batch_size, progress=progress, **hf_kwargs)
+        # 3. per sender head: the clean run with only the receivers patched to their step-2 values
+        step3 = [_path_step3(values, recv_heads, recv_sites, receiver_positions) for values in step2_values]
+        results = im.sweep(clean, step3, metric=metric, batch_size=batch_size, progress=progress, **hf_kwargs)
+    values = torch.tensor([_scalar(r, "metric(path-patched logits)") for r in results]).view(len(layer_list), n_heads)
     labels = {"layer": [str(x) for x in layer_list], "head": [str(h) for h in range(n_heads)]}
     return PatchingResult(values, ("layer", "head"), labels, "path", "noise", clean_metric, corrupt_metric)
+
+
+def _discard(logits: torch.Tensor) -> None:
+    """A sweep metric that keeps nothing (step 2 is run for what its hooks record)."""
+    return None
+
+
+def _keep_into(store: dict[str, torch.Tensor], name: str) -> Callable[[torch.Tensor], None]:
+    def keep(value: torch.Tensor) -> None:
+        store[name] = value.detach().clone()
+
+    return keep
 
 
 def prompt_pair(im: InstrumentedModel, clean_ids: Any, corrupt_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -828,15 +845,14 @@ def _parse_receivers(im: InstrumentedModel, receivers: Sequence[Receiver], freez
     return heads, sites
 
 
-def _path_steps_2_3(im: InstrumentedModel, clean: torch.Tensor, metric: Metric, clean_cache: Any, corrupt_cache: Any,
-                    sender_heads: dict[int, list[int]], sender_sites: list[str], recv_heads: dict[str, list[int]],
-                    recv_sites: list[str], mlp_sites: list[str], hf_kwargs: dict[str, Any],
-                    sender_positions: PositionsLike = None, receiver_positions: PositionsLike = None) -> float:
-    # 2. senders from corrupt (at sender_positions), every other head (and MLP) frozen to clean; record receivers
-    step2: dict[str, Any] = {}
+def _path_step2(im: InstrumentedModel, clean_cache: Any, corrupt_cache: Any, sender_heads: dict[int, list[int]],
+                sender_sites: list[str], mlp_sites: list[str], sender_positions: PositionsLike) -> dict[str, list[Any]]:
+    """Step 2's interventions: senders from corrupt (at ``sender_positions``), every other head (and MLP)
+    frozen to clean."""
+    step2: dict[str, list[Any]] = {}
     for i in range(im.n_layers):
         name = f"blocks.{i}.attn.z"
-        edits = [Patch(clean_cache[name])]
+        edits: list[Any] = [Patch(clean_cache[name])]
         if i in sender_heads:
             edits.append(Patch(corrupt_cache[name], heads=sorted(set(sender_heads[i])), positions=sender_positions))
         step2[name] = edits
@@ -844,14 +860,28 @@ def _path_steps_2_3(im: InstrumentedModel, clean: torch.Tensor, metric: Metric, 
         step2[name] = [Patch(clean_cache[name])]
     for name in sender_sites:
         step2.setdefault(name, []).append(Patch(corrupt_cache[name], positions=sender_positions))
+    return step2
+
+
+def _path_step3(step2_values: Mapping[str, torch.Tensor], recv_heads: dict[str, list[int]], recv_sites: list[str],
+                receiver_positions: PositionsLike) -> dict[str, list[Any]]:
+    """Step 3's interventions: only the receivers' inputs, patched to their step-2 values."""
+    step3: dict[str, list[Any]] = {}
+    for name, heads in recv_heads.items():
+        step3[name] = [Patch(step2_values[name], heads=sorted(set(heads)), positions=receiver_positions)]
+    for name in recv_sites:
+        step3.setdefault(name, []).append(Patch(step2_values[name], positions=receiver_positions))
+    return step3
+
+
+def _path_steps_2_3(im: InstrumentedModel, clean: torch.Tensor, metric: Metric, clean_cache: Any, corrupt_cache: Any,
+                    sender_heads: dict[int, list[int]], sender_sites: list[str], recv_heads: dict[str, list[int]],
+                    recv_sites: list[str], mlp_sites: list[str], hf_kwargs: dict[str, Any],
+                    sender_positions: PositionsLike = None, receiver_positions: PositionsLike = None) -> float:
+    step2 = _path_step2(im, clean_cache, corrupt_cache, sender_heads, sender_sites, mlp_sites, sender_positions)
     recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
     _, step2_cache = im.run_with_cache(clean, sites=recorded, interventions=step2, **hf_kwargs)
-    # 3. the clean run with only the receivers' inputs patched (at receiver_positions)
-    step3: dict[str, Any] = {}
-    for name, heads in recv_heads.items():
-        step3[name] = [Patch(step2_cache[name], heads=sorted(set(heads)), positions=receiver_positions)]
-    for name in recv_sites:
-        step3.setdefault(name, []).append(Patch(step2_cache[name], positions=receiver_positions))
+    step3 = _path_step3(step2_cache, recv_heads, recv_sites, receiver_positions)
     logits = im.run(clean, interventions=step3, **hf_kwargs)
     return _scalar(metric(logits), "metric(path-patched logits)")
 
