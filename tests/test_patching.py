@@ -410,6 +410,8 @@ def test_path_patching_by_head_grid(im, prompts, tmp_path):
         one = path_patching(im, clean, corrupt, metric, senders=[(layer, head)], receivers=recv, freeze_mlps=True)
         assert abs(float(grid.values[layer, head]) - one) < 1e-6
     assert torch.allclose(grid.values[1], torch.full((4,), grid.clean), atol=1e-6)  # layer 1 cannot reach layer 1
+    chunked = path_patching_by_head(im, clean, corrupt, metric, recv, freeze_mlps=True, batch_size=2, layers=[1, 0])
+    assert torch.allclose(chunked.values, grid.values[[1, 0]], atol=1e-6) and chunked.labels["layer"] == ["1", "0"]
     assert plot(grid, tmp_path / "path.png")
 
 
