@@ -15,11 +15,17 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     ``cache["blocks.0.hook_resid_post"]`` (a TransformerLens alias) and
     ``cache["blocks.0.resid_post"]`` return the same tensor. Derived entries such as
     ``"blocks.1.resid_post.sae.features"`` are stored under their own names.
+
+    ``attention_mask``: the ``[batch, pos]`` attention mask of the run that filled the cache
+    (``None`` without one), so that statistics over it -- ``Ablate(mean=cache)`` -- can leave
+    padding out.
     """
 
-    def __init__(self, values: dict[str, torch.Tensor], canonical: Callable[[str], str] | None = None) -> None:
+    def __init__(self, values: dict[str, torch.Tensor], canonical: Callable[[str], str] | None = None,
+                 attention_mask: torch.Tensor | None = None) -> None:
         self._values = values
         self._canonical = canonical
+        self.attention_mask = attention_mask
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._values:
@@ -54,7 +60,11 @@ class ActivationCache(Mapping[str, torch.Tensor]):
 
     def to(self, *args: object, **kwargs: object) -> ActivationCache:
         """A copy with every tensor moved/cast with ``Tensor.to(*args, **kwargs)``."""
-        return ActivationCache({k: v.to(*args, **kwargs) for k, v in self._values.items()}, self._canonical)
+        moved = {k: v.to(*args, **kwargs) for k, v in self._values.items()}
+        mask = self.attention_mask
+        if mask is not None and moved:  # follows a device move; keeps its own dtype
+            mask = mask.to(next(iter(moved.values())).device)
+        return ActivationCache(moved, self._canonical, mask)
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._values.items())

@@ -201,7 +201,9 @@ class InstrumentedModel:
         if list(store) != names:  # sites fire in catalogue order; derived names and skipped layers don't
             order = {n: i for i, n in enumerate(names)}
             store = dict(sorted(store.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-        return logits, ActivationCache(store, self.catalogue.canonical)
+        mask = hf_kwargs.get("attention_mask")
+        mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        return logits, ActivationCache(store, self.catalogue.canonical, attention_mask=mask)
 
     def _recording_table(self, names: tuple[str, ...]) -> dict[SiteKey, Any]:
         """The shared recording table of ``names`` (built once per site list; a few are kept)."""

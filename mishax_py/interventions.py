@@ -688,6 +688,21 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
     return perm
 
 
+def _masked_mean(ref: torch.Tensor, mask: torch.Tensor | None, dims: tuple[int, ...], pos_dim: int | None
+                 ) -> torch.Tensor:
+    """``ref.mean(dims, keepdim=True)`` over the entries where ``mask`` (``[batch, pos]``, pos along the
+    reference's ``pos_dim``) is non-zero; positions with no such entry take the plain mean."""
+    plain = ref.mean(dim=dims, keepdim=True)
+    if mask is None or pos_dim is None:
+        return plain
+    shape = [1] * ref.ndim
+    shape[0], shape[pos_dim] = mask.shape[0], mask.shape[1]
+    w = (mask != 0).to(device=ref.device, dtype=ref.dtype).view(shape)
+    total = (ref * w).sum(dim=dims, keepdim=True)
+    count = w.sum(dim=dims, keepdim=True)
+    return torch.where(count > 0, total / count.clamp_min(1), plain)
+
+
 def _lookup(source: Mapping[str, torch.Tensor], site: str, what: str) -> torch.Tensor:
     try:
         return source[site]
@@ -714,10 +729,13 @@ class Ablate(_Selective):
             number of dims is reference activations ``[batch_ref, pos_ref, ...]``: it is averaged over
             the batch (per position; ``pos_ref`` must cover the run's positions, and is read at the
             absolute positions) -- and also over positions when ``mean_over_positions=True`` (one
-            vector for every position; on attention maps, over query positions). Padding in the
-            reference is averaged too: pass a precomputed mean if that matters. A tensor with fewer
-            dims is a precomputed mean, broadcast like a ``Clamp`` value.
+            vector for every position; on attention maps, over query positions). Padding is left out:
+            a cache from ``run_with_cache(..., attention_mask=m)`` carries ``m``, and only entries
+            with ``m == 1`` are averaged (a position with no such entry takes the plain mean). A
+            tensor with fewer dims is a precomputed mean, broadcast like a ``Clamp`` value.
         mean_over_positions: see ``mean``.
+        mean_mask: ``[batch_ref, pos_ref]``, 1 for the reference entries to average (default: the
+            cache's ``attention_mask``; none for a tensor reference).
         resample: replace each row's selection by the same selection of another row of the run
             (a seeded derangement of the batch rows: one random cycle, so no row keeps its own
             value). Needs at least 2 rows; under ``event.rows`` (sweeps) only those rows are used.
@@ -730,6 +748,7 @@ class Ablate(_Selective):
         *,
         mean: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
         mean_over_positions: bool = False,
+        mean_mask: torch.Tensor | None = None,
         resample: bool = False,
         seed: int = 0,
         positions: PositionsLike = None,
@@ -740,8 +759,13 @@ class Ablate(_Selective):
         super().__init__(positions=positions, heads=heads, index=index, rows=rows)
         if mean is not None and resample:
             raise ValueError("Ablate: give mean= or resample=True, not both")
+        if mean_mask is not None and mean is None:
+            raise ValueError("Ablate: mean_mask= applies to mean= reference activations")
+        if mean_mask is not None and (not isinstance(mean_mask, torch.Tensor) or mean_mask.ndim != 2):
+            raise ValueError("Ablate: mean_mask must be a [batch_ref, pos_ref] tensor")
         self.mean = mean
         self.mean_over_positions = mean_over_positions
+        self.mean_mask = mean_mask
         self.resample = resample
         self.seed = seed
 
@@ -750,6 +774,19 @@ class Ablate(_Selective):
         if isinstance(self.mean, torch.Tensor):
             return self.mean
         return _lookup(self.mean, site, "Ablate(mean=...)")
+
+    def _reference_mask(self, site: str, ref: torch.Tensor, pos_dim: int | None) -> torch.Tensor | None:
+        """The reference's ``[batch_ref, pos_ref]`` mask of entries to average, or ``None`` (all)."""
+        mask = self.mean_mask if self.mean_mask is not None else getattr(self.mean, "attention_mask", None)
+        if mask is None or pos_dim is None:
+            return None
+        want = (ref.shape[0], ref.shape[pos_dim])
+        if tuple(mask.shape) != want:
+            raise ValueError(
+                f"Ablate mean mask of shape {_fmt(mask.shape)} does not match the reference activations of "
+                f"site {site!r} of shape {_fmt(ref.shape)}: it must be [batch_ref, pos_ref] = {_fmt(want)}"
+            )
+        return mask
 
     def _edited(self, value: torch.Tensor, scope: _Scope, sel: _Selection) -> torch.Tensor:
         if self.resample:
@@ -766,7 +803,8 @@ class Ablate(_Selective):
         if ref.ndim == value.ndim:
             dims = (0,) if not self.mean_over_positions or sel.layout.pos_dim is None else (0, sel.layout.pos_dim)
             ref = ref.to(device=value.device, dtype=torch.float32 if ref.dtype.is_floating_point else None)
-            mean = ref.mean(dim=dims, keepdim=True)
+            pos_dim = sel.layout.pos_dim
+            mean = _masked_mean(ref, self._reference_mask(scope.site, ref, pos_dim), dims, pos_dim)
             if len(dims) == 2:  # one mean for every position: cover this forward's absolute positions
                 pos = sel.layout.pos_dim
                 sizes = list(mean.shape)
@@ -786,6 +824,7 @@ class Ablate(_Selective):
         if ref.ndim == len(shape):  # reference activations: any batch; any positions if averaged over them
             free = [0] + ([layout.pos_dim] if self.mean_over_positions and layout.pos_dim is not None else [])
             _site_shaped_check("Ablate mean reference", tuple(ref.shape), site, shape, layout, free)
+            self._reference_mask(site, ref, layout.pos_dim)  # a mask that does not fit fails before the run
         else:
             _selection_shaped_check(self, "Ablate mean", tuple(ref.shape), site, shape, layout)
 

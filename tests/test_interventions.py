@@ -21,14 +21,7 @@ from mishax_py.runtime import activate
 B, P = 3, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared, loaded machine spinning OpenMP
-    threads make every small forward ~10x slower. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture
@@ -230,6 +223,48 @@ def test_mean_ablation_per_position_over_positions_and_precomputed(tiny_im: Inst
     expected = clean.clone()
     expected[..., 5:7] = overall[5:7]
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_mean_ablation_leaves_the_reference_padding_out(tiny_im: InstrumentedModel, ids3, other_ids) -> None:
+    """A cache of a left-padded batch carries its attention mask; the mean is over real tokens only,
+    per position (a position with no real token takes the plain mean) and over positions."""
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[0, :4] = 0  # row 0 left-padded by 4, row 1 by 2
+    mask[1, :2] = 0
+    padded = other_ids.clone()
+    padded[mask == 0] = 0
+    for site in ("blocks.0.mlp_out", "blocks.1.attn.z", "blocks.1.attn.pattern"):
+        with torch.no_grad():
+            _, ref = tiny_im.run_with_cache(padded, sites=[site], attention_mask=mask)
+        assert torch.equal(ref.attention_mask, mask)
+        r = ref[site]
+        pos_dim = 2 if site.endswith("pattern") else 1
+        # written out: for each position, the mean over the rows that are real tokens there
+        per_pos = []
+        for p in range(P):
+            rows = [b for b in range(B) if mask[b, p]]
+            take = r.select(pos_dim, p)
+            per_pos.append(take[rows].mean(0) if rows else take.mean(0))
+        want = torch.stack(per_pos, dim=pos_dim - 1)
+        got = edited_value(tiny_im, ids3, site, Ablate(mean=ref))
+        torch.testing.assert_close(got, want.unsqueeze(0).expand_as(got), atol=1e-6, rtol=0)
+        assert not torch.allclose(want, r.mean(0), atol=1e-4)  # padding would have changed it
+        # over positions: the mean over every real (row, position) entry
+        real = r.movedim(pos_dim, 1)[mask.bool()].mean(0)  # [..] without batch/pos
+        got = edited_value(tiny_im, ids3, site, Ablate(mean=ref, mean_over_positions=True))
+        torch.testing.assert_close(got, real.unsqueeze(pos_dim - 1).unsqueeze(0).expand_as(got), atol=1e-6, rtol=0)
+    # an explicit mask for a tensor reference; a mask that does not fit is an error before the run
+    site = "blocks.0.mlp_out"
+    with torch.no_grad():
+        _, ref = tiny_im.run_with_cache(padded, sites=[site], attention_mask=mask)
+    got = edited_value(tiny_im, ids3, site, Ablate(mean=ref[site], mean_mask=mask))
+    torch.testing.assert_close(got, edited_value(tiny_im, ids3, site, Ablate(mean=ref)), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"mean mask of shape \(3, 8\).*of shape \(3, 9, 32\).*= \(3, 9\)"):
+        edited_value(tiny_im, ids3, site, Ablate(mean=ref[site], mean_mask=mask[:, 1:]))
+    with pytest.raises(ValueError, match="mean_mask= applies to mean="):
+        Ablate(mean_mask=mask)
+    with torch.no_grad():
+        assert torch.equal(tiny_im.run(ids3), tiny_im.model(ids3).logits)
 
 
 def test_resample_takes_other_rows_seeded(tiny_im: InstrumentedModel, ids3) -> None:

@@ -113,8 +113,9 @@ def test_repeated_caches_reuse_memory_instead_of_faulting():
     pages = kept["pages"]
     # with glibc's defaults a freed cache goes back to the kernel and the next one faults its pages in
     assert min(default["faults"][1:]) > 0.5 * pages, default
-    # kept: the next cache reuses the freed heap
-    assert max(kept["faults"][2:]) < 0.05 * pages, kept
+    # kept: the next cache reuses the freed heap (a few MB of heap growth from fragmentation are seen at
+    # times: 0-2304 faults of 36096 pages on an Intel Xeon, 0-2 on an AMD EPYC)
+    assert max(kept["faults"][2:]) < 0.15 * pages, kept
 
 
 def test_reserve_for_is_a_noop_when_disabled(monkeypatch):
