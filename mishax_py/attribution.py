@@ -796,6 +796,29 @@ def _grad_recorder(store: dict[str, torch.Tensor], name: str) -> Handler:
 # -- integrated gradients ------------------------------------------------------------------------
 
 
+def _two_runs(im: InstrumentedModel, source: torch.Tensor, target: torch.Tensor, metric: Metric, grid: _Grid,
+              sites: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, float]:
+    """The source and target runs without gradients: their values at ``sites`` and their metrics."""
+    src_store: dict[str, torch.Tensor] = {}
+    tgt_store: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in sites],
+                                                          grid.interventions, grid.hf))))
+        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, _keeper(tgt_store, n)) for n in sites],
+                                                          grid.interventions, grid.hf))))
+    return src_store, tgt_store, m_src, m_tgt
+
+
+def _ig_estimate(grid: _Grid, src_store: Mapping[str, torch.Tensor], tgt_store: Mapping[str, torch.Tensor],
+                 mean_grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``(a_s - a_t) . mean gradient`` per element (patched positions only), ``[n_layers, ...]``."""
+    vals = []
+    for n in grid.names:
+        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), grid.kind, grid.pos_mask)
+        vals.append(_reduce(delta * mean_grads[n], grid.kind, grid.by))
+    return torch.stack(vals)
+
+
 def _ig(
     im: InstrumentedModel,
     source: torch.Tensor,
@@ -805,25 +828,14 @@ def _ig(
     *,
     steps: int,
 ) -> tuple[torch.Tensor, float, float]:
-    """Returns (signed IG estimate [n_layers, ...], m_tgt, m_src)."""
-    kind, by, names, batch, batch_size = grid.kind, grid.by, grid.names, grid.batch, grid.batch_size
-    pos_mask, interventions, hf, progress = grid.pos_mask, grid.interventions, grid.hf, grid.progress
-    src_store: dict[str, torch.Tensor] = {}
-    tgt_store: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in names],
-                                                          interventions, hf))))
-        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, _keeper(tgt_store, n)) for n in names],
-                                                          interventions, hf))))
-    toward = {n: tgt_store[n] + _mask_pos(src_store[n] - tgt_store[n], kind, pos_mask) for n in names}
-    mean_grads = _ig_gradients(im, target, metric, names, tgt_store, toward, steps=steps, batch=batch,
-                               batch_size=batch_size, interventions=interventions, hf=hf, progress=progress)
-    grad_sum = [mean_grads[n] * steps for n in names]
-    vals = []
-    for li, n in enumerate(names):
-        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
-        vals.append(_reduce(delta * grad_sum[li] / steps, kind, by))
-    return torch.stack(vals), m_tgt, m_src
+    """IG with each layer's site interpolated on its own. Returns (estimate [n_layers, ...], m_tgt, m_src)."""
+    names = grid.names
+    src_store, tgt_store, m_src, m_tgt = _two_runs(im, source, target, metric, grid, names)
+    toward = {n: tgt_store[n] + _mask_pos(src_store[n] - tgt_store[n], grid.kind, grid.pos_mask) for n in names}
+    mean_grads = _ig_gradients(im, target, metric, names, tgt_store, toward, steps=steps, batch=grid.batch,
+                               batch_size=grid.batch_size, interventions=grid.interventions, hf=grid.hf,
+                               progress=grid.progress)
+    return _ig_estimate(grid, src_store, tgt_store, mean_grads), m_tgt, m_src
 
 
 def _ig_input(
@@ -839,24 +851,16 @@ def _ig_input(
 
     Returns (signed estimate [n_layers, ...], m_tgt, m_src).
     """
-    kind, by, names, batch, batch_size = grid.kind, grid.by, grid.names, grid.batch, grid.batch_size
-    pos_mask, interventions, hf, progress = grid.pos_mask, grid.interventions, grid.hf, grid.progress
+    names, batch, batch_size = grid.names, grid.batch, grid.batch_size
     if "embed" not in im.site_names():
         raise ValueError("method='ig-input' interpolates the token embeddings, but this model has no 'embed' site")
-    keep = [*names, "embed"]
-    src_store: dict[str, torch.Tensor] = {}
-    tgt_store: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in keep],
-                                                          interventions, hf))))
-        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, _keeper(tgt_store, n)) for n in keep],
-                                                          interventions, hf))))
+    src_store, tgt_store, m_src, m_tgt = _two_runs(im, source, target, metric, grid, [*names, "embed"])
     e_tgt = tgt_store["embed"]
     e_delta = src_store["embed"] - e_tgt
     alphas = [(k + 0.5) / steps for k in range(steps)]
     per_chunk = max(1, batch_size // batch)
     grad_sum = {n: torch.zeros_like(tgt_store[n], dtype=torch.float32) for n in names}
-    bar = _progress(steps, "integrated gradients (input path)", progress if steps > per_chunk else False)
+    bar = _progress(steps, "integrated gradients (input path)", grid.progress if steps > per_chunk else False)
     for a0 in range(0, steps, per_chunk):
         chunk = alphas[a0:a0 + per_chunk]
         ids = target.repeat(len(chunk), 1)
@@ -865,7 +869,7 @@ def _ig_input(
         handlers: list[tuple[str, Handler]] = [("embed", lambda value, event, interp=interp: interp.to(value.dtype))]
         handlers += [(n, _grad_recorder(store, n)) for n in names]
         with torch.enable_grad():
-            logits = _forward(im, ids, handlers, interventions, _replicate_hf(hf, batch, len(chunk)))
+            logits = _forward(im, ids, handlers, grid.interventions, _replicate_hf(grid.hf, batch, len(chunk)))
             ms = _metric_per_replica(metric, logits, batch, need_grad=True)
             grads = torch.autograd.grad(ms.sum(), [store[n] for n in names], allow_unused=True)
         for n, g in zip(names, grads, strict=True):
@@ -874,11 +878,7 @@ def _ig_input(
         del logits, grads, store
         bar.update(len(chunk))
     bar.close()
-    vals = []
-    for n in names:
-        delta = _mask_pos((src_store[n] - tgt_store[n]).float(), kind, pos_mask)
-        vals.append(_reduce(delta * grad_sum[n] / steps, kind, by))
-    return torch.stack(vals), m_tgt, m_src
+    return _ig_estimate(grid, src_store, tgt_store, {n: grad_sum[n] / steps for n in names}), m_tgt, m_src
 
 
 def _ig_gradients(
