@@ -42,9 +42,10 @@ import torch
 from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import attribution_patching
+from mishax_py.attribution import attribution_patching, attribution_patching_sites
 from mishax_py.interventions import Hook
 
+THREE = {"resid_pre": "pos", "attn.z": "head", "mlp_out": "pos"}  # several grids from one backward
 SPECS = {
     "full": dict(layers=12, d_model=768, heads=12, kv_heads=4, d_head=64, d_mlp=3072, vocab=512, pos=32),
     "quick": dict(layers=4, d_model=256, heads=4, kv_heads=2, d_head=64, d_mlp=1024, vocab=512, pos=16),
@@ -137,6 +138,10 @@ def speed(quick: bool) -> None:
                 _, t_batched = timed(lambda c=corrupt: activation_patching(im, clean, c, metric, "resid_pre"), 1)
             line += f"; batched activation_patching {t_batched:.2f} s -> {t_batched / t_atp:.1f}x faster"
         print(line)
+        _, t_sep = timed(lambda c=corrupt: [attribution_patching(im, clean, c, metric, k, b) for k, b in THREE.items()])
+        _, t_all = timed(lambda c=corrupt: attribution_patching_sites(im, clean, c, metric, THREE))
+        print(f"    resid_pre + attn.z + mlp_out: three attribution_patching calls {t_sep:.3f} s, one "
+              f"attribution_patching_sites {t_all:.3f} s -> {t_sep / t_all:.2f}x")
         for method in ("ig", "ig-input"):  # the integrated-gradients estimates, against the same loop
             _, t_ig = timed(lambda c=corrupt, m=method: attribution_patching(im, clean, c, metric, "resid_pre",
                                                                             method=m, steps=16), 1)

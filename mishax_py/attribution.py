@@ -115,7 +115,7 @@ from mishax_py.runtime import SiteEvent, activate
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel, Interventions
 
-__all__ = ["AttributionResult", "attribution_patching", "site_gradients", "site_kind"]
+__all__ = ["AttributionResult", "attribution_patching", "attribution_patching_sites", "site_gradients", "site_kind"]
 
 METHODS = ("atp", "atp*", "ig", "ig-input")
 _IG_METHODS = ("ig", "ig-input")
@@ -237,6 +237,37 @@ def _normalise_site(site: str) -> str:
             "layers=[...]"
         )
     return site
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    out = list(range(n_layers)) if layers is None else [int(L) for L in layers]
+    if not out or any(not 0 <= L < n_layers for L in out) or len(set(out)) != len(out):
+        raise ValueError(f"layers must be distinct layer indices in [0, {n_layers}), got {out}")
+    return out
+
+
+def _site_plan(im: InstrumentedModel, site: str, by: Any, layers: Sequence[int]
+               ) -> tuple[str, list[str], tuple[int | str, ...], str, str]:
+    """``(canonical within-block name, site per layer, dims, kind, by)`` for a site and a ``by``."""
+    site = _normalise_site(site)
+    names = _layer_sites(im, site, layers)
+    dims = tuple(im.site_info(names[0]).dims)
+    kind = site_kind(dims)
+    key = tuple(by) if isinstance(by, list) else by
+    by = _DEFAULT_BY[kind] if by is None else BY_ALIASES.get(key)
+    if by not in _BY[kind]:
+        raise ValueError(f"by={key!r} is not available for site {site!r} (shape {dims}); choose one of {_BY[kind]}")
+    return names[0].split(".", 2)[2], names, dims, kind, by
+
+
+def _labels(axes: tuple[str, ...], layers: Sequence[int], dims: Sequence[int | str], kind: str,
+            pos_list: Sequence[int], pos_labels: Sequence[str] | None) -> dict[str, list[str]]:
+    labels: dict[str, list[str]] = {"layer": [str(L) for L in layers]}
+    if "head" in axes:
+        labels["head"] = [str(h) for h in range(int(dims[2] if kind == "head" else dims[1]))]
+    if "pos" in axes:
+        labels["pos"] = list(pos_labels) if pos_labels is not None else [str(p) for p in pos_list]
+    return labels
 
 
 def _layer_sites(im: InstrumentedModel, site: str, layers: Sequence[int]) -> list[str]:
@@ -566,25 +597,15 @@ def attribution_patching(
     if not callable(metric):
         raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
     clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
-    site = _normalise_site(site)
     n_layers = im.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(L) for L in layers]
-    if not layers or any(not 0 <= L < n_layers for L in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct layer indices in [0, {n_layers}), got {layers}")
+    layers = _check_layers(layers, n_layers)
     batch, T = clean.shape
     pos_list = list(range(T)) if positions is None else [int(p) + T if int(p) < 0 else int(p) for p in positions]
     if not pos_list or any(not 0 <= p < T for p in pos_list) or len(set(pos_list)) != len(pos_list):
         raise ValueError(f"positions must be distinct positions in [-{T}, {T}), got {positions}")
     if pos_labels is not None and len(pos_labels) != len(pos_list):
         raise ValueError(f"pos_labels has {len(pos_labels)} labels for {len(pos_list)} positions")
-    names = _layer_sites(im, site, layers)
-    dims = im.site_info(names[0]).dims
-    kind = site_kind(dims)
-    key = tuple(by) if isinstance(by, list) else by
-    by = _DEFAULT_BY[kind] if by is None else BY_ALIASES.get(key)  # type: ignore[arg-type]
-    if by not in _BY[kind]:
-        raise ValueError(f"by={key!r} is not available for site {site!r} (shape {dims}); choose one of {_BY[kind]}")
-    short = names[0].split(".", 2)[2]  # canonical within-block name
+    short, names, dims, kind, by = _site_plan(im, site, by, layers)
     qk_kind = {"attn.q": "q", "attn.rot_q": "q", "attn.k": "k", "attn.rot_k": "k", "attn.scores": "scores"}.get(short)
     star = method == "atp*"
     if qk_fix is None:
@@ -623,11 +644,7 @@ def attribution_patching(
         if gd is not None:
             gd = gd.index_select(len(axes), index)
     score = gd.abs().sum(0) / max(1, n_layers - 1) if gd is not None else effects.abs()
-    labels: dict[str, list[str]] = {"layer": [str(L) for L in layers]}
-    if "head" in axes:
-        labels["head"] = [str(h) for h in range(int(dims[2] if kind == "head" else dims[1]))]
-    if "pos" in axes:
-        labels["pos"] = list(pos_labels) if pos_labels is not None else [str(p) for p in pos_list]
+    labels = _labels(axes, layers, dims, kind, pos_list, pos_labels)
     clean_m, corrupt_m = (m_src, m_tgt) if direction == "denoise" else (m_tgt, m_src)
     effects = effects.detach().float().cpu()
     return AttributionResult(
@@ -636,6 +653,67 @@ def attribution_patching(
         steps=steps if method in _IG_METHODS else None, graddrop=None if gd is None else gd.detach().float().cpu(),
         score=score.detach().float().cpu(), positions=pos_list, under_interventions=bool(interventions),
     )
+
+
+def attribution_patching_sites(
+    im: InstrumentedModel,
+    clean_ids: Any,
+    corrupt_ids: Any,
+    metric: Metric,
+    sites: Mapping[str, Any] | Sequence[str],
+    *,
+    direction: str = "denoise",
+    layers: Sequence[int] | None = None,
+    interventions: Interventions | None = None,
+    **hf_kwargs: Any,
+) -> dict[str, AttributionResult]:
+    """Plain AtP for several sites at once: one source forward, one target forward and one backward.
+
+    Equal to :func:`attribution_patching` with ``method="atp"`` for each site (the gradient of one
+    backward pass is read at every site), for the cost of one call: e.g. every head's ``attn.z``,
+    every ``mlp_out`` and every ``resid_pre`` position together.
+
+    Args:
+        sites: site kinds, ``["attn.z", "mlp_out"]`` (default granularity each), or a mapping
+            ``{"attn.z": "head", "resid_pre": "pos"}`` to choose ``by`` per site.
+        direction, layers, interventions, **hf_kwargs: as for :func:`attribution_patching`.
+
+    Returns:
+        ``{site: AttributionResult}`` in the order given (keys as given).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise', got {direction!r}")
+    direction = DIRECTIONS[direction]
+    if not callable(metric):
+        raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
+    clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
+    spec = dict(sites) if isinstance(sites, Mapping) else dict.fromkeys(sites)
+    if not spec:
+        raise ValueError("attribution_patching_sites needs at least one site")
+    layers = _check_layers(layers, im.n_layers)
+    plans = {key: _site_plan(im, key, by, layers) for key, by in spec.items()}
+    all_names = list(dict.fromkeys(n for plan in plans.values() for n in plan[1]))
+    source, target = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
+    src_store: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in all_names],
+                                                          interventions, hf_kwargs))))
+    tgt_values, grads, m_tgt = site_gradients(im, target, metric, all_names, interventions=interventions, **hf_kwargs)
+    clean_m, corrupt_m = (m_src, m_tgt) if direction == "denoise" else (m_tgt, m_src)
+    positions = list(range(clean.shape[1]))
+    out: dict[str, AttributionResult] = {}
+    for key, (short, names, dims, kind, by) in plans.items():
+        effects = torch.stack([
+            _reduce((src_store[n] - tgt_values[n]).float() * grads[n], kind, by) for n in names
+        ]).detach().float().cpu()
+        axes = _dims(by)
+        out[key] = AttributionResult(
+            values=effects + m_tgt, axes=axes, labels=_labels(axes, layers, dims, kind, positions, None), site=short,
+            direction=direction, clean=clean_m, corrupt=corrupt_m, effects=effects, method="atp", by=by,
+            layers=layers, sites=names, score=effects.abs(), positions=positions,
+            under_interventions=bool(interventions),
+        )
+    return out
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,13 @@ import torch
 from conftest import make_model
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import AttributionResult, _key_effect, attribution_patching, site_kind
+from mishax_py.attribution import (
+    AttributionResult,
+    _key_effect,
+    attribution_patching,
+    attribution_patching_sites,
+    site_kind,
+)
 from mishax_py.interventions import Hook
 from mishax_py.patching import PatchingResult, activation_patching
 from mishax_py.runtime import active_context
@@ -272,6 +278,34 @@ def test_ig_input_is_ig_at_the_embeddings(tiny_im, ids):
     torch.testing.assert_close(a.effects, b.effects, rtol=1e-4, atol=1e-5)
     whole = b.clean - b.corrupt
     assert abs(float(b.effects.sum()) - whole) <= 2e-3 * max(1.0, abs(whole))
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_patching_sites_equals_one_call_per_site(tiny_im, ids, direction):
+    """Several sites from one forward/backward: the same estimates as attribution_patching site by site."""
+    corrupt = ids.flip(1)
+
+    def metric(lg):
+        return lg[:, -1].log_softmax(-1)[:, 3].mean()
+
+    spec = {"resid_pre": None, "blocks.*.attn.hook_z": "head", "mlp_out": "pos", "attn.pattern": "head_pos",
+            "attn.k": "layer"}
+    got = attribution_patching_sites(tiny_im, ids, corrupt, metric, spec, direction=direction, layers=[1, 0])
+    assert list(got) == list(spec)
+    for key, by in spec.items():
+        one = attribution_patching(tiny_im, ids, corrupt, metric, key, by, direction=direction, layers=[1, 0])
+        res = got[key]
+        assert (res.axes, res.labels, res.site, res.by, res.sites) == (one.axes, one.labels, one.site, one.by,
+                                                                         one.sites)
+        torch.testing.assert_close(res.effects, one.effects, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(res.values, one.values, rtol=1e-5, atol=1e-5)
+        assert (res.clean, res.corrupt) == pytest.approx((one.clean, one.corrupt), abs=1e-5)
+    lst = attribution_patching_sites(tiny_im, ids, corrupt, metric, ["attn.z"])
+    assert lst["attn.z"].by == "head" and lst["attn.z"].values.shape == (2, 4)
+    with pytest.raises(ValueError, match="at least one site"):
+        attribution_patching_sites(tiny_im, ids, corrupt, metric, [])
+    with pytest.raises(ValueError, match="by='head'"):
+        attribution_patching_sites(tiny_im, ids, corrupt, metric, {"resid_pre": "head"})
 
 
 def test_result_metadata_labels_and_positions(tiny_im, ids, tmp_path):
