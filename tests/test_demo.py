@@ -77,6 +77,15 @@ def test_results_json_holds_every_section(demo: tuple[Path, dict]) -> None:
     assert [len(row) for row in p["attn_z"]["normalized"]] == [n_heads] * n_layers
     heads = r["induction_heads"]["heads"]
     assert heads and all(0 <= lay < n_layers and 0 <= h < n_heads for lay, h in heads)
+    at = r["attribution_patching"]  # the estimates, and their Pearson r with the exact grids written out
+    for key, exact in (("attn_z", p["attn_z"]["values"]), ("resid_pre", p["resid_pre"]["values"])):
+        est = torch.tensor(at[f"{key}_values"]).flatten().double()
+        est = est - est.mean()
+        ex = torch.tensor(exact).flatten().double()
+        ex = ex - ex.mean()
+        r_want = float((est * ex).sum() / (est.norm() * ex.norm()))
+        assert at[f"pearson_{key}"] == pytest.approx(r_want, abs=1e-6)
+    assert at["pearson_attn_z"] > 0.9 and {tuple(h) for h in at["top_heads"]} == {tuple(h) for h in heads}
     assert r["induction_heads"]["labels"] == [f"L{lay}H{h}" for lay, h in heads]
     gt = r["ground_truth"]
     assert gt["accuracy_named_ablated"] < 0.5 <= gt["accuracy_others_mean"]
