@@ -11,11 +11,11 @@ from conftest import make_model
 import instrumentation.gemma2 as g2
 from mishax_py.attribution import (
     AttributionResult,
-    _key_effect,
     attribution_patching,
     attribution_patching_sites,
     site_kind,
 )
+from mishax_py.attribution_qk import _key_effect
 from mishax_py.interventions import Hook
 from mishax_py.patching import PatchingResult, activation_patching
 from mishax_py.runtime import active_context
