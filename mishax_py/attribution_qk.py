@@ -57,7 +57,7 @@ def _masked(scores: torch.Tensor) -> torch.Tensor:
 
 
 def check_scores(score_fn: ScoreFn, site: str, q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor,
-                  n_rep: int) -> None:
+                 n_rep: int) -> None:
     rec = score_fn(_dots(q, k, n_rep))
     keep = ~_masked(scores)
     err = (rec - scores.double()).abs()[keep]
