@@ -148,6 +148,7 @@ class AttributionResult(PatchingResult):
         positions: the patched token positions (absolute), in the order of the position axis
             (with ``by="head"``/``"layer"``: the positions patched together).
         under_interventions: whether the runs were made under ``interventions=``.
+        interventions: those interventions (kept so that checks can rerun under them).
     """
 
     effects: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -161,6 +162,7 @@ class AttributionResult(PatchingResult):
     score: torch.Tensor | None = None
     positions: list[int] = field(default_factory=list)
     under_interventions: bool = False
+    interventions: Any = field(default=None, repr=False, compare=False)
 
     @property
     def target_metric(self) -> float:
@@ -498,6 +500,7 @@ def attribution_patching(
         corrupt=corrupt_m, effects=effects, method=method, by=by, layers=layers, sites=names, qk_fix=bool(qk_fix),
         steps=steps if method in _IG_METHODS else None, graddrop=None if gd is None else gd.detach().float().cpu(),
         score=score.detach().float().cpu(), positions=pos_list, under_interventions=bool(interventions),
+        interventions=interventions or None,
     )
 
 
@@ -557,7 +560,7 @@ def attribution_patching_sites(
             values=effects + m_tgt, axes=axes, labels=_labels(axes, layers, dims, kind, positions, None), site=short,
             direction=direction, clean=clean_m, corrupt=corrupt_m, effects=effects, method="atp", by=by,
             layers=layers, sites=names, score=effects.abs(), positions=positions,
-            under_interventions=bool(interventions),
+            under_interventions=bool(interventions), interventions=interventions or None,
         )
     return out
 

@@ -11,9 +11,9 @@ of a few exact patches instead of the whole grid:
 * ``n_random`` elements drawn uniformly from the rest -- is anything large being missed?
 
 Each sampled element is patched exactly with :func:`mishax_py.patching.activation_patching`
-(same site, granularity, direction and positions as the estimate), one batched call per
-layer, and :class:`AttributionCheck` reports estimate against exact per element, with the
-Pearson correlation and the largest error.
+(same site, granularity, direction and positions as the estimate, under the estimate's
+``interventions`` if it had any), one batched call per layer, and :class:`AttributionCheck`
+reports estimate against exact per element, with the Pearson correlation and the largest error.
 
 Example::
 
@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,9 +122,9 @@ def check_attribution(
     """
     if not isinstance(result, AttributionResult):
         raise TypeError(f"result must be an AttributionResult from attribution_patching, got {type(result).__name__}")
-    if result.under_interventions:
-        raise ValueError("result was computed under interventions=...; check_attribution patches the plain model, "
-                         "so its exact values would not be comparable")
+    if result.under_interventions and result.interventions is None:
+        raise ValueError("result was computed under interventions=... that it does not hold; check_attribution "
+                         "cannot rerun them")
     if not result.positions:
         raise ValueError("result has no recorded positions (it was not made by attribution_patching)")
     for name, n in (("k", k), ("n_random", n_random)):
@@ -156,7 +157,8 @@ def check_attribution(
         else:
             needed = sorted({elements[j][pos_axis] for j in members})
             positions = [result.positions[p] for p in needed]
-        with torch.no_grad():
+        under = im.intervene(result.interventions) if result.under_interventions else contextlib.nullcontext()
+        with torch.no_grad(), under:  # the estimate's own interventions hold in the exact runs too
             patched = activation_patching(
                 im, clean_ids, corrupt_ids, metric, result.site, result.by, direction=result.direction,
                 layers=[result.layers[li]], positions=positions, progress=False, **hf_kwargs,
