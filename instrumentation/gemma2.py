@@ -29,7 +29,9 @@ from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
 
 __all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "install", "installed", "instrument", "patcher", "uninstall"]
 
-VERIFIED_TRANSFORMERS = ("5.23.0", "5.24.0")
+# Full test suite run on each (2026-11-29); 5.0.0 fails with PatchError (the decoder loop differs).
+VERIFIED_TRANSFORMERS = ("5.5.0", "5.5.4", "5.10.4", "5.15.1", "5.17.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2",
+                         "5.23.0", "5.24.0")
 
 # Each patch names a function of modeling_gemma2 and the snippets rewritten in it.
 # `tag(owner, local, value)` returns `value` unchanged unless a run is active.
