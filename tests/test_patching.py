@@ -415,6 +415,19 @@ def test_path_patching_by_head_grid(im, prompts, tmp_path):
     assert plot(grid, tmp_path / "path.png")
 
 
+def test_path_patching_by_head_with_padding(im, prompts):
+    """Left-padded rows (attention_mask) through the batched sweeps equal path_patching head by head."""
+    clean, corrupt = prompts
+    mask = torch.ones_like(clean)
+    mask[0, :2] = 0
+    recv = [(1, 0, "q"), (1, 1, "k")]
+    grid = path_patching_by_head(im, clean, corrupt, metric, recv, receiver_positions=[-1], attention_mask=mask)
+    for layer, head in [(0, 0), (0, 1), (0, 3)]:
+        one = path_patching(im, clean, corrupt, metric, senders=[(layer, head)], receivers=recv,
+                            receiver_positions=[-1], attention_mask=mask)
+        assert abs(float(grid.values[layer, head]) - one) < 1e-5
+
+
 def test_path_patching_bad_inputs(im, prompts):
     clean, corrupt = prompts
     with pytest.raises(ValueError, match="same shape"):
