@@ -239,6 +239,15 @@ def _normalise_site(site: str) -> str:
     return site
 
 
+def _check_direction_and_metric(direction: str, metric: Any) -> str:
+    """The canonical direction (``"denoise"``/``"noise"``); clear errors for a bad direction or metric."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise', got {direction!r}")
+    if not callable(metric):
+        raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
+    return DIRECTIONS[direction]
+
+
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     out = list(range(n_layers)) if layers is None else [int(L) for L in layers]
     if not out or any(not 0 <= L < n_layers for L in out) or len(set(out)) != len(out):
@@ -439,11 +448,7 @@ def attribution_patching(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise', got {direction!r}")
-    direction = DIRECTIONS[direction]
-    if not callable(metric):
-        raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
+    direction = _check_direction_and_metric(direction, metric)
     clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     n_layers = im.n_layers
     layers = _check_layers(layers, n_layers)
@@ -530,11 +535,7 @@ def attribution_patching_sites(
     Returns:
         ``{site: AttributionResult}`` in the order given (keys as given).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise', got {direction!r}")
-    direction = DIRECTIONS[direction]
-    if not callable(metric):
-        raise TypeError(f"metric must be a function of the logits, got {type(metric).__name__}")
+    direction = _check_direction_and_metric(direction, metric)
     clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
     spec = dict(sites) if isinstance(sites, Mapping) else dict.fromkeys(sites)
     if not spec:
@@ -543,10 +544,7 @@ def attribution_patching_sites(
     plans = {key: _site_plan(im, key, by, layers) for key, by in spec.items()}
     all_names = list(dict.fromkeys(n for plan in plans.values() for n in plan[1]))
     source, target = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
-    src_store: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in all_names],
-                                                          interventions, hf_kwargs))))
+    src_store, m_src = _plain_run(im, source, metric, all_names, interventions, hf_kwargs)
     tgt_values, grads, m_tgt = site_gradients(im, target, metric, all_names, interventions=interventions, **hf_kwargs)
     clean_m, corrupt_m = (m_src, m_tgt) if direction == "denoise" else (m_tgt, m_src)
     positions = list(range(clean.shape[1]))
@@ -626,11 +624,7 @@ def _atp(
         tgt_keep = [per_layer[n][s] for n in names for s in ("rot_q", "rot_k", "scores")]
 
     # 1. source run: activations only
-    src_store: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        src_logits = _forward(im, source, [(n, _keeper(src_store, n)) for n in src_sites], interventions, hf)
-        m_src = float(_check_metric_value(metric(src_logits)))
-    del src_logits
+    src_store, m_src = _plain_run(im, source, metric, src_sites, interventions, hf)
 
     # 2. target run(s) with gradients: replica 0 is plain, replica 1 + l drops layer l's gradient
     drop_layers = list(range(im.n_layers)) if graddrop else []
@@ -723,16 +717,20 @@ def _grad_recorder(store: dict[str, torch.Tensor], name: str) -> Handler:
 # -- integrated gradients ------------------------------------------------------------------------
 
 
+def _plain_run(im: InstrumentedModel, ids: torch.Tensor, metric: Metric, sites: Iterable[str],
+               interventions: Interventions | None, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
+    """One run without gradients: its (detached) values at ``sites`` and its metric."""
+    store: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        logits = _forward(im, ids, [(n, _keeper(store, n)) for n in sites], interventions, hf)
+        return store, float(_check_metric_value(metric(logits)))
+
+
 def _two_runs(im: InstrumentedModel, source: torch.Tensor, target: torch.Tensor, metric: Metric, grid: _Grid,
               sites: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, float]:
     """The source and target runs without gradients: their values at ``sites`` and their metrics."""
-    src_store: dict[str, torch.Tensor] = {}
-    tgt_store: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        m_src = float(_check_metric_value(metric(_forward(im, source, [(n, _keeper(src_store, n)) for n in sites],
-                                                          grid.interventions, grid.hf))))
-        m_tgt = float(_check_metric_value(metric(_forward(im, target, [(n, _keeper(tgt_store, n)) for n in sites],
-                                                          grid.interventions, grid.hf))))
+    src_store, m_src = _plain_run(im, source, metric, sites, grid.interventions, grid.hf)
+    tgt_store, m_tgt = _plain_run(im, target, metric, sites, grid.interventions, grid.hf)
     return src_store, tgt_store, m_src, m_tgt
 
 

@@ -801,14 +801,13 @@ class Ablate(_Selective):
             return value.new_zeros(())
         ref = self._reference(scope.site)
         if ref.ndim == value.ndim:
-            dims = (0,) if not self.mean_over_positions or sel.layout.pos_dim is None else (0, sel.layout.pos_dim)
-            ref = ref.to(device=value.device, dtype=torch.float32 if ref.dtype.is_floating_point else None)
             pos_dim = sel.layout.pos_dim
+            dims = (0,) if not self.mean_over_positions or pos_dim is None else (0, pos_dim)
+            ref = ref.to(device=value.device, dtype=torch.float32 if ref.dtype.is_floating_point else None)
             mean = _masked_mean(ref, self._reference_mask(scope.site, ref, pos_dim), dims, pos_dim)
             if len(dims) == 2:  # one mean for every position: cover this forward's absolute positions
-                pos = sel.layout.pos_dim
                 sizes = list(mean.shape)
-                sizes[pos] = scope.offset + value.shape[pos]  # type: ignore[index]
+                sizes[pos_dim] = scope.offset + value.shape[pos_dim]  # type: ignore[index]
                 mean = mean.expand(sizes)
             return self._fit(mean, value, scope, sel, "Ablate mean", site_shaped=True)
         return self._fit(ref, value, scope, sel, "Ablate mean", site_shaped=False)
