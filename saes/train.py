@@ -490,22 +490,14 @@ def fold_scaling(
     ``W_enc' = W_enc s_x/s_y``, ``b_enc' = b_enc/s_y``, ``θ' = θ/s_y``, ``W_dec``,
     ``b_dec' = b_dec/s_y`` and ``W_skip' = W_skip s_x/s_y``.
     """
-    if output_scale is None:
-        if W_skip is not None:
-            raise ValueError("W_skip is a transcoder parameter: pass output_scale too")
-        out = {
-            "W_enc": W_enc.clone(),
-            "b_enc": (b_enc - b_dec @ W_enc) / scale,
-            "W_dec": W_dec.clone(),
-            "b_dec": b_dec / scale,
-        }
-        if threshold is not None:
-            out["threshold"] = threshold / scale
-        return out
-    ratio = scale / output_scale
-    out = {"W_enc": W_enc * ratio, "b_enc": b_enc / output_scale, "W_dec": W_dec.clone(), "b_dec": b_dec / output_scale}
+    if output_scale is None and W_skip is not None:
+        raise ValueError("W_skip is a transcoder parameter: pass output_scale too")
+    s_y = scale if output_scale is None else output_scale  # an SAE's target is its input
+    ratio = scale / s_y
+    b_enc = b_enc - b_dec @ W_enc if output_scale is None else b_enc  # only an SAE subtracts b_dec
+    out = {"W_enc": W_enc * ratio, "b_enc": b_enc / s_y, "W_dec": W_dec.clone(), "b_dec": b_dec / s_y}
     if threshold is not None:
-        out["threshold"] = threshold / output_scale
+        out["threshold"] = threshold / s_y
     if W_skip is not None:
         out["W_skip"] = W_skip * ratio
     return out
