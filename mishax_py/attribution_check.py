@@ -39,7 +39,17 @@ from mishax_py.patching import activation_patching
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["AttributionCheck", "check_attribution"]
+__all__ = ["AttributionCheck", "check_attribution", "pearson"]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two tensors' entries (flattened; ``nan`` when either is constant or has < 2)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if a.numel() < 2:
+        return math.nan
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else math.nan
 
 
 @dataclass(repr=False)
@@ -68,12 +78,7 @@ class AttributionCheck:
     @property
     def pearson(self) -> float:
         """Pearson correlation of estimated and exact over the sample (``nan`` when either is constant)."""
-        if self.exact.numel() < 2:
-            return math.nan
-        a, b = self.estimated.double(), self.exact.double()
-        a, b = a - a.mean(), b - b.mean()
-        denom = float(a.norm() * b.norm())
-        return float((a * b).sum()) / denom if denom > 0 else math.nan
+        return pearson(self.estimated, self.exact)
 
     @property
     def max_abs_error(self) -> float:

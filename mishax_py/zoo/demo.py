@@ -334,12 +334,6 @@ class _Stages:
         self.bar.close()
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two grids (``nan`` when either is constant)."""
-    x = torch.stack([a.flatten().double(), b.flatten().double()])
-    return float(torch.corrcoef(x)[0, 1])
-
-
 def _head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
@@ -526,9 +520,10 @@ def _patching_section(
     }  # fmt: skip
     # Attribution patching: the same grids from gradients (one backward for both), against the exact ones
     from mishax_py.attribution import attribution_patching_sites
+    from mishax_py.attribution_check import pearson
 
     est = attribution_patching_sites(im, clean.ids, corrupt, metric, {"resid_pre": "pos", "attn.z": "head"})
-    r_resid, r_z = _pearson(est["resid_pre"].values, resid.values), _pearson(est["attn.z"].values, z.values)
+    r_resid, r_z = pearson(est["resid_pre"].values, resid.values), pearson(est["attn.z"].values, z.values)
     top_est = sorted(((float(est["attn.z"].effects[layer, h]), layer, h) for layer in range(n_layers)
                       for h in range(n_heads)), reverse=True)[: max(1, len(named))]  # fmt: skip
     results["attribution_patching"] = {
