@@ -107,6 +107,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.attribution_layer import StopForward, element_masks, patch_elements, stop_layer, stopper
 from mishax_py.attribution_qk import ScoreFn, check_scores, qk_fix_layer
 from mishax_py.instrumented import as_ids
 from mishax_py.patching import BY_ALIASES, Metric, PatchingResult, plot, prompt_pair
@@ -117,7 +118,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AttributionResult", "attribution_patching", "attribution_patching_sites", "site_gradients", "site_kind"]
 
-METHODS = ("atp", "atp*", "ig", "ig-input")
+METHODS = ("atp", "atp*", "atp-layer", "ig", "ig-input")
 _IG_METHODS = ("ig", "ig-input")
 DIRECTIONS = {"denoise": "denoise", "noise": "noise", "denoising": "denoise", "noising": "noise"}
 _QK_SITES = ("attn.q", "attn.k", "attn.rot_q", "attn.rot_k", "attn.scores")
@@ -335,9 +336,15 @@ def _forward(
     handlers: Iterable[tuple[str, Handler]],
     interventions: Interventions | None,
     hf: Mapping[str, Any],
+    start_layer: int = 0,
 ) -> torch.Tensor:
-    """Logits of one forward with the user's interventions first, then ``handlers`` (in order)."""
+    """Logits of one forward with the user's interventions first, then ``handlers`` (in order).
+
+    ``start_layer > 0`` skips the decoder layers below it (a handler must then supply that
+    layer's ``resid_pre``).
+    """
     ctx = im.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
+    ctx.start_layer = start_layer
     for name, h in handlers:
         im.add_handler(ctx, name, h)
     with activate(ctx):
@@ -465,11 +472,11 @@ def attribution_patching(
         qk_fix = star and qk_kind is not None
     if qk_fix and qk_kind is None:
         raise ValueError(f"qk_fix applies to query/key/score sites {_QK_SITES}, not {site!r}")
-    if qk_fix and method in _IG_METHODS:
+    if qk_fix and method not in ("atp", "atp*"):
         raise ValueError(f"qk_fix is an AtP correction; it does not combine with method={method!r}")
     if graddrop is None:
         graddrop = star
-    if graddrop and method in _IG_METHODS:
+    if graddrop and method not in ("atp", "atp*"):
         raise ValueError(f"graddrop is an AtP correction; it does not combine with method={method!r}")
     if method in _IG_METHODS and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -487,6 +494,8 @@ def attribution_patching(
         effects, m_tgt, m_src = _ig(im, source, target, metric, grid, steps=steps)
     elif method == "ig-input":
         effects, m_tgt, m_src = _ig_input(im, source, target, metric, grid, steps=steps)
+    elif method == "atp-layer":
+        effects, m_tgt, m_src = _atp_layer(im, source, target, metric, grid, short, layers)
     else:
         effects, gd, m_tgt, m_src = _atp(im, source, target, metric, grid,
                                          qk_kind=qk_kind if qk_fix else None, graddrop=graddrop)
@@ -690,6 +699,74 @@ def _atp(
     signed = results[0]
     gd = torch.stack(results[1:]) if graddrop else None
     return signed, gd, m_tgt, m_src
+
+
+def _atp_layer(
+    im: InstrumentedModel,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    metric: Metric,
+    grid: _Grid,
+    short: str,
+    layers: Sequence[int],
+) -> tuple[torch.Tensor, float, float]:
+    """AtP with each element's patch run exactly through one decoder layer (``mishax_py.attribution_layer``).
+
+    Returns (signed estimate [n_layers, ...], m_tgt, m_src).
+    """
+    n_layers, batch = im.n_layers, grid.batch
+    stops = [stop_layer(short, L) for L in layers]
+    post = {s: f"blocks.{s}.resid_post" for s in set(stops) if s < n_layers}
+    starts = {L: f"blocks.{L}.resid_pre" for L in layers}
+    src_store, m_src = _plain_run(im, source, metric, grid.names, grid.interventions, grid.hf)
+    store: dict[str, torch.Tensor] = {}
+    handlers = [(n, _keeper(store, n)) for n in dict.fromkeys([*starts.values(), *grid.names])]
+    handlers += [(n, _grad_recorder(store, n)) for n in post.values()]
+    with torch.enable_grad():
+        logits = _forward(im, target, handlers, grid.interventions, grid.hf)
+        m = _metric_per_replica(metric, logits, batch, need_grad=bool(post))[0]
+        grads = torch.autograd.grad(m, [store[n] for n in post.values()], allow_unused=True) if post else ()
+    m_tgt = float(m.detach())
+    grad_at = {n: (g if g is not None else torch.zeros_like(store[n])).detach().float()
+               for n, g in zip(post.values(), grads, strict=True)}
+    del logits, m, grads
+    per_chunk = max(1, grid.batch_size // batch)
+    plans = []
+    for n, L, s in zip(grid.names, layers, stops, strict=True):
+        masks, index, out_shape = element_masks(grid.kind, grid.by, tuple(store[n].shape[1:]), grid.pos_mask)
+        plans.append((n, L, s, masks, index, out_shape))
+    total = sum(len(p[4]) for p in plans)
+    bar = _progress(total, "attribution (exact layer per element)", grid.progress if total > per_chunk else False)
+    out = []
+    for n, L, s, masks, index, out_shape in plans:
+        est = torch.zeros(len(index))
+        for e0 in range(0, len(index), per_chunk):
+            chunk = masks[e0:e0 + per_chunk]
+            e = chunk.shape[0]
+            start = store[starts[L]].repeat(e, *([1] * (store[starts[L]].ndim - 1)))
+            hs: list[tuple[str, Handler]] = [(starts[L], lambda value, event, start=start: start.to(value.dtype)),
+                                             (n, patch_elements(chunk, src_store[n]))]
+            reached: dict[str, torch.Tensor] = {}
+            if s < n_layers:
+                hs.append((post[s], stopper(reached, post[s])))
+            with torch.no_grad():
+                try:
+                    logits = _forward(im, target.repeat(e, 1), hs, grid.interventions,
+                                      _replicate_hf(grid.hf, batch, e), start_layer=L)
+                except StopForward:
+                    logits = None
+            if logits is None:
+                delta = (reached[post[s]].float().view(e, batch, *grad_at[post[s]].shape[1:])
+                         - store[post[s]].detach().float())
+                est[e0:e0 + e] = (delta * grad_at[post[s]]).flatten(1).sum(1).cpu()
+            else:  # the element's stop layer is past the last one: the patched run is exact
+                est[e0:e0 + e] = _metric_per_replica(metric, logits, batch, need_grad=False).float().cpu() - m_tgt
+            bar.update(e)
+        flat = torch.zeros(int(torch.tensor(out_shape).prod()) if out_shape else 1)
+        flat[index.cpu()] = est
+        out.append(flat.view(out_shape))
+    bar.close()
+    return torch.stack(out), m_tgt, m_src
 
 
 def _dropper(rows: torch.Tensor) -> Handler:

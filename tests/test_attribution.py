@@ -39,17 +39,7 @@ def exact_patching(im, source, target, metric, site, by, layers=None):
     out = []
     for n in names:
         s = cache[n]
-        A = slice(None)
-        if kind == "stream":
-            grid = [[(A, p)] for p in range(s.shape[1])]
-        elif kind == "head":
-            grid = {"head": [[(A, A, h)] for h in range(s.shape[2])],
-                    "pos": [[(A, p)] for p in range(s.shape[1])],
-                    "head_pos": [[(A, p, h) for p in range(s.shape[1])] for h in range(s.shape[2])]}[by]
-        else:
-            grid = {"head": [[(A, h)] for h in range(s.shape[1])],
-                    "pos": [[(A, A, p)] for p in range(s.shape[2])],
-                    "head_pos": [[(A, h, p) for p in range(s.shape[2])] for h in range(s.shape[1])]}[by]
+        grid = element_slices(kind, by, s.shape)
         flat = [ix for row in grid for ix in row]
 
         def make_hook(s, flat):
@@ -66,6 +56,23 @@ def exact_patching(im, source, target, metric, site, by, layers=None):
         vals = torch.tensor([float(metric(logits[i * b:(i + 1) * b])) - base for i in range(len(flat))])
         out.append(vals.view(len(grid), -1) if by == "head_pos" else vals)
     return torch.stack(out)
+
+
+def element_slices(kind: str, by: str, shape) -> list[list[tuple]]:
+    """The elements of one layer's grid as index tuples into a site value of ``shape`` (batch first),
+    one row of the result per row of the ``by`` grid (``head_pos``: a row per head)."""
+    A = slice(None)
+    if by == "layer":
+        return [[(A,)]]
+    if kind == "stream":
+        return [[(A, p)] for p in range(shape[1])]
+    if kind == "head":
+        return {"head": [[(A, A, h)] for h in range(shape[2])],
+                "pos": [[(A, p)] for p in range(shape[1])],
+                "head_pos": [[(A, p, h) for p in range(shape[1])] for h in range(shape[2])]}[by]
+    return {"head": [[(A, h)] for h in range(shape[1])],
+            "pos": [[(A, A, p)] for p in range(shape[2])],
+            "head_pos": [[(A, h, p) for p in range(shape[2])] for h in range(shape[1])]}[by]
 
 
 def linearise_norm(norm, gain: float = 1e15) -> None:

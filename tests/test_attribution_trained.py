@@ -104,6 +104,19 @@ def test_resid_pre_by_layer_pos(zoo, task):
 
 
 @pytest.mark.parametrize("task", ["induction", "recall"])
+def test_atp_layer_tracks_exact_patching(zoo, task):
+    """AtP with each element's own layer run exactly: >= 0.8 on resid_pre by (layer, pos) and attn.z by head."""
+    im, data = zoo
+    clean, corrupt, metric = data[task]
+    for site, by, floor in (("resid_pre", "pos", 0.8), ("attn.z", "head", 0.95)):
+        exact = _exact(im, clean, corrupt, metric, site, by)
+        est = attribution_patching(im, clean, corrupt, metric, site, by, method="atp-layer")
+        r = pearson(est.values, exact.values)
+        print(f"{task} {site} by {by} atp-layer: Pearson {r:.3f}")
+        assert r >= floor
+
+
+@pytest.mark.parametrize("task", ["induction", "recall"])
 def test_resid_pre_noising_with_integrated_gradients(zoo, task):
     """Noising (corrupt into clean, the AtP paper's direction): both IG paths track exact patching on both tasks."""
     im, data = zoo
