@@ -20,9 +20,10 @@ than two forwards and a backward either way).
 
 Accuracy: on the bundled trained ``gemma2-tiny`` (induction and key-value recall prompt
 pairs from ``mishax_py.zoo.tasks``), Pearson correlation between the estimates (AtP, AtP*,
-IG per layer, IG along the input path) and exact activation patching, for ``resid_pre`` by
-(layer, pos), ``attn.z`` by head and ``attn.q`` by head (where AtP*'s QK fix matters),
-denoising and noising.
+AtP with each element's layer exact, IG per layer, IG along the input path) and exact
+activation patching, for ``resid_pre`` by (layer, pos), ``attn.z`` by head and ``attn.q`` by
+head (where AtP*'s QK fix matters), denoising and noising. ``--seeds N`` repeats the
+``resid_pre``/``attn.z`` rows on N more prompt sets per task.
 
 Circuits (``--circuits``): on one recall prompt, the transcoder attribution graph (completeness
 error, pruned size, JSON + PNG written to ``--out``) and whether ablating the features with the
@@ -142,14 +143,17 @@ def speed(quick: bool) -> None:
         _, t_all = timed(lambda c=corrupt: attribution_patching_sites(im, clean, c, metric, THREE))
         print(f"    resid_pre + attn.z + mlp_out: three attribution_patching calls {t_sep:.3f} s, one "
               f"attribution_patching_sites {t_all:.3f} s -> {t_sep / t_all:.2f}x")
-        for method in ("ig", "ig-input"):  # the integrated-gradients estimates, against the same loop
+        for method in ("atp-layer", "ig", "ig-input"):  # the slower estimates, against the same loop
             _, t_ig = timed(lambda c=corrupt, m=method: attribution_patching(im, clean, c, metric, "resid_pre",
                                                                             method=m, steps=16), 1)
-            print(f"    {method} (16 steps): {t_ig:.2f} s -> {t_loop / t_ig:.1f}x faster than the plain loop, "
-                  f"{t_ig / t_atp:.1f}x the time of AtP")
+            what = method if method == "atp-layer" else f"{method} (16 steps)"
+            line = f"    {what}: {t_ig:.2f} s -> {t_loop / t_ig:.1f}x faster than the plain loop"
+            if activation_patching is not None:
+                line += f", {t_batched / t_ig:.1f}x faster than batched activation_patching"
+            print(line + f", {t_ig / t_atp:.1f}x the time of AtP")
 
 
-def accuracy() -> None:
+def accuracy(seeds: int = 0) -> None:
     try:
         from mishax_py.zoo import load
         model, _tok = load("gemma2-tiny")
@@ -165,19 +169,44 @@ def accuracy() -> None:
             for site, by in (("resid_pre", "pos"), ("attn.z", "head"), ("attn.q", "head")):
                 with torch.no_grad():
                     exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction)
-                for method in ("atp", "atp*", "ig", "ig-input"):
+                for method in ("atp", "atp*", "atp-layer", "ig", "ig-input"):
                     est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16,
                                                direction=direction)
                     r = pearson(est.values, exact.values)
-                    print(f"    {direction:<7} {site} by {by:<4} {method:<5} Pearson {r:.3f}")
+                    print(f"    {direction:<7} {site} by {by:<4} {method:<9} Pearson {r:.3f}")
+    if seeds:
+        more_seeds(model, seeds)
 
 
-def trained_tasks() -> dict[str, tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
-    """Prompt pairs and metrics on the zoo tasks (shared with tests/test_attribution_trained.py)."""
+def more_seeds(model, n: int) -> None:
+    """Pearson r of AtP, atp-layer and IG on ``n`` more prompt sets per task: min .. max over the sets."""
+    from mishax_py.patching import activation_patching
+
+    im = g2.instrument(model)
+    rows: dict[tuple[str, str, str, str], list[float]] = {}
+    for k in range(1, n + 1):
+        for task, (clean, corrupt, metric) in trained_tasks(11 + 100 * k, 12 + 100 * k).items():
+            for direction in ("denoise", "noise"):
+                for site, by in (("resid_pre", "pos"), ("attn.z", "head")):
+                    with torch.no_grad():
+                        exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction)
+                    for method in ("atp", "atp-layer", "ig"):
+                        est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16,
+                                                   direction=direction)
+                        rows.setdefault((task.split(" ")[0], direction, f"{site} by {by}", method), []).append(
+                            pearson(est.values, exact.values))
+    print(f"gemma2-tiny, {n} more prompt sets per task (seeds 11/12 + 100 k): Pearson min .. max")
+    for (task, direction, grid, method), rs in rows.items():
+        print(f"    {task:<9} {direction:<7} {grid:<19} {method:<9} {min(rs):.3f} .. {max(rs):.3f}")
+
+
+def trained_tasks(induction_seed: int = 11, recall_seed: int = 12
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Prompt pairs and metrics on the zoo tasks (the default seeds are tests/test_attribution_trained.py's)."""
     from mishax_py.zoo import tasks
 
     out = {}
-    clean, corrupt = tasks.induction_clean_corrupt(8, seq_len=10, seed=11)
+    clean, corrupt = tasks.induction_clean_corrupt(8, seq_len=10, seed=induction_seed)
     scored = clean.labels[:, 1:] != tasks.IGNORE_INDEX
     targets = clean.labels[:, 1:].clamp(min=0)
 
@@ -186,7 +215,7 @@ def trained_tasks() -> dict[str, tuple[torch.Tensor, torch.Tensor, Callable[[tor
         return (lp * scored).sum() / scored.sum()
 
     out["induction (mean log-prob of the repeat)"] = (clean.input_ids, corrupt.input_ids, induction_metric)
-    clean, corrupt = tasks.recall_clean_corrupt(8, n_pairs=6, seed=12)
+    clean, corrupt = tasks.recall_clean_corrupt(8, n_pairs=6, seed=recall_seed)
     pos = int(clean.info["answer_pos"][0])
     right, wrong = clean.info["answer"], corrupt.info["answer"]
     rows = torch.arange(clean.input_ids.shape[0])
@@ -318,6 +347,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-layer model, loop baseline sampled")
     parser.add_argument("--no-speed", action="store_true", help="only the accuracy report")
     parser.add_argument("--no-accuracy", action="store_true", help="no accuracy report")
+    parser.add_argument("--seeds", type=int, default=0, help="repeat the accuracy report on N more prompt sets")
     parser.add_argument("--circuits", action="store_true", help="also the graph / feature-circuit report")
     parser.add_argument("--out", default=".", help="where --circuits writes its graph JSON and PNG")
     parser.add_argument("--threads", type=int, default=1,
@@ -327,7 +357,7 @@ def main() -> None:
     if not args.no_speed:
         speed(args.quick)
     if not args.no_accuracy:
-        accuracy()
+        accuracy(args.seeds)
     if args.circuits:
         circuits(args.out)
 

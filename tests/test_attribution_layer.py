@@ -65,7 +65,7 @@ def reference(im, source, target, site, by, layers, positions=None, intervention
                     vals.append(0.0)
                     continue
 
-                def patch(v, ix=ix, s=src[name]):
+                def patch(v, ix=ix, s=src[name], kind=kind):
                     v = v.clone()
                     if by == "layer" and positions is not None:
                         axis = 2 if kind == "map" else 1
