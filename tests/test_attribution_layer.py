@@ -144,6 +144,19 @@ def test_atp_layer_positions_and_interventions(tiny_im, ids):
     assert active_context() is None
 
 
+def test_atp_layer_skips_elements_equal_in_both_runs(tiny_im, ids):
+    """One differing token: the elements before it are equal in both runs (effect 0, not run); the rest as the
+    reference."""
+    im = tiny_im
+    corrupt = ids.clone()
+    corrupt[:, 6] = 9
+    for site, by in (("resid_pre", "pos"), ("attn.z", "head_pos")):
+        res = attribution_patching(im, ids, corrupt, _metric, site, by, method="atp-layer")
+        ref = reference(im, ids, corrupt, site, by, list(range(im.n_layers)))
+        assert (res.effects - ref).abs().max() <= 1e-4, site
+        assert bool((res.effects[..., :6] == 0).all()) and bool((res.effects[..., 6:] != 0).any())
+
+
 def test_element_masks_cover_each_element_once():
     pos_mask = torch.tensor([True, False, True, True])
     masks, index, shape = element_masks("head", "head_pos", (4, 3, 8), pos_mask)

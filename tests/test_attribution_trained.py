@@ -3,16 +3,16 @@
 The numbers these tests check are printed by ``python benchmarks/attribution.py --no-speed``.
 Measured (8 prompt pairs per task; Pearson over the whole grid; denoise / noise):
 
-===============================  =============  =============  =============
-grid                              AtP            AtP*           IG(16)
-===============================  =============  =============  =============
-induction, attn.z by head         0.996 / -0.05  0.996 / -0.05  0.987 / 0.64
-recall, attn.z by head            1.000 / 0.99   1.000 / 0.99   0.990 / 1.00
-induction, attn.q by head         0.53 / 0.79    0.97 / 0.97    0.85 / 0.99
-recall, attn.q by head           -0.03 / 0.02    1.00 / 0.99    0.99 / 1.00
-induction, resid_pre by (L, pos)  0.65 / 0.00    0.65 / 0.00    0.74 / 0.89
-recall, resid_pre by (L, pos)     0.72 / 0.69    0.72 / 0.69    1.00 / 1.00
-===============================  =============  =============  =============
+===============================  =============  =============  =============  =============
+grid                              AtP            AtP*           atp-layer      IG(16)
+===============================  =============  =============  =============  =============
+induction, attn.z by head         0.996 / -0.05  0.996 / -0.05  0.999 / 0.58   0.987 / 0.64
+recall, attn.z by head            1.000 / 0.99   1.000 / 0.99   1.000 / 1.00   0.990 / 1.00
+induction, attn.q by head         0.53 / 0.79    0.97 / 0.97    0.98 / 0.99    0.85 / 0.99
+recall, attn.q by head           -0.03 / 0.02    1.00 / 0.99    1.00 / 1.00    0.99 / 1.00
+induction, resid_pre by (L, pos)  0.65 / 0.00    0.65 / 0.00    0.93 / 0.29    0.74 / 0.89
+recall, resid_pre by (L, pos)     0.72 / 0.69    0.72 / 0.69    0.86 / 0.85    1.00 / 1.00
+===============================  =============  =============  =============  =============
 
 IG along the input path (``method="ig-input"``): resid_pre 0.60 / 0.93 (induction),
 0.97 / 0.97 (recall); attn.z 0.91 / 0.29 and 0.99 / 1.00.
@@ -20,13 +20,16 @@ IG along the input path (``method="ig-input"``): resid_pre 0.60 / 0.93 (inductio
 Plain AtP on ``resid_pre`` stays below 0.8: this model is extremely confident (the recall
 logit difference moves by 26 between the runs), patching the one differing token position
 flips the answer at every layer, and the gradient at the target run sees the flat,
-saturated side of that switch (0.7 at layer 0 for an exact 26.4). Integrated gradients
-follows the switch (1.00 on recall); on induction single-position patches interact
-strongly (each first-half token restores its own link), which neither a first-order
-estimate nor IG's joint per-layer path captures (0.65 / 0.74 denoising). Noising induction
-starts from repeat tokens at log-prob ~0, where the metric's gradient vanishes (AtP -0.05 on
-heads). The QK fix of AtP* repairs the query sites, where the nonlinearity is the attention
-softmax itself. ``check_attribution`` exposes such failures from a few exact patches.
+saturated side of that switch (0.7 at layer 0 for an exact 26.4). On induction single-position
+patches interact (a first-half token restored alone points the induction head at a
+still-corrupted successor), which IG's joint per-layer path averages away (0.74 denoising).
+``atp-layer`` runs each element's patch exactly through the layer whose attention reads it
+and linearises only after: both effects happen inside that layer, so it tracks exact patching
+denoising (0.93 / 0.86; 0.83 .. 0.96 over five more prompt sets per task). Noising induction
+starts from repeat tokens at log-prob ~0, where the metric's gradient vanishes: every estimate
+that takes the gradient at the target run fails there (AtP -0.05 on heads); IG does not.
+The QK fix of AtP* repairs the query sites, where the nonlinearity is the attention softmax
+itself. ``check_attribution`` exposes such failures from a few exact patches.
 """
 
 from __future__ import annotations
