@@ -78,7 +78,8 @@ def test_results_json_holds_every_section(demo: tuple[Path, dict]) -> None:
     heads = r["induction_heads"]["heads"]
     assert heads and all(0 <= lay < n_layers and 0 <= h < n_heads for lay, h in heads)
     at = r["attribution_patching"]  # the estimates, and their Pearson r with the exact grids written out
-    for key, exact in (("attn_z", p["attn_z"]["values"]), ("resid_pre", p["resid_pre"]["values"])):
+    for key, exact in (("attn_z", p["attn_z"]["values"]), ("resid_pre", p["resid_pre"]["values"]),
+                       ("atp_layer_resid_pre", p["resid_pre"]["values"])):
         est = torch.tensor(at[f"{key}_values"]).flatten().double()
         est = est - est.mean()
         ex = torch.tensor(exact).flatten().double()
@@ -86,6 +87,7 @@ def test_results_json_holds_every_section(demo: tuple[Path, dict]) -> None:
         r_want = float((est * ex).sum() / (est.norm() * ex.norm()))
         assert at[f"pearson_{key}"] == pytest.approx(r_want, abs=1e-6)
     assert at["pearson_attn_z"] > 0.9 and {tuple(h) for h in at["top_heads"]} == {tuple(h) for h in heads}
+    assert at["pearson_atp_layer_resid_pre"] > max(0.8, at["pearson_resid_pre"])  # the layer-exact estimate helps
     assert r["induction_heads"]["labels"] == [f"L{lay}H{h}" for lay, h in heads]
     gt = r["ground_truth"]
     assert gt["accuracy_named_ablated"] < 0.5 <= gt["accuracy_others_mean"]
