@@ -118,6 +118,7 @@ q, k]`` temporaries bounded by ``attribution_qk.MAX_CHUNK_ELEMENTS``. Long runs 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -783,7 +784,7 @@ def _atp_layer(
             else:  # the element's stop layer is past the last one: the patched run is exact
                 est[e0:e0 + e] = _metric_per_replica(metric, logits, batch, need_grad=False).float().cpu() - m_tgt
             bar.update(e)
-        flat = torch.zeros(int(torch.tensor(out_shape).prod()) if out_shape else 1)
+        flat = torch.zeros(math.prod(out_shape))
         flat[index.cpu()] = est
         out.append(flat.view(out_shape))
     bar.close()
