@@ -301,18 +301,35 @@ def test_parse_hub_refs_and_canonical_table() -> None:
         "blocks.3.hook_resid_post/sae_weights.safetensors",
     )
     with pytest.raises(ValueError, match="no canonical entry .*register_canonical"):
-        parse_hub_ref("google/gemma-scope-2b-pt-att/layer_3/width_16k/canonical")
+        parse_hub_ref("google/gemma-scope-2b-pt-transcoders/layer_3/width_16k/canonical")
+    with pytest.raises(ValueError, match="no canonical entry"):  # a width without a canonical SAE at that layer
+        parse_hub_ref("google/gemma-scope-2b-pt-res/layer_3/width_1m/canonical")
+    assert parse_hub_ref("google/gemma-scope-9b-pt-att/layer_41/width_131k/canonical").files[0].startswith(
+        "layer_41/width_131k/average_l0_")
     with pytest.raises(ValueError, match="owner/repo/path"):
         parse_hub_ref("google/gemma-scope-2b-pt-res")
     from saes.canonical import CANONICAL_L0, register_canonical
 
-    register_canonical("google/gemma-scope-2b-pt-att", 3, "16k", 55)
+    register_canonical("google/gemma-scope-2b-pt-transcoders", 3, "16k", 55)
     try:
-        assert parse_hub_ref("google/gemma-scope-2b-pt-att/layer_3/width_16k/canonical").files == (
+        assert parse_hub_ref("google/gemma-scope-2b-pt-transcoders/layer_3/width_16k/canonical").files == (
             "layer_3/width_16k/average_l0_55/params.npz",
         )
     finally:
-        del CANONICAL_L0["google/gemma-scope-2b-pt-att"]
+        del CANONICAL_L0["google/gemma-scope-2b-pt-transcoders"]
+
+
+def test_canonical_table_covers_every_layer() -> None:
+    """Each pt release lists a canonical 16k SAE for every layer (2B: 26, 9B: 42), and its second width too."""
+    from saes.canonical import CANONICAL_L0
+
+    for size, n_layers, wide in (("2b", 26, "65k"), ("9b", 42, "131k")):
+        for kind in ("res", "mlp", "att"):
+            table = CANONICAL_L0[f"google/gemma-scope-{size}-pt-{kind}"]
+            for width in ("16k", wide):
+                assert {f"{L}/{width}" for L in range(n_layers)} <= set(table), (size, kind, width)
+    for table in CANONICAL_L0.values():
+        assert all(isinstance(n, int) and 1 <= n <= 1000 for n in table.values())
 
 
 # --------------------------------------------------------------------- hub
