@@ -108,11 +108,19 @@ def _cache_faults(keep: str) -> dict:
 
 @pytest.mark.skipif(memory._glibc() is None, reason="the allocator settings are glibc's")
 def test_repeated_caches_reuse_memory_instead_of_faulting():
-    default = _cache_faults("0")
-    pages = default["pages"]
-    # the control: with glibc's defaults a freed cache goes back to the kernel and the next one faults its pages
-    # in. (Later runs may fault less: glibc's dynamic thresholds adapt, e.g. [52644, 34177, 9952, 6113].)
-    assert default["faults"][1] > 0.5 * pages, default
+    # the control: with glibc's defaults a freed cache goes back to the kernel and a later one faults its pages
+    # in. Which later run does varies, since glibc's dynamic thresholds adapt (seen: [52644, 34177, 9952, 6113]
+    # and [46853, 1024, 0, 34433] of 36096 pages), so the control takes the largest of runs 2-4, in up to two
+    # processes.
+    controls = []
+    for _ in range(2):
+        default = _cache_faults("0")
+        pages = default["pages"]
+        controls.append(default["faults"])
+        if max(default["faults"][1:]) > 0.5 * pages:
+            break
+    else:
+        pytest.fail(f"control: glibc's defaults did not fault a freed cache back in: {controls}, pages {pages}")
     # kept: the next cache reuses the freed heap. A few MB of heap growth from fragmentation are seen at times
     # (0-2304 faults of 36096 pages on an Intel Xeon, 0-2 on an AMD EPYC); up to three processes are measured,
     # and one that reuses its memory is the claim.
