@@ -4,6 +4,8 @@
   Ameisen et al. 2025): a linear replacement model with frozen attention patterns and
   norm scales, direct attributions between tokens, transcoder features, error nodes and
   logits, influence pruning, Neuronpedia-compatible JSON and a matplotlib rendering.
+* :mod:`mishax_py.circuits.replacement` -- interventions that run a prompt's local replacement
+  model (with feature clamps), to check a graph's claims in the model it describes.
 * :mod:`mishax_py.circuits.feature_circuits` -- sparse feature circuits (Marks et al. 2024):
   attribution of a metric to SAE features and error nodes, edges between successive sites,
   thresholded circuits, faithfulness and completeness by ablation.
@@ -24,6 +26,7 @@ from mishax_py.circuits.graph import (
     load_graph_json,
     render_graph,
 )
+from mishax_py.circuits.replacement import replacement_interventions
 
 __all__ = [
     "AttributionGraph",
@@ -33,4 +36,5 @@ __all__ = [
     "feature_circuit",
     "load_graph_json",
     "render_graph",
+    "replacement_interventions",
 ]

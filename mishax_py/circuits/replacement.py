@@ -1,0 +1,166 @@
+"""Run a prompt's *local replacement model*, to check an attribution graph's claims in the model it describes.
+
+An attribution graph (:mod:`mishax_py.circuits.graph`) is exact for the local replacement model
+of its prompt: every MLP replaced by its transcoder plus the error it leaves on that prompt,
+attention patterns and RMSNorm scales frozen at their values there. A feature clamp in the
+*real* model can disagree with the graph for reasons the graph cannot see (a norm rescaling
+the change away, an attention pattern moving). :func:`replacement_interventions` builds the
+interventions that make an ordinary run compute the replacement model -- optionally with
+feature clamps, and with the attention or norm freezing switched off one at a time -- so a
+study can tell "the graph is wrong about its own model" (it is not: it is linear there, up to
+features switching on or off) from "the model does something the frozen parts hide".
+
+.. code-block:: python
+
+    ivs = replacement_interventions(im, ids, transcoders, clamps=[(layer, pos, feature, 0.0)])
+    logits = im.run(ids, interventions=ivs)        # the replacement model, feature ablated
+    im.run(ids, interventions=replacement_interventions(im, ids, transcoders))   # == im.run(ids)
+
+Without clamps the run reproduces the model's own logits (every frozen value is the
+prompt's own). Frozen values belong to ``ids``: the interventions refuse a run on inputs of
+another shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mishax_py.circuits.graph import _transcoder_map
+from mishax_py.instrumented import as_ids
+from mishax_py.interventions import Hook
+
+if TYPE_CHECKING:
+    from mishax_py.instrumented import InstrumentedModel
+
+__all__ = ["replacement_interventions"]
+
+Clamp = tuple[int, int, int, float]  # (layer, position, feature, value)
+
+
+def replacement_interventions(
+    im: InstrumentedModel,
+    ids: Any,
+    transcoders: Any,
+    clamps: Sequence[Clamp] = (),
+    *,
+    freeze_attention: bool = True,
+    freeze_norms: bool = True,
+) -> dict[str, list[Hook]]:
+    """Interventions that run ``ids`` through its local replacement model, with feature clamps.
+
+    Args:
+        im: the instrumented model.
+        ids: the prompt (``[pos]`` or ``[batch, pos]``) whose replacement model to build.
+        transcoders: as for :func:`~mishax_py.circuits.graph.attribution_graph` (``{layer: tc}``
+            or a list with ``site``/``output_site``). Layers without one keep their MLP output
+            on ``ids`` as a constant (the graph's error node).
+        clamps: ``(layer, position, feature, value)``: set that transcoder feature's activation
+            at that position to ``value`` (0 ablates it), before decoding.
+        freeze_attention: attention patterns fixed at their values on ``ids`` (as in the graph).
+        freeze_norms: the scales of ``ln1``, the post-attention norm, ``ln2`` and the final norm
+            fixed at their values on ``ids`` (as in the graph): ``y = x * (y0 / x0)``.
+
+    Returns:
+        ``{site: [Hook, ...]}`` for ``im.run(ids, interventions=...)``.
+    """
+    ids = as_ids(ids, im.model)
+    tcs = _transcoder_map(im, transcoders)
+    n_layers, n_pos = im.n_layers, ids.shape[1]
+    checked = [_check_clamp(c, tcs, n_pos) for c in clamps]
+    last = f"blocks.{n_layers - 1}.resid_post"
+    norms = [(f"blocks.{L}.resid_pre", f"blocks.{L}.ln1") for L in range(n_layers)]
+    norms += [(f"blocks.{L}.attn_out_pre_norm", f"blocks.{L}.attn_out") for L in range(n_layers)]
+    norms += [(f"blocks.{L}.resid_mid", f"blocks.{L}.ln2_normalized") for L in range(n_layers)]
+    norms += [(last, "ln_final")]
+    sites = {s for pair in norms for s in pair} | {site for _, site in tcs.values()}
+    sites |= {f"blocks.{L}.{s}" for L in range(n_layers) for s in ("attn.pattern", "mlp_out")}
+    with torch.no_grad():
+        _, base = im.run_with_cache(ids, sites=sorted(sites))
+        error = {}
+        for L in range(n_layers):
+            y = base[f"blocks.{L}.mlp_out"]
+            error[L] = y if L not in tcs else y - _decode(tcs[L][0], _features(tcs[L][0], base[tcs[L][1]]),
+                                                          base[tcs[L][1]]).to(y.dtype)
+    current: dict[str, torch.Tensor] = {}  # this run's values of the sites other hooks read
+    out: dict[str, list[Hook]] = {}
+
+    def add(site: str, fn: Any) -> None:
+        out.setdefault(site, []).append(Hook(_shape_checked(fn, site, tuple(base[site].shape))))
+
+    def keep(name: str) -> Any:
+        def fn(value: torch.Tensor) -> None:
+            current[name] = value
+
+        return fn
+
+    if freeze_norms:
+        for x_site, y_site in norms:
+            x0, y0 = base[x_site], base[y_site]
+            scale = torch.where(x0 != 0, y0 / torch.where(x0 != 0, x0, torch.ones_like(x0)), torch.zeros_like(x0))
+            add(x_site, keep(x_site))
+            add(y_site, lambda value, x_site=x_site, scale=scale: current[x_site] * scale.to(value.dtype))
+    if freeze_attention:
+        for L in range(n_layers):
+            pattern = base[f"blocks.{L}.attn.pattern"]
+            add(f"blocks.{L}.attn.pattern", lambda value, pattern=pattern: pattern.to(value.dtype))
+    for L in range(n_layers):
+        if L not in tcs:
+            add(f"blocks.{L}.mlp_out", lambda value, err=error[L]: err.to(value.dtype))
+            continue
+        tc, in_site = tcs[L]
+        add(in_site, keep(in_site))
+        edits = [(p, f, v) for layer, p, f, v in checked if layer == L]
+
+        def mlp(value: torch.Tensor, tc: Any = tc, in_site: str = in_site, edits: list = edits,
+                err: torch.Tensor = error[L]) -> torch.Tensor:
+            x = current[in_site]
+            f = _features(tc, x)
+            if edits:
+                f = f.clone()
+                for p, i, v in edits:
+                    f[:, p, i] = v
+            return (_decode(tc, f, x) + err.float()).to(value.dtype)
+
+        add(f"blocks.{L}.mlp_out", mlp)
+    return out
+
+
+def _check_clamp(clamp: Any, tcs: dict[int, Any], n_pos: int) -> Clamp:
+    try:
+        layer, pos, feature, value = clamp
+        layer, pos, feature, value = int(layer), int(pos), int(feature), float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"a clamp is (layer, position, feature, value), got {clamp!r}") from None
+    if layer not in tcs:
+        raise ValueError(f"clamp {clamp!r}: layer {layer} has no transcoder (layers with one: {sorted(tcs)})")
+    if not 0 <= pos < n_pos:
+        raise ValueError(f"clamp {clamp!r}: position {pos} is outside the prompt's {n_pos} positions")
+    d_sae = tcs[layer][0].W_dec.shape[0]
+    if not 0 <= feature < d_sae:
+        raise ValueError(f"clamp {clamp!r}: feature {feature} is outside layer {layer}'s {d_sae} features")
+    return layer, pos, feature, value
+
+
+def _features(tc: Any, x: torch.Tensor) -> torch.Tensor:
+    return tc.activation(tc.pre_acts(x).float().clone())  # (an activation may work in place)
+
+
+def _decode(tc: Any, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = tc.decode(f.to(tc.W_dec.dtype)).float()
+    skip = tc.skip_term(x) if hasattr(tc, "skip_term") else None
+    return out if skip is None else out + skip.float()
+
+
+def _shape_checked(fn: Any, site: str, shape: tuple[int, ...]) -> Any:
+    def checked(value: torch.Tensor) -> torch.Tensor | None:
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"replacement_interventions were built for a prompt with {site!r} of shape {shape}; this run has "
+                f"{tuple(value.shape)} (build them for the ids you run)"
+            )
+        return fn(value)
+
+    return checked
