@@ -29,7 +29,10 @@ Circuits (``--circuits``): on one recall prompt, the transcoder attribution grap
 error, pruned size, JSON + PNG written to ``--out``) and whether ablating the features with the
 strongest edges into the answer moves it the way the graph says; then sparse feature
 circuits with residual SAEs at every layer and their faithfulness / completeness. Bundled
-SAEs/transcoders are used when present, else small ones are trained on task data first.
+SAEs/transcoders are used when present, else small ones are trained on task data first. The
+ablations are also run in the prompt's local replacement model (``replacement_interventions``),
+where the graph is exact, and with its attention patterns or norm scales live, to show which
+frozen part a disagreement with the real model comes from.
 """
 
 from __future__ import annotations
@@ -264,7 +267,7 @@ def _quick_dictionary(x: torch.Tensor, y: torch.Tensor, d_sae: int, site: str, o
 def circuits(out_dir: str) -> None:
     """Transcoder attribution graph and a sparse feature circuit on the bundled gemma2-tiny (recall task)."""
     import saes
-    from mishax_py.circuits import attribution_graph, feature_circuit
+    from mishax_py.circuits import attribution_graph, feature_circuit, replacement_interventions
     from mishax_py.zoo import load, tasks
     from mishax_py.zoo.saes import has_saes, load_saes
 
@@ -320,16 +323,26 @@ def circuits(out_dir: str) -> None:
     base = logit()
     predicted = graph.ablation_effects(target)  # direct edges + chains through active features
     last = graph.features[:, 1] == graph.n_pos - 1
+    # the same ablation in the real model, and in the replacement model the graph describes (all frozen, then
+    # with the attention patterns or the norm scales live)
+    models = {"real": None, "replacement": {}, "patterns live": {"freeze_attention": False},
+              "norms live": {"freeze_norms": False}}
     for where, pool in (("anywhere", torch.ones_like(last)), ("at the answer position", last)):
-        agree = 0
+        agree = dict.fromkeys(models, 0)
         cand = predicted.abs().masked_fill(~pool, -1.0)
         for i in cand.topk(5).indices.tolist():
             L, p, f = (int(v) for v in graph.features[i])
-            moved = logit(saes.splice(tcs[L], edit=saes.FeatureClamp([f], 0.0, positions=[p]))) - base
-            agree += (moved * float(predicted[i])) > 0
+            moved = {}
+            for name, kw in models.items():
+                ivs = (saes.splice(tcs[L], edit=saes.FeatureClamp([f], 0.0, positions=[p])) if kw is None
+                       else replacement_interventions(im, ids, tcs, [(L, p, f, 0.0)], **kw))
+                moved[name] = logit(ivs) - base
+                agree[name] += (moved[name] * float(predicted[i])) > 0
             print(f"    ablate {L}_{f}_{p}: graph predicts {float(predicted[i]):+.3f} for {answer!r} (direct edge "
-                  f"{float(graph.adjacency[target, i]):+.3f}); the model moves {moved:+.3f}")
-        print(f"  top 5 features {where}: {agree}/5 ablations move the logit the way the graph predicts")
+                  f"{float(graph.adjacency[target, i]):+.3f}); moves: " + ", ".join(f"{k} {v:+.3f}"
+                                                                                    for k, v in moved.items()))
+        print(f"  top 5 features {where}: ablations that move the logit the way the graph predicts: "
+              + ", ".join(f"{k} {v}/5" for k, v in agree.items()))
 
     right, wrong, rows = clean.info["answer"], corrupt.info["answer"], torch.arange(8)
 
