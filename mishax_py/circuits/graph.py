@@ -39,6 +39,13 @@ ln2_normalized`` and ``resid_post`` (last layer) ``-> ln_final``. Attention patt
 detached at ``attn.pattern``. A layer without a transcoder keeps its MLP output as a single
 error node per position.
 
+Checking claims: :meth:`AttributionGraph.clamp_effect` is exact in the replacement model
+(:func:`mishax_py.circuits.replacement.replacement_interventions` runs it, with clamps) up to
+features switching on or off. The real model can disagree where the frozen parts matter: on
+the bundled ``gemma2-tiny``'s confident recall answer the final norm rescales a change along
+the dominant answer direction away, so real ablations move the logit ~10x less than the graph
+says and sometimes the other way (``benchmarks/RESULTS.md``).
+
 Pruning follows circuit-tracer: normalise ``|A|`` by rows, node influence on the logits
 (weighted by their probabilities) is ``w (A + A^2 + ...)``; keep the nodes carrying
 ``node_threshold`` of the cumulative influence (tokens and logits always), then the edges
