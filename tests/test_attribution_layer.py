@@ -123,6 +123,15 @@ def test_atp_layer_is_exact_past_the_last_layer(tiny_im, ids):
                 exact = activation_patching(im, ids, corrupt, _metric, site, by, layers=last, direction=direction)
             assert est.axes == exact.axes and est.labels == exact.labels
             assert (est.values - exact.values).abs().max() <= 1e-4, (site, by, direction)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1: the replicas carry the mask too
+    est = attribution_patching(im, ids, corrupt, _metric, "attn.z", "head", method="atp-layer", layers=last,
+                               attention_mask=mask)
+    with torch.no_grad():
+        exact = activation_patching(im, ids, corrupt, _metric, "attn.z", "head", layers=last, attention_mask=mask)
+        unmasked = activation_patching(im, ids, corrupt, _metric, "attn.z", "head", layers=last)
+    assert (est.values - exact.values).abs().max() <= 1e-4
+    assert (exact.values - unmasked.values).abs().max() > 1e-4  # the mask mattered
 
 
 def test_atp_layer_positions_and_interventions(tiny_im, ids):
