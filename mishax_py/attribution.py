@@ -109,7 +109,8 @@ Methods
 Performance and memory: AtP is two forward passes and one backward pass whatever the
 number of elements. Only the requested sites are kept (plus ``rot_q``/``rot_k``/
 ``scores``/``pattern`` for the QK fix). GradDrop, IG and atp-layer replicate the batch; the
-replicas run in chunks of at most ``batch_size`` rows (default: 8 x the input batch),
+replicas run in chunks of at most ``batch_size`` rows (default: 8 x the input batch; 32 x
+for atp-layer, whose replicas run one layer without gradients),
 so memory is bounded by ``batch_size`` rows whatever ``steps`` and the depth. The QK
 fix works layer by layer and head-chunk by head-chunk in float64, its ``[batch, heads,
 q, k]`` temporaries bounded by ``attribution_qk.MAX_CHUNK_ELEMENTS``. Long runs show a progress bar
