@@ -740,22 +740,15 @@ def _atp_layer(
     post = {s: f"blocks.{s}.resid_post" for s in set(stops) if s < n_layers}
     starts = {L: f"blocks.{L}.resid_pre" for L in layers}
     src_store, m_src = _plain_run(im, source, metric, grid.names, grid.interventions, grid.hf)
-    store: dict[str, torch.Tensor] = {}
-    handlers = [(n, _keeper(store, n)) for n in dict.fromkeys([*starts.values(), *grid.names])]
-    handlers += [(n, _grad_recorder(store, n)) for n in post.values()]
-    with torch.enable_grad():
-        logits = _forward(im, target, handlers, grid.interventions, grid.hf)
-        m = _metric_per_replica(metric, logits, batch, need_grad=bool(post))[0]
-        grads = torch.autograd.grad(m, [store[n] for n in post.values()], allow_unused=True) if post else ()
-    m_tgt = float(m.detach())
-    grad_at = {n: (g if g is not None else torch.zeros_like(store[n])).detach().float()
-               for n, g in zip(post.values(), grads, strict=True)}
-    del logits, m, grads
+    # the target run: values where replicas start and patch, the metric's gradient where they stop
+    store, grad_at, m_tgt = site_gradients(im, target, metric, list(dict.fromkeys([*starts.values(), *grid.names,
+                                                                                   *post.values()])),
+                                           interventions=grid.interventions, **grid.hf)
     per_chunk = max(1, grid.batch_size // batch)
     plans = []
     for n, L, s in zip(grid.names, layers, stops, strict=True):
         masks, index, out_shape = element_masks(grid.kind, grid.by, tuple(store[n].shape[1:]), grid.pos_mask)
-        differs = (src_store[n] != store[n].detach()).any(0)  # an element equal in both runs has effect 0
+        differs = (src_store[n] != store[n]).any(0)  # an element equal in both runs has effect 0
         changed = (masks & differs).flatten(1).any(1)
         plans.append((n, L, s, masks[changed], index[changed], out_shape))
     total = sum(len(p[4]) for p in plans)
@@ -779,8 +772,7 @@ def _atp_layer(
                 except StopForward:
                     logits = None
             if logits is None:
-                delta = (reached[post[s]].float().view(e, batch, *grad_at[post[s]].shape[1:])
-                         - store[post[s]].detach().float())
+                delta = reached[post[s]].float().view(e, batch, *grad_at[post[s]].shape[1:]) - store[post[s]].float()
                 est[e0:e0 + e] = (delta * grad_at[post[s]]).flatten(1).sum(1).cpu()
             else:  # the element's stop layer is past the last one: the patched run is exact
                 est[e0:e0 + e] = _metric_per_replica(metric, logits, batch, need_grad=False).float().cpu() - m_tgt
