@@ -627,16 +627,39 @@ def _prompt_state(im: InstrumentedModel, ids: torch.Tensor, tcs: dict[int, Any])
             continue
         tc, site = tcs[layer]
         x = cache[site][0]
-        pre = tc.pre_acts(x).float()
-        f = tc.activation(pre.clone()).float()
-        pred = tc.decode(f.to(tc.W_dec.dtype)).float()
-        skip = tc.skip_term(x) if hasattr(tc, "skip_term") else None
-        if skip is not None:
-            pred = pred + skip.float()
-        errors[layer] = y - pred
+        pre, f = _transcoder_features(tc, x)
+        errors[layer] = y - _transcoder_output(tc, f, x)
         feats[layer] = (pre, f)
     return {"logits": logits[0, -1].float(), "embed": cache["embed"][0].float(), "ln_final": cache["ln_final"][0],
             "feats": feats, "errors": errors}
+
+
+def _transcoder_features(tc: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pre-activations, activations)`` of a transcoder on its input ``x`` (float32)."""
+    pre = tc.pre_acts(x).float()
+    return pre, tc.activation(pre.clone()).float()  # clone: an activation may work in place
+
+
+def _transcoder_output(tc: Any, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What a transcoder writes for activations ``f`` on input ``x``: decoder (+ skip connection), float32."""
+    out = tc.decode(f.to(tc.W_dec.dtype)).float()
+    skip = tc.skip_term(x) if hasattr(tc, "skip_term") else None
+    return out if skip is None else out + skip.float()
+
+
+def _norm_pairs(n_layers: int) -> list[tuple[str, str]]:
+    """The RMSNorms the replacement model freezes, as ``(input site, output site)`` pairs."""
+    pairs = []
+    for layer in range(n_layers):
+        b = f"blocks.{layer}"
+        pairs += [(f"{b}.resid_pre", f"{b}.ln1"), (f"{b}.attn_out_pre_norm", f"{b}.attn_out"),
+                  (f"{b}.resid_mid", f"{b}.ln2_normalized")]
+    return [*pairs, (f"blocks.{n_layers - 1}.resid_post", "ln_final")]
+
+
+def _norm_scale(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``c = y / x`` elementwise (0 where ``x`` is 0): a norm's output as a fixed scale of its input."""
+    return torch.where(x != 0, y / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))
 
 
 def _freeze_norm(stash: dict[str, torch.Tensor], src: str) -> Handler:
@@ -645,8 +668,7 @@ def _freeze_norm(stash: dict[str, torch.Tensor], src: str) -> Handler:
     def h(y: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         x = stash[src]
         xd = x.detach().to(y.dtype)
-        c = torch.where(xd != 0, y.detach() / torch.where(xd != 0, xd, torch.ones_like(xd)), torch.zeros_like(xd))
-        return y.detach() + (x.to(y.dtype) - xd) * c
+        return y.detach() + (x.to(y.dtype) - xd) * _norm_scale(xd, y.detach())
 
     return h
 
@@ -760,23 +782,18 @@ def attribution_graph(
     R = batch_size
     stash: dict[str, torch.Tensor] = {}
     handlers: list[tuple[str, Handler]] = [("embed", _stash(stash, "embed", leaf=True))]
+    for x_site, y_site in _norm_pairs(n_layers):  # registered first: a site's stash below sees the frozen value
+        handlers += [(x_site, _stash(stash, x_site)), (y_site, _freeze_norm(stash, x_site))]
     for layer in range(n_layers):
         b = f"blocks.{layer}"
         tc, in_site = tcs.get(layer, (None, None))
         handlers += [
-            (f"{b}.resid_pre", _stash(stash, f"resid_pre{layer}")),
-            (f"{b}.ln1", _freeze_norm(stash, f"resid_pre{layer}")),
             (f"{b}.attn.pattern", _detach),
-            (f"{b}.attn_out_pre_norm", _stash(stash, f"aopn{layer}")),
-            (f"{b}.attn_out", _freeze_norm(stash, f"aopn{layer}")),
-            (f"{b}.resid_mid", _stash(stash, f"resid_mid{layer}")),
-            (f"{b}.ln2_normalized", _freeze_norm(stash, f"resid_mid{layer}")),
             (f"{b}.ln2_normalized", _stash(stash, f"{b}.ln2_normalized")),
             (f"{b}.ln2", _stash(stash, f"{b}.ln2")),
             (f"{b}.mlp_out", _replace_mlp(stash, layer, tc, in_site)),
         ]
-    handlers += [(f"blocks.{n_layers - 1}.resid_post", _stash(stash, "resid_final")),
-                 ("ln_final", _freeze_norm(stash, "resid_final")), ("ln_final", _stash(stash, "ln_final"))]
+    handlers += [("ln_final", _stash(stash, "ln_final"))]
     ctx = im.context(None, batch=R, pos=T)
     for name, h in handlers:
         im.add_handler(ctx, name, h)

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.circuits.graph import _transcoder_map
+from mishax_py.circuits.graph import (
+    _norm_pairs,
+    _norm_scale,
+    _transcoder_features,
+    _transcoder_map,
+    _transcoder_output,
+)
 from mishax_py.instrumented import as_ids
 from mishax_py.interventions import Hook
 
@@ -70,11 +76,7 @@ def replacement_interventions(
     tcs = _transcoder_map(im, transcoders)
     n_layers, n_pos = im.n_layers, ids.shape[1]
     checked = [_check_clamp(c, tcs, n_pos) for c in clamps]
-    last = f"blocks.{n_layers - 1}.resid_post"
-    norms = [(f"blocks.{L}.resid_pre", f"blocks.{L}.ln1") for L in range(n_layers)]
-    norms += [(f"blocks.{L}.attn_out_pre_norm", f"blocks.{L}.attn_out") for L in range(n_layers)]
-    norms += [(f"blocks.{L}.resid_mid", f"blocks.{L}.ln2_normalized") for L in range(n_layers)]
-    norms += [(last, "ln_final")]
+    norms = _norm_pairs(n_layers)
     sites = {s for pair in norms for s in pair} | {site for _, site in tcs.values()}
     sites |= {f"blocks.{L}.{s}" for L in range(n_layers) for s in ("attn.pattern", "mlp_out")}
     with torch.no_grad():
@@ -82,8 +84,10 @@ def replacement_interventions(
         error = {}
         for L in range(n_layers):
             y = base[f"blocks.{L}.mlp_out"]
-            error[L] = y if L not in tcs else y - _decode(tcs[L][0], _features(tcs[L][0], base[tcs[L][1]]),
-                                                          base[tcs[L][1]]).to(y.dtype)
+            if L in tcs:
+                tc, x = tcs[L][0], base[tcs[L][1]]
+                y = y - _transcoder_output(tc, _transcoder_features(tc, x)[1], x).to(y.dtype)
+            error[L] = y
     current: dict[str, torch.Tensor] = {}  # this run's values of the sites other hooks read
     out: dict[str, list[Hook]] = {}
 
@@ -98,8 +102,7 @@ def replacement_interventions(
 
     if freeze_norms:
         for x_site, y_site in norms:
-            x0, y0 = base[x_site], base[y_site]
-            scale = torch.where(x0 != 0, y0 / torch.where(x0 != 0, x0, torch.ones_like(x0)), torch.zeros_like(x0))
+            scale = _norm_scale(base[x_site], base[y_site])
             add(x_site, keep(x_site))
             add(y_site, lambda value, x_site=x_site, scale=scale: current[x_site] * scale.to(value.dtype))
     if freeze_attention:
@@ -117,12 +120,10 @@ def replacement_interventions(
         def mlp(value: torch.Tensor, tc: Any = tc, in_site: str = in_site, edits: list = edits,
                 err: torch.Tensor = error[L]) -> torch.Tensor:
             x = current[in_site]
-            f = _features(tc, x)
-            if edits:
-                f = f.clone()
-                for p, i, v in edits:
-                    f[:, p, i] = v
-            return (_decode(tc, f, x) + err.float()).to(value.dtype)
+            f = _transcoder_features(tc, x)[1]
+            for p, i, v in edits:
+                f[:, p, i] = v  # f is a fresh tensor
+            return (_transcoder_output(tc, f, x) + err.float()).to(value.dtype)
 
         add(f"blocks.{L}.mlp_out", mlp)
     return out
@@ -142,16 +143,6 @@ def _check_clamp(clamp: Any, tcs: dict[int, Any], n_pos: int) -> Clamp:
     if not 0 <= feature < d_sae:
         raise ValueError(f"clamp {clamp!r}: feature {feature} is outside layer {layer}'s {d_sae} features")
     return layer, pos, feature, value
-
-
-def _features(tc: Any, x: torch.Tensor) -> torch.Tensor:
-    return tc.activation(tc.pre_acts(x).float().clone())  # (an activation may work in place)
-
-
-def _decode(tc: Any, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    out = tc.decode(f.to(tc.W_dec.dtype)).float()
-    skip = tc.skip_term(x) if hasattr(tc, "skip_term") else None
-    return out if skip is None else out + skip.float()
 
 
 def _shape_checked(fn: Any, site: str, shape: tuple[int, ...]) -> Any:
