@@ -1,9 +1,10 @@
-"""Helpers shared by the benchmark scripts: the machine description and random Gemma 2 models."""
+"""Helpers shared by the benchmark scripts: the machine description, random Gemma 2 models, prompt pairs."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -38,3 +39,34 @@ def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),)
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"python {platform.python_version()}, load avg {load[0]:.2f}")
+
+
+def describe(spec: dict[str, int]) -> str:
+    """The model line printed with every result of a spec-built model."""
+    return (f"{spec['layers']} layers, d_model {spec['d_model']}, {spec['heads']} heads ({spec['kv_heads']} kv), "
+            f"d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, vocab {spec['vocab']}; batch 1 x {spec['pos']} tokens, "
+            "fp32")
+
+
+def prompt_pairs(spec: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                Callable[[torch.Tensor], torch.Tensor]]:
+    """``(clean, worst, ioi, metric)``: seeded random prompts ``[1, pos]`` for patching benchmarks.
+
+    ``worst`` differs from ``clean`` at every position (nothing can be skipped); ``ioi`` swaps two
+    tokens, at ``pos // 3`` and ``pos // 2`` (IOI-like: two "names"); ``metric`` is the logit difference
+    between those two tokens at the last position.
+    """
+    T, V = spec["pos"], spec["vocab"]
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(4, V, (1, T), generator=g)
+    worst = clean.clone()
+    while bool((worst == clean).any()):  # differs everywhere
+        worst = torch.where(worst == clean, torch.randint(4, V, (1, T), generator=g), worst)
+    ioi = clean.clone()
+    ioi[0, T // 3], ioi[0, T // 2] = clean[0, T // 2], clean[0, T // 3]
+    answer, other = int(clean[0, T // 3]), int(clean[0, T // 2])
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, -1, answer] - logits[:, -1, other]).mean()
+
+    return clean, worst, ioi, metric

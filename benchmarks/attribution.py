@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.attribution import attribution_patching, attribution_patching_sites
@@ -117,23 +117,10 @@ def speed(quick: bool) -> None:
         activation_patching = None
     spec = SPECS["quick" if quick else "full"]
     print(f"machine: {machine()}")
-    print(f"model: {spec['layers']} layers, d_model {spec['d_model']}, {spec['heads']} heads ({spec['kv_heads']} kv), "
-          f"d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, vocab {spec['vocab']}; "
-          f"batch 1 x {spec['pos']} tokens, fp32")
+    print(f"model: {describe(spec)}")
     im = g2.instrument(build(spec))
-    T, V, n_layers = spec["pos"], spec["vocab"], spec["layers"]
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, V, (1, T), generator=g)
-    worst = clean.clone()
-    while bool((worst == clean).any()):
-        worst = torch.where(worst == clean, torch.randint(4, V, (1, T), generator=g), worst)
-    ioi = clean.clone()
-    ioi[0, T // 3], ioi[0, T // 2] = clean[0, T // 2], clean[0, T // 3]
-    answer, other = int(clean[0, T // 3]), int(clean[0, T // 2])
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return (logits[:, -1, answer] - logits[:, -1, other]).mean()
-
+    T, n_layers = spec["pos"], spec["layers"]
+    clean, worst, ioi, metric = prompt_pairs(spec)
     attribution_patching(im, clean[:, :8], worst[:, :8], metric, "resid_pre")  # warm-up
     for name, corrupt in (("worst case (all positions differ)", worst), ("IOI-like (2 positions differ)", ioi)):
         _, t_atp = timed(lambda c=corrupt: attribution_patching(im, clean, c, metric, "resid_pre"))

@@ -31,7 +31,7 @@ import os
 import time
 
 import torch
-from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
@@ -79,23 +79,10 @@ def main() -> None:
     wall = time.perf_counter()
     spec = SPECS["quick" if args.quick else "full"]
     print(f"machine: {machine()}")
-    print(f"model: {spec['layers']} layers, d_model {spec['d_model']}, {spec['heads']} heads ({spec['kv_heads']} kv), "
-          f"d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, vocab {spec['vocab']}; "
-          f"batch 1 x {spec['pos']} tokens, fp32")
+    print(f"model: {describe(spec)}")
     im = g2.instrument(build(spec))
-    T, V = spec["pos"], spec["vocab"]
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, V, (1, T), generator=g)
-    worst = clean.clone()
-    while bool((worst == clean).any()):  # differs everywhere
-        worst = torch.where(worst == clean, torch.randint(4, V, (1, T), generator=g), worst)
-    ioi = clean.clone()
-    ioi[0, T // 3], ioi[0, T // 2] = clean[0, T // 2], clean[0, T // 3]  # swap two "names"
-    answer, other = int(clean[0, T // 3]), int(clean[0, T // 2])
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:  # logit difference at the last position
-        return (logits[:, -1, answer] - logits[:, -1, other]).mean()
-
+    clean, worst, ioi, metric = prompt_pairs(spec)  # metric: logit difference at the last position
+    T = spec["pos"]
     with torch.no_grad():
         activation_patching(im, clean[:, :8], worst[:, :8], metric)  # warm-up
         cases = {"ioi": [("IOI-like (2 positions differ)", ioi)], "worst": [("worst case (all differ)", worst)]}

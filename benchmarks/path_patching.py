@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.patching import _parse_receivers, _path_steps_2_3, path_patching_by_head
@@ -55,19 +55,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = SPECS["quick" if args.quick else "full"]
     print(f"machine: {machine()}")
-    print(f"model: {spec['layers']} layers, d_model {spec['d_model']}, {spec['heads']} heads ({spec['kv_heads']} kv), "
-          f"d_mlp {spec['d_mlp']}; batch 1 x {spec['pos']} tokens, fp32")
+    print(f"model: {describe(spec)}")
     im = g2.instrument(build(spec))
-    T, V = spec["pos"], spec["vocab"]
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, V, (1, T), generator=g)
-    corrupt = clean.clone()
-    corrupt[0, T // 3], corrupt[0, T // 2] = clean[0, T // 2], clean[0, T // 3]  # IOI-like: two names swapped
-    answer, other = int(clean[0, T // 3]), int(clean[0, T // 2])
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return (logits[:, -1, answer] - logits[:, -1, other]).mean()
-
+    clean, _worst, corrupt, metric = prompt_pairs(spec)  # IOI-like: two names swapped
     last = spec["layers"] - 1
     receivers = [(last, h, "q") for h in range(spec["heads"])]
     kw = dict(freeze_mlps=True, receiver_positions=[-1])
