@@ -11,7 +11,7 @@ backward -- against, measured in the same run,
 * the plain loop of single patched runs (one full forward of the corrupted prompt per
   (layer, pos), a hook copying the clean value: TransformerLens's ``get_act_patch_resid_pre``),
   the fairest baseline;
-* the library's batched exact ``activation_patching`` (``mishax_py.patching``), when present.
+* the library's batched exact ``activation_patching`` (``mishax_py.studies.patching``), when present.
 
 Two prompt pairs, as in ``benchmarks/patching.py``: the worst case (the prompts differ at
 every position, so exact patching cannot skip anything) and an IOI-like pair (two swapped
@@ -46,8 +46,8 @@ import torch
 from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import attribution_patching, attribution_patching_sites
 from mishax_py.interventions import Hook
+from mishax_py.studies.attribution.atp import attribution_patching, attribution_patching_sites
 
 THREE = {"resid_pre": "pos", "attn.z": "head", "mlp_out": "pos"}  # several grids from one backward
 SPECS = {
@@ -112,7 +112,7 @@ def _than(baseline: float, t: float) -> str:
 
 def speed(quick: bool) -> None:
     try:
-        from mishax_py.patching import activation_patching
+        from mishax_py.studies.patching import activation_patching
     except ImportError:
         activation_patching = None
     spec = SPECS["quick" if quick else "full"]
@@ -154,7 +154,7 @@ def accuracy(seeds: int = 0) -> None:
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"accuracy report skipped: the bundled model is not available ({type(e).__name__}: {e})")
         return
-    from mishax_py.patching import activation_patching
+    from mishax_py.studies.patching import activation_patching
 
     for task, (clean, corrupt, metric) in trained_tasks().items():
         im = g2.instrument(model)
@@ -174,7 +174,7 @@ def accuracy(seeds: int = 0) -> None:
 
 def more_seeds(model, n: int) -> None:
     """Pearson r of AtP, atp-layer and IG on ``n`` more prompt sets per task: min .. max over the sets."""
-    from mishax_py.patching import activation_patching
+    from mishax_py.studies.patching import activation_patching
 
     im = g2.instrument(model)
     rows: dict[tuple[str, str, str, str], list[float]] = {}

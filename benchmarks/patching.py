@@ -35,7 +35,7 @@ from _common import build, describe, machine, prompt_pairs  # noqa: E402 - bench
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
-from mishax_py.patching import activation_patching
+from mishax_py.studies.patching import activation_patching
 
 SPECS = {
     "full": dict(layers=12, d_model=768, heads=12, kv_heads=4, d_head=64, d_mlp=3072, vocab=512, pos=32),

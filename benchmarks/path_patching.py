@@ -21,7 +21,7 @@ import torch
 from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
-from mishax_py.patching import _parse_receivers, _path_steps_2_3, path_patching_by_head
+from mishax_py.studies.patching import _parse_receivers, _path_steps_2_3, path_patching_by_head
 
 SPECS = {
     "full": dict(layers=12, d_model=768, heads=12, kv_heads=4, d_head=64, d_mlp=3072, vocab=512, pos=32),

@@ -22,12 +22,14 @@ import transformers.models.gemma2.modeling_gemma2 as modeling_gemma2
 from torch import nn
 
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
+from mishax_py.family import AttentionSpec, ModelDims
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
 from mishax_py.runtime import begin_forward, skip_layer, tag
 from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
 
-__all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "install", "installed", "instrument", "patcher", "uninstall"]
+__all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "Gemma2Family", "install", "installed", "instrument", "patcher",
+           "uninstall"]
 
 # Full test suite run on each (2026-11-29); 5.0.0 fails with PatchError (the decoder loop differs).
 VERIFIED_TRANSFORMERS = ("5.5.0", "5.5.4", "5.10.4", "5.15.1", "5.17.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2",
@@ -194,9 +196,59 @@ def instrument(model: nn.Module, *, switch_to_eager: bool = True) -> Instrumente
         )
         model.set_attn_implementation("eager")
     install()
-    im = InstrumentedModel(model, build_catalogue(model), install, family="gemma2")
+    im = InstrumentedModel(model, build_catalogue(model), Gemma2Family(model.config))
     model.__dict__["_mishax_py_instrumented"] = im
     return im
+
+
+class Gemma2Family:
+    """What studies need to know of one Gemma 2 model (implements :class:`mishax_py.family.ModelFamily`).
+
+    Attention: ``scale = query_pre_attn_scalar ** -0.5``, soft-cap ``attn_logit_softcapping``
+    (50 in the released models), the sliding window on the layers ``config.layer_types`` marks
+    ``"sliding_attention"``. Attribution graphs freeze ``input_layernorm`` (``resid_pre -> ln1``),
+    ``post_attention_layernorm`` (``attn_out_pre_norm -> attn_out``), the MLP input norm up to its
+    gain (``resid_mid -> ln2_normalized``) and the final norm. Transcoders read
+    ``ln2_normalized`` (Gemma Scope) or ``ln2`` and write ``mlp_out``.
+    """
+
+    name = "gemma2"
+    supports_kv_prefix = True
+    mlp_input_kinds = ("ln2_normalized", "ln2")
+    mlp_output_kind = "mlp_out"
+
+    def __init__(self, config: transformers.Gemma2Config) -> None:
+        n_layers = int(config.num_hidden_layers)
+        self.dims = ModelDims(
+            n_layers=n_layers, d_model=int(config.hidden_size), d_mlp=int(config.intermediate_size),
+            n_heads=int(config.num_attention_heads), n_kv_heads=int(config.num_key_value_heads),
+            d_head=int(config.head_dim), vocab=int(config.vocab_size),
+        )
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * n_layers)
+        scalar = config.query_pre_attn_scalar or config.head_dim
+        cap = config.attn_logit_softcapping
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+        self._attention = [
+            AttentionSpec(scale=float(scalar) ** -0.5, softcap=float(cap) if cap else None,
+                          window=config.sliding_window if lt == "sliding_attention" else None,
+                          rope_base=float(rope) if rope is not None else None, layer_type=lt)
+            for lt in layer_types
+        ]
+        self.frozen_norms: list[tuple[str, str]] = []
+        for layer in range(n_layers):
+            b = f"blocks.{layer}"
+            self.frozen_norms += [(f"{b}.resid_pre", f"{b}.ln1"), (f"{b}.attn_out_pre_norm", f"{b}.attn_out"),
+                                  (f"{b}.resid_mid", f"{b}.ln2_normalized")]
+        self.frozen_norms.append((f"blocks.{n_layers - 1}.resid_post", "ln_final"))
+
+    def attention(self, layer: int) -> AttentionSpec:
+        return self._attention[layer]
+
+    def ensure_installed(self) -> None:
+        install()
+
+    def __repr__(self) -> str:
+        return f"Gemma2Family({self.dims})"
 
 
 def build_catalogue(model: modeling_gemma2.Gemma2ForCausalLM) -> SiteCatalogue:

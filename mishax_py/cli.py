@@ -39,24 +39,16 @@ def builtin_random_gemma2(seed: int = 0):  # -> Gemma2ForCausalLM
 
 
 def load_model(path: str | None):  # -> Gemma2ForCausalLM
-    """The model for a CLI command: built-in random (None), a bundled zoo name, or a local checkpoint folder."""
+    """The model for a CLI command: built-in random (None), a bundled zoo name, or a local checkpoint folder
+    (through :func:`mishax_py.zoo.models.load_checkpoint`, the one loader the demo uses too)."""
     if path is None:
         return builtin_random_gemma2()
-    from mishax_py.zoo import MODELS, load
+    from mishax_py.zoo.models import load_checkpoint
 
-    if path in MODELS:
-        return load(path)[0]
-    from pathlib import Path
-
-    from transformers import Gemma2ForCausalLM
-
-    if not Path(path).is_dir():
-        raise SystemExit(
-            f"mishax-py: --model {path!r} is neither a bundled model ({', '.join(MODELS)}) nor a local folder. "
-            "Download a checkpoint first (e.g. `huggingface-cli download google/gemma-2-2b --local-dir DIR`) "
-            "and pass DIR."
-        )
-    return Gemma2ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    try:
+        return load_checkpoint(path, tokenizer=False)[0]
+    except FileNotFoundError as e:
+        raise SystemExit(f"mishax-py: --model {e}") from None
 
 
 def cmd_sites(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ this class decides, per run, what those calls do: record values (``run_with_cach
 apply interventions (``run``, ``intervene``), batch many experiments (``sweep``) or
 hand each value to a Python loop (``walk``).
 
-Everything here is model-agnostic: a family module (``instrumentation.gemma2``)
-supplies the site catalogue and an ``ensure_installed`` callable.
+Everything here is model-agnostic: a family module supplies the site catalogue and a
+:class:`~mishax_py.family.ModelFamily` (what studies need to know of the model).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from torch import nn
 
 from mishax_py import memory
 from mishax_py.cache import ActivationCache
+from mishax_py.family import ModelFamily
 from mishax_py.interventions import Hook, Intervention
+from mishax_py.naming import layer_site
 from mishax_py.runtime import RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
 from mishax_py.sites import SiteCatalogue, SiteInfo, UnknownSiteError
 
 if TYPE_CHECKING:
-    from mishax_py.walk import Walker
+    from mishax_py.execution.walk import Walker
 
 __all__ = ["InstrumentedModel", "Interventions"]
 
@@ -56,27 +58,24 @@ class InstrumentedModel:
     Args:
         model: the HF model (already patched by its family's ``install()``).
         catalogue: the model's sites in forward order.
-        ensure_installed: re-installs the family's patches if they were uninstalled.
-        family: the family's name, e.g. ``"gemma2"``.
+        family: the family's facts about this model instance (sizes, attention, norms, ...) and
+            its ``ensure_installed`` (re-installs the patches if they were uninstalled).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        catalogue: SiteCatalogue,
-        ensure_installed: Callable[[], None],
-        family: str,
-    ) -> None:
+    def __init__(self, model: nn.Module, catalogue: SiteCatalogue, family: ModelFamily) -> None:
         self.model = model
         self.catalogue = catalogue
         self.family = family
-        self._ensure_installed = ensure_installed
         self._recording_tables: dict[tuple[str, ...], dict[SiteKey, Any]] = {}
 
     # -- the catalogue ------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
-        return 1 + max((s.layer for s in self.catalogue.specs if s.layer is not None), default=-1)
+        return self.family.dims.n_layers
+
+    def layer_site(self, layer: int, kind: str) -> str:
+        """The canonical name of site ``kind`` in layer ``layer`` (``(3, "attn.z")`` -> ``"blocks.3.attn.z"``)."""
+        return layer_site(layer, kind)
 
     def site_names(self, pattern: str | None = None) -> list[str]:
         """Canonical site names in forward order (optionally those matching a name/alias/glob)."""
@@ -107,7 +106,7 @@ class InstrumentedModel:
         Nests in ``parent`` (default: the run active in this thread), whose handlers apply first.
         ``rows`` restricts every intervention to those batch rows (used by sweeps).
         """
-        self._ensure_installed()
+        self.family.ensure_installed()
         ctx = RunContext(parent if parent is not None else active_context())
         # with rows=, interventions see a sub-batch: do not check them against the full batch
         for name, ivs in self.plan(interventions, batch=None if rows is not None else batch, pos=pos).items():
@@ -232,15 +231,15 @@ class InstrumentedModel:
 
         ``metric(logits [B, pos, vocab])`` per variant (default: the logits); ``batch_size`` in rows;
         ``progress`` a tqdm bar (``None``: automatic). Other keywords (``share_prefix=``, HF kwargs
-        such as ``attention_mask``) pass through; see :func:`mishax_py.sweep.sweep`.
+        such as ``attention_mask``) pass through; see :func:`mishax_py.execution.sweep.sweep`.
         """
-        from mishax_py.sweep import sweep
+        from mishax_py.execution.sweep import sweep
 
         return sweep(self, ids, variants, metric=metric, batch_size=batch_size, progress=progress, **kwargs)
 
     def walk(self, ids: Any, **hf_kwargs: Any) -> Walker:
-        """A Mishax-style loop over ``(site, value)`` in forward order; see :mod:`mishax_py.walk`."""
-        from mishax_py.walk import Walker
+        """A Mishax-style loop over ``(site, value)`` in forward order; see :mod:`mishax_py.execution.walk`."""
+        from mishax_py.execution.walk import Walker
 
         return Walker(self, ids, **hf_kwargs)
 
@@ -272,7 +271,7 @@ class InstrumentedModel:
         return None
 
     def __repr__(self) -> str:
-        return f"InstrumentedModel({self.family}, {self.n_layers} layers, {len(self.catalogue.specs)} sites)"
+        return f"InstrumentedModel({self.family.name}, {self.n_layers} layers, {len(self.catalogue.specs)} sites)"
 
 
 Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]

@@ -9,16 +9,16 @@ import torch
 from conftest import make_model
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import (
+from mishax_py.interventions import Hook
+from mishax_py.runtime import active_context
+from mishax_py.studies.attribution.atp import (
     AttributionResult,
     attribution_patching,
     attribution_patching_sites,
     site_kind,
 )
-from mishax_py.attribution_qk import _key_effect
-from mishax_py.interventions import Hook
-from mishax_py.patching import PatchingResult, activation_patching
-from mishax_py.runtime import active_context
+from mishax_py.studies.attribution.qk import _key_effect
+from mishax_py.studies.patching import PatchingResult, activation_patching
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 

@@ -9,10 +9,10 @@ import torch
 from conftest import make_model
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import attribution_patching
-from mishax_py.attribution_check import AttributionCheck, check_attribution
 from mishax_py.interventions import Ablate, Patch
-from mishax_py.patching import activation_patching
+from mishax_py.studies.attribution.atp import attribution_patching
+from mishax_py.studies.attribution.check import AttributionCheck, check_attribution
+from mishax_py.studies.patching import activation_patching
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from test_attribution import element_slices
 
-from mishax_py.attribution import attribution_patching, site_kind
-from mishax_py.attribution_layer import element_masks, stop_layer
 from mishax_py.interventions import Hook
-from mishax_py.patching import activation_patching
 from mishax_py.runtime import active_context
+from mishax_py.studies.attribution.atp import attribution_patching, site_kind
+from mishax_py.studies.attribution.layer import element_masks, stop_layer
+from mishax_py.studies.patching import activation_patching
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 

@@ -38,9 +38,9 @@ import pytest
 import torch
 
 import instrumentation.gemma2 as g2
-from mishax_py.attribution import attribution_patching
-from mishax_py.attribution_check import check_attribution
-from mishax_py.patching import activation_patching
+from mishax_py.studies.attribution.atp import attribution_patching
+from mishax_py.studies.attribution.check import check_attribution
+from mishax_py.studies.patching import activation_patching
 from mishax_py.zoo import load, tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread

@@ -8,9 +8,9 @@ from conftest import make_model
 
 import instrumentation.gemma2 as g2
 import saes
-from mishax_py.attribution import attribution_patching, site_gradients
 from mishax_py.circuits import ablate_complement, feature_circuit
 from mishax_py.runtime import active_context
+from mishax_py.studies.attribution.atp import attribution_patching, site_gradients
 
 SITES = ["blocks.0.resid_post", "blocks.1.resid_mid"]
 

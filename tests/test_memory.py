@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from mishax_py import memory
-from mishax_py.attribution import attribution_patching
 from mishax_py.interventions import Ablate, Hook
-from mishax_py.patching import activation_patching
+from mishax_py.studies.attribution.atp import attribution_patching
+from mishax_py.studies.patching import activation_patching
 
 
 def test_cache_tensors_are_freed_without_the_garbage_collector(tiny_im, ids):

@@ -11,7 +11,7 @@ from conftest import make_model
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook, Patch
-from mishax_py.patching import (
+from mishax_py.studies.patching import (
     PatchingResult,
     _site_kind,
     activation_patching,

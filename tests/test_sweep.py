@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import instrumentation.gemma2 as g2
 from mishax_py import InstrumentedModel, UnknownSiteError
+from mishax_py.execution.sweep import default_batch_size, sweep
 from mishax_py.interventions import Ablate, Clamp, Hook, Patch, Steer
-from mishax_py.sweep import default_batch_size, sweep
 
 B, P = 3, 8
 ATOL = 1e-5

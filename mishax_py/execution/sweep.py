@@ -1,0 +1,380 @@
+"""Batched experiments: many intervention variants in few forward passes.
+
+``sweep(im, ids, variants)`` runs every variant (a ``{site: intervention}`` dict, as for
+``im.run``) on the same base batch ``ids [B, P]`` and returns one result per variant, equal
+(up to float reassociation across batch sizes) to ``im.run(ids, interventions=variant)``.
+
+How it batches
+--------------
+* **Stacking.** Variants are stacked along the batch: in a chunk of ``n`` variants, variant
+  ``j`` occupies rows ``j*B .. j*B+B-1``. At each site, one handler splits the batch into
+  those row blocks and applies each variant's interventions to its own block only, as if it
+  ran alone (so resampling, per-row sources and ``rows=`` selectors see only that variant's
+  ``B`` rows). HF keyword tensors whose first dim is ``B`` (``attention_mask``, ...) are
+  repeated per variant, so left-padded batches work unchanged.
+* **Shared prefix.** A variant whose interventions all sit at layer ``>= l`` computes layers
+  ``< l`` exactly like the clean run. One clean run (batch ``B``) records ``blocks.{l}.resid_pre``
+  for every start layer needed; a chunk then skips layers ``< l`` (``RunContext.start_layer``)
+  and starts from the cached value, repeated per variant. Variants are sorted by their earliest
+  layer before chunking, so chunks share the longest prefixes. Variants with no interventions
+  take the clean run's logits. Sites before the blocks (``embed``) start at layer 0; sites after
+  them (``ln_final``, ``logits``) at the last layer.
+* **Shared positions** (``share_positions``, under ``torch.no_grad()``). Under causal attention an
+  edit at positions ``>= p`` cannot change earlier positions. When every edit in a chunk is a
+  built-in one whose positions start at ``p > 0`` (lists, slices, per-row lists; not ``"all"``,
+  ``"new"``, ``Hook`` functions, or edits of attention maps), the chunk runs only positions
+  ``p..P-1`` on top of a KV cache of the clean run's first ``p`` tokens (computed once per ``p``
+  for the base batch, then tiled per variant); the logits of positions ``< p`` are the clean
+  run's. Edits see absolute positions (``event.position_offset == p``), exactly as in generation.
+  Only with ``attention_mask`` as the sole tensor keyword (other per-position inputs are not sliced)
+  and no padding in it: HF's eager attention gives a padding query (all keys masked) uniform
+  weights over every key, future ones included, so padded positions are not causal.
+  Variants are sorted by (earliest layer, earliest position), so chunks share both.
+* **Chunking.** ``batch_size`` is in rows; a chunk holds ``max(1, batch_size // B)`` whole
+  variants (a variant is never split, so a chunk may exceed ``batch_size`` when ``B`` does).
+  The default comes from :func:`default_batch_size` (a memory estimate, documented there).
+
+Inside an outer ``im.intervene(...)`` block the outer interventions apply to every row of
+every chunk (and prefix sharing is off, since they may depend on the batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mishax_py.hf_compat import CACHE_KWARG, output_cache
+from mishax_py.interventions import Intervention
+from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
+from mishax_py.sites import UnknownSiteError
+
+if TYPE_CHECKING:
+    from mishax_py.instrumented import InstrumentedModel, Interventions
+
+__all__ = ["default_batch_size", "sweep"]
+
+# Progress bars turn on by themselves above this many chunks (when stderr is a terminal).
+AUTO_PROGRESS_CHUNKS = 8
+
+
+@dataclass
+class _Variant:
+    index: int
+    sites: dict[str, list[Intervention]]  # canonical site -> interventions in order
+    start: int  # the first decoder layer this variant changes (n_layers: changes nothing)
+    first_pos: int = 0  # the first position it can change (0: unknown / all)
+
+
+@dataclass
+class _Chunk:
+    variants: list[_Variant]
+    start: int
+    first_pos: int
+    sites: dict[str, list[tuple[int, list[Intervention]]]] = field(default_factory=dict)  # site -> (slot, ivs)
+
+
+def sweep(
+    im: InstrumentedModel,
+    ids: Any,
+    variants: Sequence[Interventions],
+    metric: Callable[[torch.Tensor], Any] | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    *,
+    share_prefix: bool = True,
+    share_positions: bool = True,
+    **hf_kwargs: Any,
+) -> list[Any]:
+    """Run every variant on ``ids`` batched; one result per variant, in order.
+
+    Args:
+        im: the instrumented model.
+        ids: the base batch of token ids ``[B, P]`` (or ``[P]``).
+        variants: each a ``{site name | alias | glob: intervention | fn | [list]}`` dict.
+        metric: ``metric(logits)`` with ``logits [B, P, vocab]`` of one variant; its return value
+            is that variant's result. ``None``: the result is the logits themselves.
+        batch_size: rows per forward pass (see the module docs); default :func:`default_batch_size`.
+        progress: a tqdm bar over chunks; ``None`` = on when there are more than
+            ``AUTO_PROGRESS_CHUNKS`` chunks and stderr is a terminal.
+        share_prefix: start chunks from the clean run's ``resid_pre`` of their earliest layer.
+        share_positions: run only positions from a chunk's earliest edited one, on a KV cache of the
+            clean prefix (no-grad runs only; see the module docs).
+        **hf_kwargs: passed to the model (``attention_mask`` ...); per-row tensors are repeated per variant.
+
+    Autograd follows the caller's grad mode (wrap big sweeps in ``torch.no_grad()``); with grad on,
+    the shared prefix stays in the graph, so gradients reach every layer.
+
+    Raises the first variant's validation error (naming the variant, site and shapes) before any
+    forward pass.
+    """
+    from mishax_py.instrumented import as_ids
+
+    ids = as_ids(ids, im.model)
+    B, P = ids.shape
+    n_layers = im.n_layers
+    outer = active_context()
+    share = share_prefix and outer is None
+    tensor_kwargs = {k for k, v in hf_kwargs.items() if isinstance(v, torch.Tensor)}
+    share_pos = (
+        share_positions
+        and outer is None
+        and not torch.is_grad_enabled()
+        and tensor_kwargs <= {"attention_mask"}
+        and not hf_kwargs.get("use_cache")
+        and hf_kwargs.get(CACHE_KWARG) is None
+        and hf_kwargs.get("past_key_values") is None
+    )
+
+    first_block = im.catalogue.order("blocks.0.resid_pre") if n_layers else 0
+    # Not with padding: HF's eager attention gives a padding query (every key masked) uniform weights
+    # over all keys, future ones included, so its values depend on later positions.
+    mask = hf_kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and bool((mask == 0).any()):
+        share_pos = False
+    plans: list[_Variant] = []
+    for vi, variant in enumerate(variants):
+        if not isinstance(variant, Mapping):
+            raise TypeError(f"sweep variant {vi} must be a {{site: intervention}} dict, got {type(variant).__name__}")
+        try:  # resolution, companions and validation are shared with im.run (InstrumentedModel.plan)
+            ordered = im.plan(variant, batch=B, pos=P)
+        except UnknownSiteError as e:
+            raise UnknownSiteError(f"sweep variant {vi}: {e}") from None
+        except (ValueError, IndexError) as e:
+            raise type(e)(f"sweep variant {vi}: {e}") from e
+        start = _start_layer(im, ordered, n_layers, first_block) if share else 0
+        plans.append(_Variant(vi, ordered, start, _first_position(im, ordered, B, P) if share_pos else 0))
+
+    results: list[Any] = [None] * len(plans)
+    if not plans:
+        return results
+    active = [v for v in plans if v.sites]
+    empty = [v for v in plans if not v.sites]
+
+    # One clean run: logits for empty variants, resid_pre of every start layer the chunks need.
+    rows_per_chunk = batch_size if batch_size is not None else default_batch_size(im, B, P, metric is None)
+    if rows_per_chunk < 1:
+        raise ValueError(f"batch_size must be >= 1, got {rows_per_chunk}")
+    per_chunk = max(1, rows_per_chunk // B)
+    # stable sort: equal keys keep the caller's order
+    active.sort(key=lambda v: (v.start, v.first_pos), reverse=True)
+    chunks = [_make_chunk(active[i : i + per_chunk]) for i in range(0, len(active), per_chunk)]
+    prefix_layers = sorted({c.start for c in chunks if 0 < c.start < n_layers})
+    prefix: dict[int, torch.Tensor] = {}
+    clean: torch.Tensor | None = None
+    if empty or prefix_layers or any(c.first_pos for c in chunks):
+        clean = _clean_run(im, ids, prefix_layers, prefix, hf_kwargs)
+        for k, v in enumerate(empty):  # each empty variant gets its own tensor
+            logits = clean if k == 0 else clean.clone()
+            results[v.index] = metric(logits) if metric is not None else logits
+    kv_prefixes: dict[int, Any] = {}  # first position -> KV cache of the clean run's tokens before it
+
+    bar = _progress_bar(len(chunks), progress)
+    try:
+        for chunk in chunks:
+            p0 = chunk.first_pos
+            if p0 and p0 not in kv_prefixes:
+                kv_prefixes[p0] = _kv_prefix(im, ids, p0, hf_kwargs)
+            logits = _run_chunk(im, ids, chunk, prefix.get(chunk.start), kv_prefixes.get(p0), outer, hf_kwargs)
+            for slot, v in enumerate(chunk.variants):
+                block = logits[slot * B : (slot + 1) * B]
+                if p0:
+                    assert clean is not None
+                    block = torch.cat([clean[:, :p0], block], 1)
+                results[v.index] = metric(block) if metric is not None else block
+            del logits
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _start_layer(im: InstrumentedModel, sites: Mapping[str, list[Intervention]], n_layers: int, first: int) -> int:
+    """The first decoder layer whose computation a variant changes (``n_layers`` if none)."""
+    start = n_layers
+    for name in sites:
+        layer = im.catalogue.by_name[name].layer
+        if layer is None:
+            layer = 0 if im.catalogue.order(name) < first else max(n_layers - 1, 0)
+        start = min(start, layer)
+    return start
+
+
+def _first_position(im: InstrumentedModel, sites: Mapping[str, list[Intervention]], B: int, P: int) -> int:
+    """The first position a variant can change (0 when unknown), at most ``P - 1``."""
+    first = P - 1
+    for name, ivs in sites.items():
+        shape = im.site_info(name).concrete_shape(B, P)
+        for iv in ivs:
+            first_position = getattr(iv, "first_position", None)
+            if first_position is None:  # e.g. a Hook: it may read or write any position
+                return 0
+            first = min(first, int(first_position(name, shape)))
+    return max(first, 0)
+
+
+def _make_chunk(variants: list[_Variant]) -> _Chunk:
+    chunk = _Chunk(variants, min(v.start for v in variants), min(v.first_pos for v in variants))
+    for slot, v in enumerate(variants):
+        for site, ivs in v.sites.items():
+            chunk.sites.setdefault(site, []).append((slot, ivs))
+    return chunk
+
+
+def _repeat_kwargs(hf_kwargs: Mapping[str, Any], B: int, n: int) -> dict[str, Any]:
+    """Repeat per-row tensors (first dim ``B``) ``n`` times along the batch; pass the rest through."""
+    out: dict[str, Any] = {}
+    for k, v in hf_kwargs.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B and n > 1:
+            out[k] = v.repeat(n, *([1] * (v.ndim - 1)))
+        else:
+            out[k] = v
+    return out
+
+
+def _clean_run(
+    im: InstrumentedModel, ids: torch.Tensor, layers: list[int], store: dict[int, torch.Tensor], hf_kwargs: dict
+) -> torch.Tensor:
+    """The unpatched forward of the base batch; records ``blocks.{l}.resid_pre`` for ``l`` in ``layers``."""
+    ctx = im.context(None, batch=ids.shape[0], pos=ids.shape[1])
+    for layer in layers:
+
+        def record(value: torch.Tensor, event: SiteEvent, layer: int = layer) -> torch.Tensor:
+            store[layer] = value  # kept in the graph when grad is on
+            return value
+
+        im.add_handler(ctx, f"blocks.{layer}.resid_pre", record)
+    with activate(ctx):
+        return im.forward(ids, **hf_kwargs)
+
+
+def _kv_prefix(im: InstrumentedModel, ids: torch.Tensor, p0: int, hf_kwargs: dict) -> Any:
+    """The KV cache of the clean run over the first ``p0`` tokens of the base batch."""
+    kw = dict(hf_kwargs)
+    if "attention_mask" in kw and kw["attention_mask"] is not None:
+        kw["attention_mask"] = kw["attention_mask"][:, :p0]
+    # no run is active here (position sharing is off inside intervene), so this is the clean model
+    return output_cache(im.model(input_ids=ids[:, :p0], use_cache=True, **kw))
+
+
+def _run_chunk(
+    im: InstrumentedModel,
+    ids: torch.Tensor,
+    chunk: _Chunk,
+    prefix: torch.Tensor | None,
+    kv_prefix: Any,
+    outer: RunContext | None,
+    hf_kwargs: dict,
+) -> torch.Tensor:
+    B = ids.shape[0]
+    n = len(chunk.variants)
+    p0 = chunk.first_pos
+    ctx = RunContext(outer)
+    kwargs = _repeat_kwargs(hf_kwargs, B, n)
+    if kv_prefix is not None:  # positions < p0 come from the clean run's KV cache, tiled per variant
+        cache = copy.deepcopy(kv_prefix)
+        cache.batch_select_indices(torch.arange(B, device=ids.device).repeat(n))
+        kwargs.update({CACHE_KWARG: cache, "use_cache": True})
+        ids = ids[:, p0:]
+    if prefix is not None:
+        ctx.start_layer = chunk.start
+        prefix = prefix[:, p0:]
+        repeated = prefix.repeat(n, *([1] * (prefix.ndim - 1))) if n > 1 else prefix
+
+        def start_here(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+            return repeated
+
+        im.add_handler(ctx, f"blocks.{chunk.start}.resid_pre", start_here)  # before the variants' edits there
+    for site, entries in chunk.sites.items():
+        im.add_handler(ctx, site, _block_handler(entries, B, n))
+    with activate(ctx):
+        return im.forward(ids.repeat(n, 1) if n > 1 else ids, **kwargs)
+
+
+def _block_handler(
+    entries: list[tuple[int, list[Intervention]]], B: int, n: int
+) -> Callable[[torch.Tensor, SiteEvent], torch.Tensor]:
+    """One handler for a site: each variant's interventions on its own rows, the rest unchanged."""
+    by_slot = dict(entries)
+
+    def handle(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        sub_event = SiteEvent(event.site, event.layer, event.context, None)  # each block runs as if alone
+        pieces: list[torch.Tensor] = []
+        changed = False
+        for slot in range(n):
+            block = value[slot * B : (slot + 1) * B]
+            for iv in by_slot.get(slot, ()):
+                out = iv(block, sub_event)
+                if not isinstance(out, torch.Tensor) or out.shape != block.shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"intervention {iv!r} at site {event.site!r} returned {got}, expected {tuple(block.shape)}"
+                    )
+                block, changed = out, True
+            pieces.append(block)
+        return torch.cat(pieces, 0) if changed and n > 1 else (pieces[0] if changed else value)
+
+    return handle
+
+
+def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool = True) -> int:
+    """Rows per forward pass for a sweep, from a memory estimate.
+
+    Per row (``P`` positions, element size ``e`` of the model's dtype, fp32 where Gemma 2 computes
+    in fp32), the peak working memory of a forward is about the largest of: the logits and their
+    soft-cap temporaries ``3·P·vocab·4``, the MLP ``3·P·d_mlp·e``, and eager attention maps
+    ``3·heads·P²·4`` -- plus ``4·P·d_model·e`` of residual copies. With grad enabled, every layer's
+    activations are kept: ``n_layers·P·(10·d_model + 4·d_mlp + 3·heads·P)·e`` more. Returned logits
+    (``keep_logits``) add ``P·vocab·e``. The budget is half of the free accelerator memory on CUDA,
+    or a quarter of the available RAM (at most 4 GiB) on CPU. The result is a multiple of ``B``
+    in ``[B, 4096]`` rows (``[B, 256]`` on CPU, where bigger batches do not run faster).
+    """
+    cfg = im.model.config
+    param = next(im.model.parameters())
+    e = param.element_size()
+    d = int(getattr(cfg, "hidden_size", 1))
+    d_mlp = int(getattr(cfg, "intermediate_size", 4 * d))
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    vocab = int(getattr(cfg, "vocab_size", 1))
+    per_row = max(3 * P * vocab * 4, 3 * P * d_mlp * e, 3 * heads * P * P * 4) + 4 * P * d * e
+    if torch.is_grad_enabled():
+        per_row += im.n_layers * P * (10 * d + 4 * d_mlp + 3 * heads * P) * e
+    if keep_logits:
+        per_row += P * vocab * e
+    if param.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(param.device)
+        budget, cap = free // 2, 4096
+    else:
+        budget, cap = min(_available_ram() // 4, 4 << 30), 256
+    rows = min(max(budget // max(per_row, 1), 1), cap)
+    return max(B, rows // B * B)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def _progress_bar(n_chunks: int, progress: bool | None) -> Any:
+    show = progress if progress is not None else n_chunks > AUTO_PROGRESS_CHUNKS and sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_chunks, desc="sweep", unit="chunk")

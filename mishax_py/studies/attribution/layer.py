@@ -1,0 +1,141 @@
+"""Pieces of ``method="atp-layer"``: each element's patch run exactly to the end of one decoder layer.
+
+Plain AtP linearises everything downstream of a patched element, including the nonlinearities
+right next to it: the attention softmax its keys and queries feed (saturated patterns, the
+failure AtP*'s QK fix addresses for query/key nodes) and the MLP of its own layer. For a
+``resid_pre`` node that is the whole story of why AtP fails on, say, an induction prompt: a
+token restored alone at layer 0 changes what the previous-token head writes at the *next*
+position, an effect that passes through a softmax and a gelu before anything linear.
+
+``atp-layer`` runs every element's patch exactly through the first decoder layer that reads
+it, and linearises only from that layer's ``resid_post`` on:
+
+    metric(patched) - metric(target)  ~=  (r'_stop - r_stop) . d metric / d r_stop |_target
+
+where ``r_stop`` is ``blocks.{stop}.resid_post`` of the target run and ``r'_stop`` the same
+site with the element patched. ``stop`` is the element's own layer, or the next one for
+``resid_post`` (which the next layer reads); when that is past the last layer, the patched run
+goes on to the logits and the estimate is exact.
+
+Each element is one replica of the input batch, started at its layer from the target run's
+cached ``resid_pre`` and stopped at ``resid_post`` of ``stop`` (:class:`StopForward`), so the
+cost is one decoder layer per element and batch row, on top of AtP's two forwards and one
+backward -- about ``n_layers / 2`` times less compute than exact patching, which runs every
+layer above the element.
+
+This module holds the bookkeeping that does not need a model: which elements a grid has
+(:func:`element_masks`) and the handlers that patch and stop the replicated runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mishax_py.runtime import SiteEvent
+
+__all__ = ["StopForward", "element_masks", "patch_elements", "stop_layer", "stopper"]
+
+Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]
+
+
+class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by :func:`stopper` once the value it waits for is recorded; ends the forward early."""
+
+
+# Sites of a decoder layer that its own attention reads (the rest come after the attention).
+_BEFORE_ATTENTION = ("resid_pre", "ln1", "attn.q", "attn.k", "attn.v", "attn.rot_q", "attn.rot_k", "attn.scores",
+                     "attn.pattern")
+
+
+def stop_layer(short_site: str, layer: int) -> int:
+    """The decoder layer whose ``resid_post`` ends the exact part for an element of ``short_site`` at ``layer``:
+    the first layer whose attention reads the element (``layer`` itself for sites up to the attention
+    pattern, ``layer + 1`` for ``attn.z`` and everything after it)."""
+    return layer if short_site in _BEFORE_ATTENTION else layer + 1
+
+
+def element_masks(kind: str, by: str, shape: tuple[int, ...], pos_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The elements of one layer's grid, as boolean masks over the site's value.
+
+    Args:
+        kind: ``"stream"`` (``[batch, pos, d]``), ``"head"`` (``[batch, pos, head, d_head]``) or
+            ``"map"`` (``[batch, head, q_pos, k_pos]``), as :func:`mishax_py.studies.attribution.atp.site_kind`.
+        by: ``"pos"``, ``"head"``, ``"head_pos"`` or ``"layer"``.
+        shape: the site's value shape without the batch dim.
+        pos_mask: ``[pos]`` bool, the patched positions (query positions for maps).
+
+    Returns:
+        ``(masks, index, out_shape)``: ``masks [n_elements, *shape[:-1], 1]`` (True where the
+        element is patched; broadcast over the last dim), ``index [n_elements]`` the flat index
+        of each element in a per-layer result of shape ``out_shape`` (the shape
+        :func:`mishax_py.studies.attribution.atp._reduce` gives), where elements outside ``pos_mask`` stay 0.
+    """
+    device = pos_mask.device
+    positions = pos_mask.nonzero().flatten().tolist()
+    n_pos = pos_mask.numel()
+    if kind == "stream":
+        axes = {"pos": 0}  # mask layout [pos, 1]
+        n_heads = 0
+    elif kind == "head":
+        axes = {"pos": 0, "head": 1}  # [pos, head, 1]
+        n_heads = shape[1]
+    elif kind == "map":
+        axes = {"head": 0, "pos": 1}  # [head, q_pos, 1] (the key axis is the broadcast one)
+        n_heads = shape[0]
+    else:
+        raise ValueError(f"unknown site kind {kind!r}")
+    if by in ("head", "head_pos") and kind == "stream":
+        raise ValueError(f"by={by!r} needs a per-head site")
+    layout = tuple(shape[:-1]) + (1,)
+
+    def mask(pos: int | None, head: int | None) -> torch.Tensor:
+        m = torch.ones(layout[:-1], dtype=torch.bool, device=device)
+        pos_sel = pos_mask if pos is None else torch.arange(n_pos, device=device) == pos
+        view = [1] * len(layout[:-1])
+        view[axes["pos"]] = n_pos
+        m = m & pos_sel.view(view)
+        if head is not None:
+            hv = [1] * len(layout[:-1])
+            hv[axes["head"]] = n_heads
+            m = m & (torch.arange(n_heads, device=device) == head).view(hv)
+        return m.unsqueeze(-1)
+
+    if by == "layer":
+        elements, out_shape = [(None, None, 0)], ()
+    elif by == "pos":
+        elements, out_shape = [(p, None, p) for p in positions], (n_pos,)
+    elif by == "head":
+        elements, out_shape = [(None, h, h) for h in range(n_heads)], (n_heads,)
+    elif by == "head_pos":
+        elements, out_shape = [(p, h, h * n_pos + p) for h in range(n_heads) for p in positions], (n_heads, n_pos)
+    else:
+        raise ValueError(f"unknown granularity by={by!r}")
+    masks = torch.stack([mask(p, h) for p, h, _ in elements])
+    index = torch.tensor([i for _, _, i in elements], dtype=torch.long, device=device)
+    return masks, index, out_shape
+
+
+def patch_elements(masks: torch.Tensor, source: torch.Tensor) -> Handler:
+    """A handler for a batch of ``len(masks)`` replicas of ``source``'s batch: replica ``e`` takes
+    ``source`` where ``masks[e]`` is True and keeps its own value elsewhere."""
+    n = masks.shape[0]
+
+    def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        rows = value.view(n, -1, *value.shape[1:])
+        src = source.to(value.dtype).unsqueeze(0)
+        return torch.where(masks.unsqueeze(1), src, rows).reshape(value.shape)
+
+    return h
+
+
+def stopper(store: dict[str, torch.Tensor], name: str) -> Handler:
+    """A handler that records the site's value (detached) and ends the forward (:class:`StopForward`)."""
+
+    def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
+        store[name] = value.detach()
+        raise StopForward(name)
+
+    return h
