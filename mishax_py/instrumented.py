@@ -23,6 +23,7 @@ from torch import nn
 from mishax_py import memory
 from mishax_py.cache import ActivationCache
 from mishax_py.family import ModelFamily
+from mishax_py.inputs import as_ids
 from mishax_py.interventions import Hook, Intervention
 from mishax_py.naming import layer_site
 from mishax_py.runtime import RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
@@ -312,17 +313,3 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
         return p.dtype
     return torch.get_default_dtype()
 
-
-def as_ids(ids: Any, model: nn.Module | None = None) -> torch.Tensor:
-    """Token ids as a LongTensor ``[batch, pos]`` on the model's device."""
-    t = torch.as_tensor(ids)
-    if t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"token ids must be integers, got dtype {t.dtype}")
-    if t.ndim == 1:
-        t = t[None]
-    if t.ndim != 2:
-        raise ValueError(f"token ids must have shape [batch, pos] or [pos], got {tuple(t.shape)}")
-    if model is not None:
-        device = next(model.parameters()).device
-        t = t.to(device)
-    return t.long()

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.instrumented import as_ids
+from mishax_py.inputs import as_ids
 from mishax_py.interventions import Intervention
 from mishax_py.runtime import SiteEvent
 from mishax_py.studies.attribution.atp import _check_metric_value, _forward, _progress, _replicate_hf, site_gradients

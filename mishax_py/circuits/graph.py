@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.instrumented import as_ids
+from mishax_py.inputs import as_ids
 from mishax_py.runtime import SiteEvent, activate
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from mishax_py.circuits.graph import (
     _transcoder_map,
     _transcoder_output,
 )
-from mishax_py.instrumented import as_ids
+from mishax_py.inputs import as_ids
 from mishax_py.interventions import Hook
 
 if TYPE_CHECKING:

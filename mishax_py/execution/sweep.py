@@ -113,7 +113,7 @@ def sweep(
     Raises the first variant's validation error (naming the variant, site and shapes) before any
     forward pass.
     """
-    from mishax_py.instrumented import as_ids
+    from mishax_py.inputs import as_ids
 
     ids = as_ids(ids, im.model)
     B, P = ids.shape

@@ -92,7 +92,7 @@ class Walker:
 
     def __init__(self, im: InstrumentedModel, ids: Any, *, sites: str | Iterable[str] | None = None,
                  **hf_kwargs: Any) -> None:
-        from mishax_py.instrumented import as_ids
+        from mishax_py.inputs import as_ids
 
         self.im = im
         self.ids = as_ids(ids, im.model)

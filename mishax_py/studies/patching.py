@@ -702,7 +702,7 @@ def prompt_pair(im: InstrumentedModel, clean_ids: Any, corrupt_ids: Any) -> tupl
     Patching and attribution pair activations position by position, so the shapes must agree;
     otherwise a ``ValueError`` names both shapes.
     """
-    from mishax_py.instrumented import as_ids
+    from mishax_py.inputs import as_ids
 
     clean = as_ids(clean_ids, im.model)
     corrupt = as_ids(corrupt_ids, im.model)

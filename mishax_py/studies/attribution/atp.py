@@ -126,7 +126,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.instrumented import as_ids
+from mishax_py.inputs import as_ids
 from mishax_py.runtime import SiteEvent, activate
 from mishax_py.studies.attribution.layer import StopForward, element_masks, patch_elements, stop_layer, stopper
 from mishax_py.studies.attribution.qk import ScoreFn, check_scores, qk_fix_layer
