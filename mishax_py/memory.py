@@ -23,7 +23,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["keep_freed_memory", "reserve_for"]
+__all__ = ["available_ram", "keep_freed_memory", "reserve_for"]
 
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -81,3 +81,18 @@ def reserve_for(nbytes: int) -> bool:
     _reserved = target  # also on failure: don't retry on every run
     ok = lib.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return lib.mallopt(_M_TRIM_THRESHOLD, min(target, 2**31 - 1)) == 1 and ok
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to this process now (``MemAvailable``; 2 GiB when it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30

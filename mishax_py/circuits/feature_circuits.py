@@ -54,10 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.inputs import as_ids
 from mishax_py.interventions import Intervention
 from mishax_py.runtime import SiteEvent
-from mishax_py.studies.attribution.atp import _check_metric_value, _forward, _progress, _replicate_hf, site_gradients
+from mishax_py.studies.attribution.atp import _check_metric_value, _progress, site_gradients
 from mishax_py.studies.patching import Metric, prompt_pair
 
 if TYPE_CHECKING:
@@ -436,7 +437,7 @@ def _edges(
                 return v
 
             with torch.enable_grad():
-                _forward(im, ids, [(up, at_up), (down, at_down)], None, _replicate_hf(hf, B, R))
+                forward_with(im, ids, [(up, at_up), (down, at_down)], None, repeat_rows(hf, B, R))
                 seed_f = torch.zeros_like(stash["f"])
                 seed_e = torch.zeros_like(stash["e"])
                 for r, (_s, pos, feat) in enumerate(chunk):

@@ -41,7 +41,6 @@ every chunk (and prefix sharing is off, since they may depend on the batch).
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.execution.forward import repeat_rows
 from mishax_py.hf_compat import CACHE_KWARG, output_cache
 from mishax_py.interventions import Intervention
+from mishax_py.memory import available_ram
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 from mishax_py.sites import UnknownSiteError
 
@@ -228,17 +229,6 @@ def _make_chunk(variants: list[_Variant]) -> _Chunk:
     return chunk
 
 
-def _repeat_kwargs(hf_kwargs: Mapping[str, Any], B: int, n: int) -> dict[str, Any]:
-    """Repeat per-row tensors (first dim ``B``) ``n`` times along the batch; pass the rest through."""
-    out: dict[str, Any] = {}
-    for k, v in hf_kwargs.items():
-        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B and n > 1:
-            out[k] = v.repeat(n, *([1] * (v.ndim - 1)))
-        else:
-            out[k] = v
-    return out
-
-
 def _clean_run(
     im: InstrumentedModel, ids: torch.Tensor, layers: list[int], store: dict[int, torch.Tensor], hf_kwargs: dict
 ) -> torch.Tensor:
@@ -277,7 +267,7 @@ def _run_chunk(
     n = len(chunk.variants)
     p0 = chunk.first_pos
     ctx = RunContext(outer)
-    kwargs = _repeat_kwargs(hf_kwargs, B, n)
+    kwargs = repeat_rows(hf_kwargs, B, n)
     if kv_prefix is not None:  # positions < p0 come from the clean run's KV cache, tiled per variant
         cache = copy.deepcopy(kv_prefix)
         cache.batch_select_indices(torch.arange(B, device=ids.device).repeat(n))
@@ -352,23 +342,9 @@ def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool 
         free, _ = torch.cuda.mem_get_info(param.device)
         budget, cap = free // 2, 4096
     else:
-        budget, cap = min(_available_ram() // 4, 4 << 30), 256
+        budget, cap = min(available_ram() // 4, 4 << 30), 256
     rows = min(max(budget // max(per_row, 1), 1), cap)
     return max(B, rows // B * B)
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2 << 30
 
 
 def _progress_bar(n_chunks: int, progress: bool | None) -> Any:

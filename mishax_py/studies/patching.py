@@ -72,6 +72,7 @@ import torch
 
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.interventions import Hook, Patch, PositionsLike
+from mishax_py.memory import available_ram
 from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
 from mishax_py.studies.result import PatchingResult, plot
 
@@ -394,8 +395,6 @@ def _pack(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
 
 def _default_rows(im: InstrumentedModel, row_len: int, cache_len: int) -> int:
     """Rows per packed forward from a memory estimate (budget as sweep.default_batch_size)."""
-    from mishax_py.execution.sweep import _available_ram
-
     cfg = im.model.config
     param = next(im.model.parameters())
     e = param.element_size()
@@ -406,7 +405,7 @@ def _default_rows(im: InstrumentedModel, row_len: int, cache_len: int) -> int:
         free, _ = torch.cuda.mem_get_info(param.device)
         budget = free // 2
     else:
-        budget = min(_available_ram() // 4, 2 << 30)
+        budget = min(available_ram() // 4, 2 << 30)
     return max(1, int(budget // (per_token * row_len)))
 
 

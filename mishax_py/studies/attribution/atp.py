@@ -126,8 +126,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.inputs import as_ids
-from mishax_py.runtime import SiteEvent, activate
+from mishax_py.runtime import SiteEvent
 from mishax_py.studies.attribution.layer import StopForward, element_masks, patch_elements, stop_layer, stopper
 from mishax_py.studies.attribution.qk import ScoreFn, check_scores, qk_fix_layer
 from mishax_py.studies.patching import BY_ALIASES, Metric, PatchingResult, plot, prompt_pair
@@ -347,36 +348,6 @@ def _dims(by: str) -> tuple[str, ...]:
 # -- running the model with raw handlers --------------------------------------------------
 
 Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]
-
-
-def _forward(
-    im: InstrumentedModel,
-    ids: torch.Tensor,
-    handlers: Iterable[tuple[str, Handler]],
-    interventions: Interventions | None,
-    hf: Mapping[str, Any],
-    start_layer: int = 0,
-) -> torch.Tensor:
-    """Logits of one forward with the user's interventions first, then ``handlers`` (in order).
-
-    ``start_layer > 0`` skips the decoder layers below it (a handler must then supply that
-    layer's ``resid_pre``).
-    """
-    ctx = im.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
-    ctx.start_layer = start_layer
-    for name, h in handlers:
-        im.add_handler(ctx, name, h)
-    with activate(ctx):
-        return im.forward(ids, **hf)
-
-
-def _replicate_hf(hf: Mapping[str, Any], batch: int, reps: int) -> dict[str, Any]:
-    out = {}
-    for k, v in hf.items():
-        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == batch and reps > 1:
-            v = v.repeat(reps, *([1] * (v.ndim - 1)))
-        out[k] = v
-    return out
 
 
 def _check_metric_value(m: Any) -> torch.Tensor:
@@ -668,7 +639,7 @@ def _atp(
     for r0 in range(0, n_rep, per_chunk):
         reps = list(range(r0, min(n_rep, r0 + per_chunk)))
         ids = target.repeat(len(reps), 1)
-        hfr = _replicate_hf(hf, batch, len(reps))
+        hfr = repeat_rows(hf, batch, len(reps))
         handlers: list[tuple[str, Handler]] = []
         for i, r in enumerate(reps):
             if r == 0:
@@ -686,7 +657,7 @@ def _atp(
         for n in dict.fromkeys(grad_sites + tgt_keep):
             handlers.append((n, _grad_recorder(store, n)))
         with torch.enable_grad():
-            logits = _forward(im, ids, handlers, interventions, hfr)
+            logits = forward_with(im, ids, handlers, interventions, hfr)
             ms = _metric_per_replica(metric, logits, batch, need_grad=True)
             grads = torch.autograd.grad(ms.sum(), [store[n] for n in grad_sites], allow_unused=True)
         if r0 == 0:
@@ -767,8 +738,8 @@ def _atp_layer(
                 hs.append((post[s], stopper(reached, post[s])))
             with torch.no_grad():
                 try:
-                    logits = _forward(im, target.repeat(e, 1), hs, grid.interventions,
-                                      _replicate_hf(grid.hf, batch, e), start_layer=L)
+                    logits = forward_with(im, target.repeat(e, 1), hs, grid.interventions,
+                                      repeat_rows(grid.hf, batch, e), start_layer=L)
                 except StopForward:
                     logits = None
             if logits is None:
@@ -814,7 +785,7 @@ def _plain_run(im: InstrumentedModel, ids: torch.Tensor, metric: Metric, sites: 
     """One run without gradients: its (detached) values at ``sites`` and its metric."""
     store: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        logits = _forward(im, ids, [(n, _keeper(store, n)) for n in sites], interventions, hf)
+        logits = forward_with(im, ids, [(n, _keeper(store, n)) for n in sites], interventions, hf)
         return store, float(_check_metric_value(metric(logits)))
 
 
@@ -886,7 +857,7 @@ def _ig_input(
         handlers: list[tuple[str, Handler]] = [("embed", lambda value, event, interp=interp: interp.to(value.dtype))]
         handlers += [(n, _grad_recorder(store, n)) for n in names]
         with torch.enable_grad():
-            logits = _forward(im, ids, handlers, grid.interventions, _replicate_hf(grid.hf, batch, len(chunk)))
+            logits = forward_with(im, ids, handlers, grid.interventions, repeat_rows(grid.hf, batch, len(chunk)))
             ms = _metric_per_replica(metric, logits, batch, need_grad=True)
             grads = torch.autograd.grad(ms.sum(), [store[n] for n in names], allow_unused=True)
         for n, g in zip(names, grads, strict=True):
@@ -927,7 +898,7 @@ def _ig_gradients(
     for j0 in range(0, len(jobs), per_chunk):
         chunk = jobs[j0:j0 + per_chunk]
         ids = target.repeat(len(chunk), 1)
-        hfr = _replicate_hf(hf, batch, len(chunk))
+        hfr = repeat_rows(hf, batch, len(chunk))
         leaves: list[tuple[int, torch.Tensor]] = []
         handlers: list[tuple[str, Handler]] = []
         by_site: dict[int, list[int]] = {}
@@ -941,7 +912,7 @@ def _ig_gradients(
             leaves.append((li, interp))
             handlers.append((n, _replacer(rows, interp)))
         with torch.enable_grad():
-            logits = _forward(im, ids, handlers, interventions, hfr)
+            logits = forward_with(im, ids, handlers, interventions, hfr)
             ms = _metric_per_replica(metric, logits, batch, need_grad=True)
             grads = torch.autograd.grad(ms.sum(), [leaf for _, leaf in leaves], allow_unused=True)
         for (li, leaf), g in zip(leaves, grads, strict=True):
@@ -984,7 +955,7 @@ def site_gradients(
     batch = ids.shape[0]
     store: dict[str, torch.Tensor] = {}
     with torch.enable_grad():
-        logits = _forward(im, ids, [(n, _grad_recorder(store, n)) for n in names], interventions, hf_kwargs)
+        logits = forward_with(im, ids, [(n, _grad_recorder(store, n)) for n in names], interventions, hf_kwargs)
         m = _metric_per_replica(metric, logits, batch, need_grad=method == "atp")[0]
         if method == "atp":
             grads = torch.autograd.grad(m, [store[n] for n in names], allow_unused=True)
