@@ -47,7 +47,7 @@ from _common import build, describe, machine, prompt_pairs  # noqa: E402 - bench
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
-from mishax_py.studies.attribution.atp import attribution_patching, attribution_patching_sites
+from mishax_py.studies.attribution import attribution_patching, attribution_patching_sites
 
 THREE = {"resid_pre": "pos", "attn.z": "head", "mlp_out": "pos"}  # several grids from one backward
 SPECS = {
@@ -121,24 +121,25 @@ def speed(quick: bool) -> None:
     im = g2.instrument(build(spec))
     T, n_layers = spec["pos"], spec["layers"]
     clean, worst, ioi, metric = prompt_pairs(spec)
-    attribution_patching(im, clean[:, :8], worst[:, :8], metric, "resid_pre")  # warm-up
+    attribution_patching(im, clean[:, :8], worst[:, :8], metric, site="resid_pre")  # warm-up
     for name, corrupt in (("worst case (all positions differ)", worst), ("IOI-like (2 positions differ)", ioi)):
-        _, t_atp = timed(lambda c=corrupt: attribution_patching(im, clean, c, metric, "resid_pre"))
+        _, t_atp = timed(lambda c=corrupt: attribution_patching(im, clean, c, metric, site="resid_pre"))
         _, t_loop = loop_baseline(im, clean, corrupt, metric, n_layers, sample=48 if quick else None)
         line = (f"{name}: attribution patching {t_atp:.3f} s; plain loop {t_loop:.2f} s "
                 f"({n_layers * T} forwards{', time extrapolated from 48' if quick else ''}) -> "
                 f"{t_loop / t_atp:.1f}x faster")
         if activation_patching is not None:
             with torch.no_grad():
-                _, t_batched = timed(lambda c=corrupt: activation_patching(im, clean, c, metric, "resid_pre"), 1)
+                _, t_batched = timed(lambda c=corrupt: activation_patching(im, clean, c, metric, site="resid_pre"), 1)
             line += f"; batched activation_patching {t_batched:.2f} s -> {t_batched / t_atp:.1f}x faster"
         print(line)
-        _, t_sep = timed(lambda c=corrupt: [attribution_patching(im, clean, c, metric, k, b) for k, b in THREE.items()])
-        _, t_all = timed(lambda c=corrupt: attribution_patching_sites(im, clean, c, metric, THREE))
+        _, t_sep = timed(lambda c=corrupt: [attribution_patching(im, clean, c, metric, site=k, by=b)
+                                            for k, b in THREE.items()])
+        _, t_all = timed(lambda c=corrupt: attribution_patching_sites(im, clean, c, metric, sites=THREE))
         print(f"    resid_pre + attn.z + mlp_out: three attribution_patching calls {t_sep:.3f} s, one "
               f"attribution_patching_sites {t_all:.3f} s -> {t_sep / t_all:.2f}x")
         for method in ("atp-layer", "ig", "ig-input"):  # the slower estimates, against the same loop
-            _, t_ig = timed(lambda c=corrupt, m=method: attribution_patching(im, clean, c, metric, "resid_pre",
+            _, t_ig = timed(lambda c=corrupt, m=method: attribution_patching(im, clean, c, metric, site="resid_pre",
                                                                             method=m, steps=16), 1)
             what = method if method == "atp-layer" else f"{method} (16 steps)"
             line = f"    {what}: {t_ig:.2f} s -> {_than(t_loop, t_ig)} the plain loop"
@@ -162,9 +163,9 @@ def accuracy(seeds: int = 0) -> None:
         for direction in ("denoise", "noise"):
             for site, by in (("resid_pre", "pos"), ("attn.z", "head"), ("attn.q", "head")):
                 with torch.no_grad():
-                    exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction)
+                    exact = activation_patching(im, clean, corrupt, metric, site=site, by=by, direction=direction)
                 for method in ("atp", "atp*", "atp-layer", "ig", "ig-input"):
-                    est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16,
+                    est = attribution_patching(im, clean, corrupt, metric, site=site, by=by, method=method, steps=16,
                                                direction=direction)
                     r = pearson(est.values, exact.values)
                     print(f"    {direction:<7} {site} by {by:<4} {method:<9} Pearson {r:.3f}")
@@ -183,10 +184,10 @@ def more_seeds(model, n: int) -> None:
             for direction in ("denoise", "noise"):
                 for site, by in (("resid_pre", "pos"), ("attn.z", "head")):
                     with torch.no_grad():
-                        exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction)
+                        exact = activation_patching(im, clean, corrupt, metric, site=site, by=by, direction=direction)
                     for method in ("atp", "atp-layer", "ig"):
-                        est = attribution_patching(im, clean, corrupt, metric, site, by, method=method, steps=16,
-                                                   direction=direction)
+                        est = attribution_patching(im, clean, corrupt, metric, site=site, by=by, method=method,
+                                                   steps=16, direction=direction)
                         rows.setdefault((task.split(" ")[0], direction, f"{site} by {by}", method), []).append(
                             pearson(est.values, exact.values))
     print(f"gemma2-tiny, {n} more prompt sets per task (seeds 11/12 + 100 k): Pearson min .. max")
@@ -338,7 +339,7 @@ def circuits(out_dir: str) -> None:
 
     for k in (5, 20, 50):
         t0 = time.perf_counter()
-        circ = feature_circuit(im, clean.input_ids, res, metric, corrupt.input_ids, top_k=k, edges=k == 5)
+        circ = feature_circuit(im, clean.input_ids, corrupt.input_ids, metric, saes=res, top_k=k, edges=k == 5)
         t_c = time.perf_counter() - t0
         ev = circ.evaluate(im, metric)
         print(f"feature circuit (recall, residual SAEs at every layer, top {k} nodes per site, patch ablation): "

@@ -35,7 +35,7 @@ from _common import build, describe, machine, prompt_pairs  # noqa: E402 - bench
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
-from mishax_py.studies.patching import activation_patching
+from mishax_py.studies.activation_patching import activation_patching
 
 SPECS = {
     "full": dict(layers=12, d_model=768, heads=12, kv_heads=4, d_head=64, d_mlp=3072, vocab=512, pos=32),
@@ -89,7 +89,7 @@ def main() -> None:
         chosen = cases["ioi"] + cases["worst"] if args.case == "both" else cases[args.case]
         for name, corrupt in chosen:
             t0 = time.perf_counter()
-            fast = activation_patching(im, clean, corrupt, metric, "resid_pre")
+            fast = activation_patching(im, clean, corrupt, metric, site="resid_pre")
             t_fast = time.perf_counter() - t0
             t0 = time.perf_counter()
             ref = loop_baseline(im, clean, corrupt, metric, spec["layers"])

@@ -21,7 +21,8 @@ import torch
 from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
-from mishax_py.studies.patching import _parse_receivers, _path_steps_2_3, path_patching_by_head
+from mishax_py.interventions import Patch
+from mishax_py.studies.path_patching import path_patching_by_head
 
 SPECS = {
     "full": dict(layers=12, d_model=768, heads=12, kv_heads=4, d_head=64, d_mlp=3072, vocab=512, pos=32),
@@ -30,20 +31,28 @@ SPECS = {
 
 
 def head_by_head(im, clean, corrupt, metric, receivers, receiver_positions) -> torch.Tensor:
-    """Steps 2 and 3 for one sender head at a time, caches computed once."""
-    n_layers, n_heads = im.n_layers, im.site_info("blocks.0.attn.z").shape[2]
-    recv_heads, recv_sites = _parse_receivers(im, receivers, True)
-    z_sites = [f"blocks.{i}.attn.z" for i in range(n_layers)]
-    mlp_sites = [f"blocks.{i}.mlp_out" for i in range(n_layers)]
+    """Steps 2 and 3 written out for one sender head at a time (two forwards per head), caches computed once."""
+    n_layers, n_heads = im.n_layers, im.family.dims.n_heads
+    recv: dict[str, list[int]] = {}
+    for layer, head, kind in receivers:
+        recv.setdefault(im.layer_site(layer, f"attn.{kind}"), []).append(head)
+    z_sites = [im.layer_site(i, "attn.z") for i in range(n_layers)]
+    mlp_sites = [im.layer_site(i, "mlp_out") for i in range(n_layers)]
     out = torch.zeros(n_layers, n_heads)
     with torch.no_grad():
         _, clean_cache = im.run_with_cache(clean, sites=z_sites + mlp_sites)
         _, corrupt_cache = im.run_with_cache(corrupt, sites=z_sites)
         for layer in range(n_layers):
             for head in range(n_heads):
-                out[layer, head] = _path_steps_2_3(im, clean, metric, clean_cache, corrupt_cache, {layer: [head]}, [],
-                                                   recv_heads, recv_sites, mlp_sites, {},
-                                                   receiver_positions=receiver_positions)
+                # 2. the sender head from the corrupted run, every other head and every MLP frozen to clean
+                step2 = {z: [Patch(clean_cache[z])] for z in z_sites}
+                step2[z_sites[layer]].append(Patch(corrupt_cache[z_sites[layer]], heads=[head]))
+                step2.update({m: [Patch(clean_cache[m])] for m in mlp_sites})
+                _, step2_cache = im.run_with_cache(clean, sites=list(recv), interventions=step2)
+                # 3. the clean run with only the receivers patched
+                step3 = {site: Patch(step2_cache[site], heads=heads, positions=receiver_positions)
+                         for site, heads in recv.items()}
+                out[layer, head] = float(metric(im.run(clean, interventions=step3)))
     return out
 
 
@@ -61,10 +70,10 @@ def main() -> None:
     last = spec["layers"] - 1
     receivers = [(last, h, "q") for h in range(spec["heads"])]
     kw = dict(freeze_mlps=True, receiver_positions=[-1])
-    path_patching_by_head(im, clean[:, :8], corrupt[:, :8], metric, receivers, layers=[0], **kw)  # warm-up
+    path_patching_by_head(im, clean[:, :8], corrupt[:, :8], metric, receivers=receivers, layers=[0], **kw)  # warm-up
 
     t0 = time.perf_counter()
-    batched = path_patching_by_head(im, clean, corrupt, metric, receivers, progress=False, **kw)
+    batched = path_patching_by_head(im, clean, corrupt, metric, receivers=receivers, progress=False, **kw)
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     loop = head_by_head(im, clean, corrupt, metric, receivers, [-1])

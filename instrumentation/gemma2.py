@@ -25,6 +25,7 @@ from mishax_py.ast_patcher import ModuleASTPatcher, Replace
 from mishax_py.family import AttentionSpec, ModelDims
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
+from mishax_py.naming import layer_site, tl_alias
 from mishax_py.runtime import begin_forward, skip_layer, tag
 from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
 
@@ -236,10 +237,8 @@ class Gemma2Family:
         ]
         self.frozen_norms: list[tuple[str, str]] = []
         for layer in range(n_layers):
-            b = f"blocks.{layer}"
-            self.frozen_norms += [(f"{b}.resid_pre", f"{b}.ln1"), (f"{b}.attn_out_pre_norm", f"{b}.attn_out"),
-                                  (f"{b}.resid_mid", f"{b}.ln2_normalized")]
-        self.frozen_norms.append((f"blocks.{n_layers - 1}.resid_post", "ln_final"))
+            self.frozen_norms += [(layer_site(layer, a), layer_site(layer, b)) for a, b in _FROZEN_IN_LAYER]
+        self.frozen_norms.append((layer_site(n_layers - 1, "resid_post"), "ln_final"))
 
     def attention(self, layer: int) -> AttentionSpec:
         return self._attention[layer]
@@ -251,66 +250,69 @@ class Gemma2Family:
         return f"Gemma2Family({self.dims})"
 
 
+# The norms an attribution graph freezes inside each layer: (input kind, output kind); see Gemma2Family.
+_FROZEN_IN_LAYER = (("resid_pre", "ln1"), ("attn_out_pre_norm", "attn_out"), ("resid_mid", "ln2_normalized"))
+
+
 def build_catalogue(model: modeling_gemma2.Gemma2ForCausalLM) -> SiteCatalogue:
-    """The sites of one Gemma 2 model instance, in forward order."""
+    """The sites of one Gemma 2 model instance, in forward order.
+
+    Names are spelled by :func:`mishax_py.naming.layer_site`; every site whose value means what
+    TransformerLens's hook means gets its alias from the one table, :func:`mishax_py.naming.tl_alias`
+    (for Gemma 2, every site the table names; ``ln1``, ``ln2``, the pre-norm outputs, ``ln_final``
+    and ``logits`` have none).
+    """
     cfg = model.config
     d_model, d_mlp, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     stream = (BATCH, POS, d_model)
     base = model.model
     specs: list[SiteSpec] = [
-        SiteSpec("embed", base, "embed", None, stream, "Gemma2Model.forward: embed_tokens(input_ids) (× √d_model)",
-                 "hook_embed"),
+        _spec("embed", base, "embed", None, stream, "Gemma2Model.forward: embed_tokens(input_ids) (× √d_model)"),
     ]
     for L, layer in enumerate(base.layers):
-        b = f"blocks.{L}"
         attn, mlp = layer.self_attn, layer.mlp
         where_l, where_a = "Gemma2DecoderLayer.forward", "Gemma2Attention.forward"
         heads_q, heads_kv = (BATCH, POS, n_heads, d_head), (BATCH, POS, n_kv, d_head)
         attn_map = (BATCH, n_heads, POS, KEY_POS)
+
+        def site(kind: str, owner: nn.Module, local: str, dims: tuple[int | str, ...], where: str,
+                 dtype: torch.dtype | None = None, L: int = L) -> SiteSpec:
+            return _spec(layer_site(L, kind), owner, local, L, dims, where, dtype)
+
         specs += [
-            SiteSpec(f"{b}.resid_pre", layer, "resid_pre", L, stream, f"{where_l}: layer input",
-                     f"{b}.hook_resid_pre"),
-            SiteSpec(f"{b}.ln1", layer, "ln1", L, stream, f"{where_l}: input_layernorm output"),
-            SiteSpec(f"{b}.attn.q", attn, "q", L, heads_q, f"{where_a}: q_proj, per head, pre-RoPE",
-                     f"{b}.attn.hook_q"),
-            SiteSpec(f"{b}.attn.k", attn, "k", L, heads_kv, f"{where_a}: k_proj, per kv head, pre-RoPE",
-                     f"{b}.attn.hook_k"),
-            SiteSpec(f"{b}.attn.v", attn, "v", L, heads_kv, f"{where_a}: v_proj, per kv head",
-                     f"{b}.attn.hook_v"),
-            SiteSpec(f"{b}.attn.rot_q", attn, "rot_q", L, heads_q, f"{where_a}: query after RoPE",
-                     f"{b}.attn.hook_rot_q"),
-            SiteSpec(f"{b}.attn.rot_k", attn, "rot_k", L, heads_kv, f"{where_a}: key after RoPE (before KV cache)",
-                     f"{b}.attn.hook_rot_k"),
-            SiteSpec(f"{b}.attn.scores", attn, "scores", L, attn_map,
-                     "eager_attention_forward: scaled, soft-capped, masked logits", f"{b}.attn.hook_attn_scores"),
-            SiteSpec(f"{b}.attn.pattern", attn, "pattern", L, attn_map, "eager_attention_forward: softmax",
-                     f"{b}.attn.hook_pattern"),
-            SiteSpec(f"{b}.attn.z", attn, "z", L, heads_q, f"{where_a}: per-head output before o_proj",
-                     f"{b}.attn.hook_z"),
-            SiteSpec(f"{b}.attn_out_pre_norm", layer, "attn_out_pre_norm", L, stream, f"{where_l}: o_proj output"),
-            SiteSpec(f"{b}.attn_out", layer, "attn_out", L, stream, f"{where_l}: post_attention_layernorm output",
-                     f"{b}.hook_attn_out"),
-            SiteSpec(f"{b}.resid_mid", layer, "resid_mid", L, stream, f"{where_l}: residual after attention",
-                     f"{b}.hook_resid_mid"),
-            SiteSpec(f"{b}.ln2_normalized", layer.pre_feedforward_layernorm, "normalized", L, stream,
-                     "Gemma2RMSNorm.forward: x·rsqrt(mean(x²)+eps), fp32, before the (1+w) gain",
-                     f"{b}.ln2.hook_normalized", dtype=torch.float32),
-            SiteSpec(f"{b}.ln2", layer, "ln2", L, stream, f"{where_l}: pre_feedforward_layernorm output"),
-            SiteSpec(f"{b}.mlp.pre", mlp, "pre", L, (BATCH, POS, d_mlp), "Gemma2MLP.forward: gate_proj(x)",
-                     f"{b}.mlp.hook_pre"),
-            SiteSpec(f"{b}.mlp.pre_linear", mlp, "pre_linear", L, (BATCH, POS, d_mlp), "Gemma2MLP.forward: up_proj(x)",
-                     f"{b}.mlp.hook_pre_linear"),
-            SiteSpec(f"{b}.mlp.post", mlp, "post", L, (BATCH, POS, d_mlp), "Gemma2MLP.forward: act(gate) * up",
-                     f"{b}.mlp.hook_post"),
-            SiteSpec(f"{b}.mlp_out_pre_norm", layer, "mlp_out_pre_norm", L, stream, f"{where_l}: down_proj output"),
-            SiteSpec(f"{b}.mlp_out", layer, "mlp_out", L, stream, f"{where_l}: post_feedforward_layernorm output",
-                     f"{b}.hook_mlp_out"),
-            SiteSpec(f"{b}.resid_post", layer, "resid_post", L, stream, f"{where_l}: layer output",
-                     f"{b}.hook_resid_post"),
+            site("resid_pre", layer, "resid_pre", stream, f"{where_l}: layer input"),
+            site("ln1", layer, "ln1", stream, f"{where_l}: input_layernorm output"),
+            site("attn.q", attn, "q", heads_q, f"{where_a}: q_proj, per head, pre-RoPE"),
+            site("attn.k", attn, "k", heads_kv, f"{where_a}: k_proj, per kv head, pre-RoPE"),
+            site("attn.v", attn, "v", heads_kv, f"{where_a}: v_proj, per kv head"),
+            site("attn.rot_q", attn, "rot_q", heads_q, f"{where_a}: query after RoPE"),
+            site("attn.rot_k", attn, "rot_k", heads_kv, f"{where_a}: key after RoPE (before KV cache)"),
+            site("attn.scores", attn, "scores", attn_map,
+                 "eager_attention_forward: scaled, soft-capped, masked logits"),
+            site("attn.pattern", attn, "pattern", attn_map, "eager_attention_forward: softmax"),
+            site("attn.z", attn, "z", heads_q, f"{where_a}: per-head output before o_proj"),
+            site("attn_out_pre_norm", layer, "attn_out_pre_norm", stream, f"{where_l}: o_proj output"),
+            site("attn_out", layer, "attn_out", stream, f"{where_l}: post_attention_layernorm output"),
+            site("resid_mid", layer, "resid_mid", stream, f"{where_l}: residual after attention"),
+            site("ln2_normalized", layer.pre_feedforward_layernorm, "normalized", stream,
+                 "Gemma2RMSNorm.forward: x·rsqrt(mean(x²)+eps), fp32, before the (1+w) gain", dtype=torch.float32),
+            site("ln2", layer, "ln2", stream, f"{where_l}: pre_feedforward_layernorm output"),
+            site("mlp.pre", mlp, "pre", (BATCH, POS, d_mlp), "Gemma2MLP.forward: gate_proj(x)"),
+            site("mlp.pre_linear", mlp, "pre_linear", (BATCH, POS, d_mlp), "Gemma2MLP.forward: up_proj(x)"),
+            site("mlp.post", mlp, "post", (BATCH, POS, d_mlp), "Gemma2MLP.forward: act(gate) * up"),
+            site("mlp_out_pre_norm", layer, "mlp_out_pre_norm", stream, f"{where_l}: down_proj output"),
+            site("mlp_out", layer, "mlp_out", stream, f"{where_l}: post_feedforward_layernorm output"),
+            site("resid_post", layer, "resid_post", stream, f"{where_l}: layer output"),
         ]
     specs += [
-        SiteSpec("ln_final", base, "ln_final", None, stream, "Gemma2Model.forward: final norm output"),
-        SiteSpec("logits", model, "logits", None, (BATCH, POS, vocab), "Gemma2ForCausalLM.forward: after soft-cap"),
+        _spec("ln_final", base, "ln_final", None, stream, "Gemma2Model.forward: final norm output"),
+        _spec("logits", model, "logits", None, (BATCH, POS, vocab), "Gemma2ForCausalLM.forward: after soft-cap"),
     ]
     return SiteCatalogue(specs)
+
+
+def _spec(name: str, owner: nn.Module, local: str, layer: int | None, dims: tuple[int | str, ...], where: str,
+          dtype: torch.dtype | None = None) -> SiteSpec:
+    """A catalogue entry, aliased by the one TransformerLens table."""
+    return SiteSpec(name, owner, local, layer, dims, where, tl_alias(name), dtype=dtype)

@@ -2,8 +2,8 @@
 
 The core is model-agnostic: :mod:`mishax_py.ast_patcher` rewrites model source to
 call :func:`mishax_py.runtime.tag` at named sites, and :class:`InstrumentedModel`
-decides per run what those calls do. Model families live in ``instrumentation``
-(``instrumentation.gemma2``); SAEs in ``saes``.
+decides per run what those calls do. Model families (one module per architecture,
+implementing :class:`mishax_py.family.ModelFamily`) live in ``instrumentation``; SAEs in ``saes``.
 """
 
 from mishax_py.ast_patcher import ModuleASTPatcher, PatchError, Replace

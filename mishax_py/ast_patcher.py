@@ -96,7 +96,7 @@ def _apply_replace(source: str, rep: Replace, target: str) -> str:
         if len(new_lines) == 1:
             return pattern.sub(lambda _: new, source)
         # A one-line statement replaced by several: keep the matched line's indentation.
-        out_lines = []
+        out_lines: list[str] = []
         for line in source.splitlines():
             if pattern.search(line) and line.strip() == old:
                 indent = line[: len(line) - len(line.lstrip())]

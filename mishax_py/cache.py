@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """Stack the tensors of ``names`` along a new leading dimension."""
         return torch.stack([self[n] for n in names])
 
-    def to(self, *args: object, **kwargs: object) -> ActivationCache:
+    def to(self, *args: Any, **kwargs: Any) -> ActivationCache:
         """A copy with every tensor moved/cast with ``Tensor.to(*args, **kwargs)``."""
         moved = {k: v.to(*args, **kwargs) for k, v in self._values.items()}
         mask = self.attention_mask

@@ -33,7 +33,7 @@ def builtin_random_gemma2(seed: int = 0):  # -> Gemma2ForCausalLM
         head_dim=64,
         sliding_window=16,
         max_position_embeddings=512,
-        attn_implementation="eager",
+        attn_implementation="eager",  # type: ignore[call-arg]  # taken by PretrainedConfig's **kwargs
     )
     return Gemma2ForCausalLM(config).eval()
 

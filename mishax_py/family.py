@@ -1,6 +1,6 @@
 """The model-family boundary: everything the core and the studies know about a model comes from here.
 
-A family module (``instrumentation.gemma2``, a toy transformer in the tests, ...) places
+A family module (one per model architecture in ``instrumentation``, a toy transformer in the tests) places
 ``tag(...)`` calls at its sites, builds a :class:`~mishax_py.sites.SiteCatalogue`, and
 implements :class:`ModelFamily` for one model instance. The core never reads a model's
 config or names a family: where a study needs a fact (the attention scale and soft-cap to
@@ -20,7 +20,8 @@ The contract a family's model keeps (what :class:`~mishax_py.InstrumentedModel` 
 
 Families whose models also take Hugging Face's key/value cache and 4-D float attention
 masks (``supports_kv_prefix``) get the faster engines: packed activation patching and the
-shared clean prefix of sweeps. Others run the plain, row-per-patch path with equal results.
+shared clean KV prefix of sweeps (``share_positions``). Others run the plain, row-per-patch
+path with equal results.
 """
 
 from __future__ import annotations
@@ -73,22 +74,36 @@ class ModelFamily(Protocol):
     """What the core needs to know about one instrumented model instance of a family.
 
     Attributes:
-        name: the family's name, e.g. ``"gemma2"`` (shown by ``repr(im)``).
+        name: the family's name (shown by ``repr(im)``).
         dims: the model's sizes.
         supports_kv_prefix: the model takes HF's KV-cache keyword and 4-D float masks (see the
-            module docs); enables packed activation patching and sweeps' shared prefix.
+            module docs); enables packed activation patching and sweeps' shared KV prefix.
         frozen_norms: ``(input site, output site)`` of every normalisation an attribution graph
             freezes (its output becomes a fixed scale of its input), in forward order.
         mlp_input_kinds: the per-layer site kinds a transcoder may read (first: the usual one).
         mlp_output_kind: the per-layer site kind a transcoder writes.
+
+    The attributes are read-only properties here, so a family may define them as class or
+    instance attributes of any matching type (a tuple or a list for a sequence).
     """
 
-    name: str
-    dims: ModelDims
-    supports_kv_prefix: bool
-    frozen_norms: Sequence[tuple[str, str]]
-    mlp_input_kinds: Sequence[str]
-    mlp_output_kind: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dims(self) -> ModelDims: ...
+
+    @property
+    def supports_kv_prefix(self) -> bool: ...
+
+    @property
+    def frozen_norms(self) -> Sequence[tuple[str, str]]: ...
+
+    @property
+    def mlp_input_kinds(self) -> Sequence[str]: ...
+
+    @property
+    def mlp_output_kind(self) -> str: ...
 
     def attention(self, layer: int) -> AttentionSpec:
         """The attention facts of decoder layer ``layer``."""

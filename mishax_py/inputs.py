@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -21,7 +22,10 @@ from torch import nn
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["Metric", "as_ids", "metric_float", "metric_value", "prompt_pair"]
+__all__ = ["Ids", "Metric", "as_ids", "metric_float", "metric_value", "prompt_pair"]
+
+#: Token ids as studies and runs accept them: a tensor ``[batch, pos]`` or ``[pos]``, or (nested) lists of ints.
+Ids = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 class Metric(Protocol):
@@ -31,7 +35,7 @@ class Metric(Protocol):
     def __call__(self, logits: torch.Tensor, /) -> Any: ...
 
 
-def as_ids(ids: Any, model: nn.Module | None = None) -> torch.Tensor:
+def as_ids(ids: Ids, model: nn.Module | None = None) -> torch.Tensor:
     """Token ids as a LongTensor ``[batch, pos]`` on the model's device."""
     t = torch.as_tensor(ids)
     if t.dtype not in (torch.int64, torch.int32):
@@ -46,7 +50,7 @@ def as_ids(ids: Any, model: nn.Module | None = None) -> torch.Tensor:
     return t.long()
 
 
-def prompt_pair(im: InstrumentedModel, clean_ids: Any, corrupt_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_pair(im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean and corrupted prompts as token-id tensors of one shape ``[batch, pos]``.
 
     Patching and attribution pair activations position by position, so the shapes must agree;

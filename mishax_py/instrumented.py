@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,33 +24,17 @@ from mishax_py import memory
 from mishax_py.cache import ActivationCache
 from mishax_py.family import ModelFamily
 from mishax_py.inputs import as_ids
-from mishax_py.interventions import Hook, Intervention
+from mishax_py.interventions.base import Intervention, Interventions, as_intervention_list
 from mishax_py.naming import layer_site
-from mishax_py.runtime import RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
+from mishax_py.runtime import Handler, RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
 from mishax_py.sites import SiteCatalogue, SiteInfo, UnknownSiteError
 
 if TYPE_CHECKING:
     from mishax_py.execution.walk import Walker
 
+# ``Interventions`` (the ``{site: intervention}`` mapping) is defined in mishax_py.interventions.base; it is
+# importable from here too, as before.
 __all__ = ["InstrumentedModel", "Interventions"]
-
-InterventionLike = Intervention | Callable[..., torch.Tensor | None]
-# {site name, alias or glob: one intervention or a list applied in order}
-Interventions = Mapping[str, InterventionLike | Sequence[InterventionLike]]
-
-
-def as_intervention_list(value: InterventionLike | Sequence[InterventionLike]) -> list[Intervention]:
-    """Normalise one intervention, a plain function, or a list of them, to a list of Interventions."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    out: list[Intervention] = []
-    for item in items:
-        if isinstance(item, Intervention):
-            out.append(item)
-        elif callable(item):
-            out.append(Hook(item))
-        else:
-            raise TypeError(f"expected an Intervention or a function, got {type(item).__name__}: {item!r}")
-    return out
 
 
 class InstrumentedModel:
@@ -143,8 +127,7 @@ class InstrumentedModel:
             iv.check(name, self.site_info(name).concrete_shape(batch, pos))
             planned.setdefault(name, []).append(iv)
 
-    def add_handler(self, ctx: RunContext, site: str, handler: Callable[[torch.Tensor, SiteEvent], torch.Tensor],
-                    rows: torch.Tensor | None = None) -> None:
+    def add_handler(self, ctx: RunContext, site: str, handler: Handler, rows: torch.Tensor | None = None) -> None:
         """Register a raw handler at ``site`` (name or alias) in ``ctx``."""
         spec = self.catalogue.by_name[self.catalogue.canonical(site)]
         ctx.add(spec.key, spec.name, spec.layer, handler, rows)
@@ -226,17 +209,31 @@ class InstrumentedModel:
         with activate(ctx):
             yield ctx
 
-    def sweep(self, ids: Any, variants: Sequence[Interventions], metric: Callable[..., Any] | None = None,
-              batch_size: int | None = None, progress: bool | None = None, **kwargs: Any) -> list[Any]:
-        """Run many intervention variants batched: one result per variant, equal to running each alone.
+    def sweep(
+        self,
+        ids: Any,
+        variants: Sequence[Interventions],
+        metric: Callable[[torch.Tensor], Any] | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        grad: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Run many intervention variants batched; their results stacked, each equal to running it alone.
 
-        ``metric(logits [B, pos, vocab])`` per variant (default: the logits); ``batch_size`` in rows;
-        ``progress`` a tqdm bar (``None``: automatic). Other keywords (``share_prefix=``, HF kwargs
-        such as ``attention_mask``) pass through; see :func:`mishax_py.execution.sweep.sweep`.
+        Returns ``[n_variants]`` for a scalar ``metric(logits [B, pos, vocab])``, ``[n_variants, *S]`` for a
+        metric returning a tensor of shape ``S``, the logits ``[n_variants, B, pos, vocab]`` without a metric.
+        Detached unless ``grad=True`` (then gradients flow to whatever the metric depends on).
+        ``batch_size`` in rows; ``progress`` a tqdm bar (``None``: automatic). Other keywords
+        (``share_prefix=``, HF kwargs such as ``attention_mask``) pass through; see
+        :func:`mishax_py.execution.sweep.stacked_sweep` (and :func:`~mishax_py.execution.sweep.sweep`
+        for a list of arbitrary per-variant results).
         """
-        from mishax_py.execution.sweep import sweep
+        from mishax_py.execution.sweep import stacked_sweep
 
-        return sweep(self, ids, variants, metric=metric, batch_size=batch_size, progress=progress, **kwargs)
+        return stacked_sweep(self, ids, variants, metric, batch_size=batch_size, progress=progress, grad=grad,
+                             **kwargs)
 
     def walk(self, ids: Any, **hf_kwargs: Any) -> Walker:
         """A Mishax-style loop over ``(site, value)`` in forward order; see :mod:`mishax_py.execution.walk`."""
@@ -274,8 +271,6 @@ class InstrumentedModel:
     def __repr__(self) -> str:
         return f"InstrumentedModel({self.family.name}, {self.n_layers} layers, {len(self.catalogue.specs)} sites)"
 
-
-Handler = Callable[[torch.Tensor, SiteEvent], torch.Tensor]
 
 
 def _recorder(store: dict[str, torch.Tensor], name: str, grad: bool) -> Handler:

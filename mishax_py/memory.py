@@ -23,7 +23,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["available_ram", "keep_freed_memory", "reserve_for"]
+__all__ = ["available_ram", "is_supported", "keep_freed_memory", "reserve_for"]
 
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -47,7 +47,7 @@ def _glibc() -> ctypes.CDLL | None:
                     _libc = lib
             except OSError:
                 pass
-    return _libc or None
+    return _libc if isinstance(_libc, ctypes.CDLL) else None
 
 
 def _cap() -> int:
@@ -55,6 +55,11 @@ def _cap() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError, AttributeError):
         return 2 * 1024**3
+
+
+def is_supported() -> bool:
+    """Whether :func:`reserve_for` can act in this process (its C library is glibc)."""
+    return _glibc() is not None
 
 
 def keep_freed_memory(enabled: bool = True) -> None:

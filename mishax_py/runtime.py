@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "Handler",
+    "PromptTracker",
     "RunContext",
     "SiteEvent",
     "SiteKey",
@@ -152,13 +153,38 @@ def recording_table(entries: Iterable[tuple[SiteKey, str, int | None]]) -> dict[
     return {key: _SiteEntry(site, layer, [], record=True, shared=True) for key, site, layer in entries}
 
 
+class PromptTracker:
+    """The prompt length of the sequence a run's forwards belong to (what ``positions="new"`` selects after).
+
+    A sequence starts at a forward with offset 0 that is the first of the run or follows a forward
+    with offset > 0 (a new ``generate`` call); its length is the prompt length (the offset itself if
+    a run starts mid-sequence). Later forwards (KV-cache steps, or full re-runs with
+    ``use_cache=False``) keep it.
+    """
+
+    __slots__ = ("last_offset", "prompt_length")
+
+    def __init__(self) -> None:
+        self.last_offset: int | None = None  # offset of the last forward seen (None: none yet)
+        self.prompt_length = 0
+
+    def length(self, offset: int, n: int) -> int:
+        """The prompt length, seen from a site of a forward covering positions ``[offset, offset + n)``."""
+        if self.last_offset is None or (offset == 0 and self.last_offset > 0):
+            self.prompt_length = n if offset == 0 else offset
+        self.last_offset = offset
+        return self.prompt_length
+
+
 class RunContext:
     """One active run: the site table and the handlers registered on it.
 
     ``table`` maps ``(id(owner), local_name)`` to the canonical site and its handlers.
     Only keys with at least one handler (or recorded) are in the table, so untouched
     sites cost a single dict lookup. ``store`` receives the values of recorded sites
-    (:meth:`record_into`), without a handler call per site.
+    (:meth:`record_into`), without a handler call per site. ``prompt`` tracks the prompt length
+    across the forwards of a generation (:class:`PromptTracker`; each run, nested ones included,
+    has its own).
     """
 
     def __init__(self, parent: RunContext | None = None) -> None:
@@ -167,6 +193,7 @@ class RunContext:
         self.position_offset: int = 0
         self.start_layer: int = 0
         self.store: dict[str, torch.Tensor] = {}
+        self.prompt = PromptTracker()
         if parent is not None:  # nested runs see the outer run's handlers first
             for key, entry in parent.table.items():
                 # re-bind the parent's handlers to this context (so .record and offsets reach this run)

@@ -7,23 +7,25 @@
     f = sae.encode(x); x_hat = sae.decode(f)
     im.run(ids, interventions={sae.site: saes.Splice(sae, edit=saes.FeatureClamp([123], 8.0))})
 
-Modules: :mod:`saes.base` (families), :mod:`saes.formats` (Gemma Scope npz, SAELens,
-hub references), :mod:`saes.canonical` (canonical-SAE table), :mod:`saes.kernels`
-(encode/decode kernels), :mod:`saes.splicing` (``Splice`` and feature edits),
-:mod:`saes.train` (activation store, JumpReLU/TopK training, evaluation).
+Modules: :mod:`saes.base` (families; ``SAE.save`` writes a SAELens folder), :mod:`saes.formats`
+(loading Gemma Scope npz and SAELens folders), :mod:`saes.hub` (hub references: parse, fetch),
+:mod:`saes.sites` (an SAE's sites from SAELens hook names and Gemma Scope repo names),
+:mod:`saes.canonical` (canonical-SAE table), :mod:`saes.files` (atomic writes, SAELens file
+names), :mod:`saes.kernels` (encode/decode kernels), :mod:`saes.edits` (feature edits),
+:mod:`saes.splicing` (``Splice``, ``TranscoderSplice``), :mod:`saes.store` (activation store),
+:mod:`saes.train` (JumpReLU/TopK training; re-exports the store and evaluation),
+:mod:`saes.evaluation` (L0, FVU, delta LM loss).
+
+Imports run one way: ``files``, ``sites``, ``kernels``, ``canonical``, ``edits`` import no
+other ``saes`` module (``hub`` only ``canonical`` and ``files``); ``base`` imports ``files``,
+``sites`` and ``kernels``; ``formats``, ``splicing`` and ``store`` sit above ``base``;
+``evaluation`` above ``splicing`` and ``store``; ``train`` on top.
 """
 
 from saes.base import SAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder
+from saes.edits import FeatureAblate, FeatureClamp, FeatureEdit, FeatureSteer
 from saes.formats import SAEFetchError, SAEFileError, load, save_saelens
-from saes.splicing import (
-    FeatureAblate,
-    FeatureClamp,
-    FeatureEdit,
-    FeatureSteer,
-    Splice,
-    TranscoderSplice,
-    splice,
-)
+from saes.splicing import Splice, TranscoderSplice, splice
 
 __all__ = [
     "SAE",

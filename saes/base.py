@@ -30,9 +30,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mishax_py.naming import layer_of
 from saes import kernels
+from saes.files import SAELENS_CFG, SAELENS_WEIGHTS, write_json_atomic, write_safetensors_atomic
+from saes.sites import hook_name_from_site
 
-__all__ = ["SAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "Transcoder"]
+__all__ = ["SAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "Transcoder", "fold_to_width", "init_tied"]
 
 
 class SAE(nn.Module):
@@ -115,10 +118,9 @@ class SAE(nn.Module):
         Raises:
             ValueError: when neither the last dim nor the product of the last two is ``d_in``.
         """
-        if x.shape[-1] == self.d_in:
-            return x
-        if x.dim() >= 2 and x.shape[-1] * x.shape[-2] == self.d_in:
-            return x.reshape(*x.shape[:-2], self.d_in)
+        folded = fold_to_width(x, self.d_in)
+        if folded is not None:
+            return folded
         raise ValueError(
             f"{type(self).__name__} expects inputs [..., {self.d_in}] (or [..., head, d_head] with "
             f"head*d_head = {self.d_in}); got shape {tuple(x.shape)}"
@@ -161,11 +163,49 @@ class SAE(nn.Module):
         """Family-specific config (written into SAELens ``cfg.json`` by :meth:`save`)."""
         return {}
 
-    def save(self, path: str | Path) -> Path:
-        """Write this SAE to folder ``path`` in SAELens format (cfg.json + sae_weights.safetensors)."""
-        from saes.formats import save_saelens
+    def saelens_config(self) -> dict[str, Any]:
+        """The SAELens ``cfg.json`` :meth:`save` writes.
 
-        return save_saelens(self, path)
+        It carries ``architecture``, ``d_in``, ``d_sae``, ``hook_name`` (the TransformerLens
+        alias of the site where one exists) and ``hook_layer``, ``apply_b_dec_to_input``,
+        ``dtype``, the family's :meth:`config` (``k`` for TopK), the ``model_name`` /
+        ``release`` / ``sae_id`` of :attr:`metadata`, plus ``mishax_site`` so a reload restores
+        the exact site.
+        """
+        cfg: dict[str, Any] = {
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": "cpu",
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "architecture": self.architecture,
+        }
+        if self.site is not None:
+            cfg["hook_name"] = hook_name_from_site(self.site)
+            cfg["mishax_site"] = self.site
+            split = layer_of(self.site)
+            if split is not None:
+                cfg["hook_layer"] = split[0]
+        cfg.update(self.config())
+        for key in ("model_name", "release", "sae_id"):
+            if key in self.metadata:
+                cfg[key] = self.metadata[key]
+        return cfg
+
+    def save(self, path: str | Path) -> Path:
+        """Write this SAE to folder ``path`` in SAELens format; returns the folder.
+
+        The folder gets ``sae_weights.safetensors`` (every parameter, on CPU) and ``cfg.json``
+        (:meth:`saelens_config`), each written atomically (temp file + rename);
+        :func:`saes.load` reads it back.
+        """
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in self.named_parameters()}
+        write_safetensors_atomic(tensors, folder / SAELENS_WEIGHTS)
+        write_json_atomic(folder / SAELENS_CFG, self.saelens_config(), sort_keys=True)
+        return folder
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, site={self.site!r}, dtype={self.dtype}" + (
@@ -241,6 +281,12 @@ class Transcoder(SAE):
     """
 
     architecture: ClassVar[str] = "transcoder"
+    #: the SAELens architecture :meth:`save` writes for each activation.
+    SAELENS_ARCHITECTURES: ClassVar[dict[str, str]] = {
+        "jumprelu": "jumprelu_transcoder",
+        "relu": "transcoder",
+        "topk": "topk_transcoder",
+    }
 
     def __init__(
         self,
@@ -263,9 +309,11 @@ class Transcoder(SAE):
         self.activation_kind = activation
         self.k = None if k is None else int(k)
         self._output_site = output_site
-        kw = {"dtype": self.dtype, "device": self.device}
-        self.threshold = nn.Parameter(torch.zeros(d_sae, **kw)) if activation == "jumprelu" else None
-        self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, **kw)) if skip else None
+        dtype, device = self.dtype, self.device
+        self.threshold = (
+            nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device)) if activation == "jumprelu" else None
+        )
+        self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, dtype=dtype, device=device)) if skip else None
 
     @property
     def output_site(self) -> str | None:
@@ -304,6 +352,17 @@ class Transcoder(SAE):
             cfg["k"] = self.k
         return cfg
 
+    def saelens_config(self) -> dict[str, Any]:
+        """:meth:`SAE.saelens_config` with the SAELens transcoder ``architecture`` for the activation,
+        ``d_out``, ``hook_name_out`` and ``mishax_output_site``."""
+        cfg = super().saelens_config()
+        cfg["architecture"] = self.SAELENS_ARCHITECTURES[self.activation_kind]
+        cfg["d_out"] = self.d_out
+        if self.output_site is not None:
+            cfg["hook_name_out"] = hook_name_from_site(self.output_site)
+            cfg["mishax_output_site"] = self.output_site
+        return cfg
+
     def extra_repr(self) -> str:
         return (
             f"d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}, site={self.site!r}, "
@@ -313,32 +372,35 @@ class Transcoder(SAE):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _cpu_half(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+def fold_to_width(x: torch.Tensor, width: int) -> torch.Tensor | None:
+    """``x`` as ``[..., width]``: itself when its last dim is ``width``, its last two dims folded
+    (``[..., head, d_head]`` -> ``[..., head*d_head]``, head-major) when their product is; else ``None``."""
+    if x.shape[-1] == width:
+        return x
+    if x.dim() >= 2 and x.shape[-1] * x.shape[-2] == width:
+        return x.reshape(*x.shape[:-2], width)
+    return None
 
 
 def _matmul_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``x @ W + b`` as one GEMM; CPU half-precision GEMMs run in fp32 (much faster without
     native bf16/fp16 matmul units; measured in benchmarks/saes.py) and cast back."""
-    if _cpu_half(W):
+    if kernels.is_cpu_half(W):
         return kernels.encode_pre(x.float(), W.float(), b.float()).to(W.dtype)
     return kernels.encode_pre(x, W, b)
 
 
 def _matmul(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    if _cpu_half(W):
+    if kernels.is_cpu_half(W):
         return (x.float() @ W.float()).to(W.dtype)
     return x @ W
 
 
 def _decode(f: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, mode: str) -> torch.Tensor:
+    """:func:`saes.kernels.decode`, with the dense path of CPU half-precision decoders run in fp32."""
     if mode == "auto":
-        if torch.is_grad_enabled() and f.requires_grad:
-            mode = "dense"  # exact gradients for every entry of f (see saes.kernels.decode)
-        else:
-            sparse = f.numel() > 0 and kernels.density(f) <= kernels.SPARSE_DECODE_MAX_DENSITY
-            mode = "sparse" if sparse else "dense"
-    if mode == "dense" and _cpu_half(W_dec):
+        mode = kernels.auto_decode_mode(f)
+    if mode == "dense" and kernels.is_cpu_half(W_dec):
         return kernels.decode_dense(f.float(), W_dec.float(), b_dec.float()).to(W_dec.dtype)
     return kernels.decode(f, W_dec, b_dec, mode=mode)
 

@@ -1,4 +1,4 @@
-"""SAE files: Gemma Scope ``params.npz``, SAELens folders, and hub references.
+"""Loading SAE files: Gemma Scope ``params.npz``, SAELens folders, and hub references.
 
 :func:`load` accepts
 
@@ -9,8 +9,8 @@
   or either of its two files,
 * a folder holding a ``params.npz`` or a SAELens pair,
 * a hub reference ``owner/repo/path`` such as
-  ``google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71`` (fetched with
-  ``huggingface_hub.hf_hub_download`` into its cache). ``.../canonical`` resolves through
+  ``google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71`` (parsed and fetched into
+  the Hugging Face cache by :mod:`saes.hub`). ``.../canonical`` resolves through
   :mod:`saes.canonical`; a leading ``google/`` may be left out, and SAELens release names
   ending in ``-canonical`` are accepted. Non-Gemma-Scope repos are read as SAELens
   folders (``{path}/cfg.json`` + ``{path}/sae_weights.safetensors``).
@@ -19,24 +19,24 @@ Files are read without executing code: ``np.load(allow_pickle=False)`` and safet
 Every malformed file (missing key, wrong shape, non-finite values, truncated file,
 pickled object) raises :class:`SAEFileError` naming the file, the key and the shapes.
 
-Sites are inferred: from SAELens ``hook_name`` through TransformerLens aliases
-(``blocks.L.hook_resid_post`` -> ``blocks.L.resid_post``, ``blocks.L.attn.hook_z`` ->
-``blocks.L.attn.z``, ``blocks.L.ln2.hook_normalized`` -> ``blocks.L.ln2_normalized``, ...),
-and from the Gemma Scope repo kind (``res`` -> ``resid_post``, ``mlp`` -> ``mlp_out``,
-``att`` -> ``attn.z``, ``transcoders`` -> reads ``ln2_normalized`` and writes ``mlp_out``,
-``embedding`` -> ``embed``). ``site=`` overrides.
+This module re-exports the names of :mod:`saes.hub` and :mod:`saes.sites` it uses.
+
+Sites are inferred (by :mod:`saes.sites`): from SAELens
+``hook_name`` through TransformerLens aliases (``blocks.L.hook_resid_post`` ->
+``blocks.L.resid_post``, ``blocks.L.attn.hook_z`` -> ``blocks.L.attn.z``,
+``blocks.L.ln2.hook_normalized`` -> ``blocks.L.ln2_normalized``, ...), and from the Gemma
+Scope repo kind (``res`` -> ``resid_post``, ``mlp`` -> ``mlp_out``, ``att`` -> ``attn.z``,
+``transcoders`` -> reads ``ln2_normalized`` and writes ``mlp_out``, ``embedding`` -> ``embed``).
+``site=`` overrides. Writing a SAELens folder is :meth:`saes.SAE.save` (:func:`save_saelens`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ import torch
 from torch import nn
 
 from saes.base import SAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder
-from saes.canonical import CANONICAL_L0, canonical_l0
+from saes.files import SAELENS_CFG, SAELENS_WEIGHTS
+from saes.hub import HubRef, SAEFetchError, fetch, parse_hub_ref
+from saes.sites import gemma_scope_sites, hook_name_from_site, site_from_hook_name
 
 __all__ = [
     "GEMMA_SCOPE_KEYS",
@@ -63,116 +65,10 @@ __all__ = [
 ]
 
 GEMMA_SCOPE_KEYS: tuple[str, ...] = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
 
 
 class SAEFileError(ValueError):
     """A file that is not a valid SAE (message names the file, key and shapes)."""
-
-
-class SAEFetchError(FileNotFoundError):
-    """A hub file that could not be fetched (offline, missing, gated); names repo and file."""
-
-
-# --------------------------------------------------------------------------- sites
-_BLOCK_ALIASES: dict[str, str] = {
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_mid": "resid_mid",
-    "hook_resid_post": "resid_post",
-    "hook_attn_out": "attn_out",
-    "hook_mlp_out": "mlp_out",
-    "attn.hook_q": "attn.q",
-    "attn.hook_k": "attn.k",
-    "attn.hook_v": "attn.v",
-    "attn.hook_z": "attn.z",
-    "attn.hook_rot_q": "attn.rot_q",
-    "attn.hook_rot_k": "attn.rot_k",
-    "attn.hook_attn_scores": "attn.scores",
-    "attn.hook_pattern": "attn.pattern",
-    "ln2.hook_normalized": "ln2_normalized",
-    "mlp.hook_pre": "mlp.pre",
-    "mlp.hook_pre_linear": "mlp.pre_linear",
-    "mlp.hook_post": "mlp.post",
-}
-_GLOBAL_ALIASES: dict[str, str] = {"hook_embed": "embed"}
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_CANONICAL_BLOCK = set(_BLOCK_ALIASES.values()) | {
-    "ln1", "ln2", "attn_out_pre_norm", "mlp_out_pre_norm",
-}  # fmt: skip
-
-
-def site_from_hook_name(hook_name: str) -> str:
-    """Canonical site for a TransformerLens hook name (or a canonical name, returned unchanged).
-
-    ``blocks.20.hook_resid_post`` -> ``blocks.20.resid_post``; ``blocks.3.attn.hook_z`` ->
-    ``blocks.3.attn.z``; ``blocks.3.ln2.hook_normalized`` -> ``blocks.3.ln2_normalized``.
-    Unknown names are returned unchanged with a warning (pass ``site=`` to override).
-    """
-    if hook_name in _GLOBAL_ALIASES:
-        return _GLOBAL_ALIASES[hook_name]
-    if hook_name in ("embed", "ln_final", "logits"):
-        return hook_name
-    m = _BLOCK_RE.match(hook_name)
-    if m:
-        layer, rest = m.groups()
-        if rest in _BLOCK_ALIASES:
-            return f"blocks.{layer}.{_BLOCK_ALIASES[rest]}"
-        if rest in _CANONICAL_BLOCK:
-            return hook_name
-    warnings.warn(
-        f"hook name {hook_name!r} has no canonical mishax-py site alias; using it as the site "
-        "(pass site=... to saes.load to override)",
-        stacklevel=3,
-    )
-    return hook_name
-
-
-def hook_name_from_site(site: str) -> str:
-    """TransformerLens hook name for a canonical site (the site itself where TL has no alias)."""
-    inverse_global = {v: k for k, v in _GLOBAL_ALIASES.items()}
-    if site in inverse_global:
-        return inverse_global[site]
-    m = _BLOCK_RE.match(site)
-    if m:
-        layer, rest = m.groups()
-        inverse = {v: k for k, v in _BLOCK_ALIASES.items()}
-        if rest in inverse:
-            return f"blocks.{layer}.{inverse[rest]}"
-    return site
-
-
-_GS_REPO_RE = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)")
-_LAYER_RE = re.compile(r"(?:^|/)layer_(\d+)(?:/|$)")
-
-
-def gemma_scope_sites(ref: str) -> tuple[str, str] | None:
-    """``(reads, writes)`` sites of a Gemma Scope SAE from its repo name and path, else ``None``.
-
-    ``ref`` may be a hub reference or a local path that contains the repo name (the
-    Hugging Face cache keeps it: ``models--google--gemma-scope-2b-pt-res/...``).
-    """
-    text = ref.replace(os.sep, "/")
-    m = _GS_REPO_RE.search(text)
-    if m is None:
-        return None
-    kind = m.group(3)
-    if kind == "res" and re.search(r"(?:^|/)embedding(?:/|$)", text):
-        return ("embed", "embed")
-    lm = _LAYER_RE.search(text)
-    if lm is None:
-        return None
-    layer = int(lm.group(1))
-    if kind == "res":
-        s = f"blocks.{layer}.resid_post"
-        return (s, s)
-    if kind == "mlp":
-        s = f"blocks.{layer}.mlp_out"
-        return (s, s)
-    if kind == "att":
-        s = f"blocks.{layer}.attn.z"
-        return (s, s)
-    return (f"blocks.{layer}.ln2_normalized", f"blocks.{layer}.mlp_out")
 
 
 # ------------------------------------------------------------------ validation
@@ -287,7 +183,7 @@ def _build(cls: type[SAE], params: Mapping[str, torch.Tensor], **kwargs: Any) ->
     return sae
 
 
-def _finish(sae: SAE, *, device: Any, dtype: torch.dtype | None) -> SAE:
+def _finish(sae: SAE, *, device: torch.device | str | None, dtype: torch.dtype | None) -> SAE:
     if dtype is not None or device is not None:
         sae.to(device=device, dtype=dtype)
     sae.eval()
@@ -404,7 +300,8 @@ def load_saelens(
     cfg = _read_cfg(cfg_path)
     tensors = _read_safetensors(w_path)
     arch = str(cfg.get("architecture", "standard")).lower()
-    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta_cfg = cfg.get("metadata")
+    metadata: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
     hook_name = cfg.get("hook_name") or metadata.get("hook_name")
     hook_name_out = cfg.get("hook_name_out") or metadata.get("hook_name_out")
     act_kwargs = cfg.get("activation_fn_kwargs") or {}
@@ -493,167 +390,11 @@ def load_saelens(
 
 
 def save_saelens(sae: SAE, path: str | Path) -> Path:
-    """Write ``sae`` to folder ``path`` in SAELens format; returns the folder.
+    """Write ``sae`` to folder ``path`` in SAELens format; returns the folder (same as ``sae.save(path)``).
 
-    ``cfg.json`` carries ``architecture``, ``d_in``, ``d_sae``, ``hook_name`` (the
-    TransformerLens alias of the site where one exists), ``apply_b_dec_to_input``,
-    ``dtype``, ``k`` (TopK), plus ``mishax_site`` so a reload restores the exact site.
-    Transcoders also write ``d_out``, ``hook_name_out`` and ``mishax_output_site``.
-    Files are written atomically (temp file + rename).
+    What ``cfg.json`` carries: :meth:`saes.base.SAE.saelens_config`.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg: dict[str, Any] = {
-        "d_in": sae.d_in,
-        "d_sae": sae.d_sae,
-        "dtype": str(sae.dtype).removeprefix("torch."),
-        "device": "cpu",
-        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-        "normalize_activations": "none",
-    }
-    if sae.site is not None:
-        cfg["hook_name"] = hook_name_from_site(sae.site)
-        cfg["mishax_site"] = sae.site
-        m = _BLOCK_RE.match(sae.site)
-        if m:
-            cfg["hook_layer"] = int(m.group(1))
-    if isinstance(sae, Transcoder):
-        cfg["architecture"] = {
-            "jumprelu": "jumprelu_transcoder",
-            "relu": "transcoder",
-            "topk": "topk_transcoder",
-        }[sae.activation_kind]
-        cfg["d_out"] = sae.d_out
-        if sae.output_site is not None:
-            cfg["hook_name_out"] = hook_name_from_site(sae.output_site)
-            cfg["mishax_output_site"] = sae.output_site
-    else:
-        cfg["architecture"] = sae.architecture
-    cfg.update(sae.config())
-    for key in ("model_name", "release", "sae_id"):
-        if key in sae.metadata:
-            cfg[key] = sae.metadata[key]
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.named_parameters()}
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        save_file(tensors, str(tmp_path))
-        os.replace(tmp_path, folder / SAELENS_WEIGHTS)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    tmp_cfg = folder / (SAELENS_CFG + ".tmp")
-    tmp_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp_cfg, folder / SAELENS_CFG)
-    return folder
-
-
-# ------------------------------------------------------------------------- hub
-@dataclass(frozen=True)
-class HubRef:
-    """A parsed hub reference: ``repo_id`` plus the files to fetch.
-
-    Attributes:
-        repo_id: ``owner/name``.
-        path: folder inside the repo (``layer_20/width_16k/average_l0_71``).
-        kind: ``"npz"`` (Gemma Scope ``params.npz``) or ``"saelens"`` (cfg + weights).
-        files: repo-relative file names to fetch.
-        ref: the reference as given.
-    """
-
-    repo_id: str
-    path: str
-    kind: str
-    files: tuple[str, ...]
-    ref: str
-
-
-def parse_hub_ref(ref: str) -> HubRef:
-    """Parse ``owner/repo/path`` (see module docstring); resolves ``canonical`` via the table.
-
-    Raises:
-        ValueError: malformed reference, or a canonical entry missing from the table.
-    """
-    text = ref.strip()
-    for prefix in ("hf://", "https://huggingface.co/", "huggingface.co/"):
-        if text.startswith(prefix):
-            text = text[len(prefix) :]
-    parts = [p for p in text.strip("/").split("/") if p]
-    if parts and parts[0].startswith("gemma-scope-"):
-        parts = ["google", *parts]
-    if len(parts) < 3:
-        raise ValueError(
-            f"hub reference {ref!r} must look like 'owner/repo/path', e.g. "
-            "'google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71'"
-        )
-    owner, name, rest = parts[0], parts[1], parts[2:]
-    if name.startswith("gemma-scope") and name.endswith("-canonical"):
-        name = name[: -len("-canonical")]
-    repo_id = f"{owner}/{name}"
-    if rest[-1] == "canonical":
-        layer_m = re.fullmatch(r"layer_(\d+)", rest[0]) if len(rest) == 3 else None
-        width_m = re.fullmatch(r"width_(\w+)", rest[1]) if len(rest) == 3 else None
-        if layer_m is None or width_m is None:
-            raise ValueError(f"canonical reference {ref!r} must end in 'layer_L/width_W/canonical'")
-        layer, width = int(layer_m.group(1)), width_m.group(1)
-        l0 = canonical_l0(repo_id, layer, width)
-        if l0 is None:
-            known = sorted(CANONICAL_L0.get(repo_id, {}))
-            raise ValueError(
-                f"no canonical entry for {repo_id} layer {layer} width {width} in saes.canonical "
-                f"(a partial table; known for this repo: {known[:12]}{' ...' if len(known) > 12 else ''}). "
-                "Give an explicit '.../average_l0_N' reference or add one with "
-                "saes.canonical.register_canonical(repo, layer, width, l0)."
-            )
-        rest = [rest[0], rest[1], f"average_l0_{l0}"]
-    last = rest[-1]
-    if last.endswith(".npz"):
-        return HubRef(repo_id, "/".join(rest[:-1]), "npz", ("/".join(rest),), ref)
-    if last in (SAELENS_CFG, SAELENS_WEIGHTS):
-        folder = "/".join(rest[:-1])
-        files = tuple(f"{folder}/{n}" if folder else n for n in (SAELENS_CFG, SAELENS_WEIGHTS))
-        return HubRef(repo_id, folder, "saelens", files, ref)
-    folder = "/".join(rest)
-    if name.startswith("gemma-scope"):
-        return HubRef(repo_id, folder, "npz", (f"{folder}/params.npz",), ref)
-    return HubRef(repo_id, folder, "saelens", (f"{folder}/{SAELENS_CFG}", f"{folder}/{SAELENS_WEIGHTS}"), ref)
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    import huggingface_hub.errors as hfe
-
-    names = (
-        "LocalEntryNotFoundError", "EntryNotFoundError", "RemoteEntryNotFoundError",
-        "RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError",
-        "OfflineModeIsEnabled", "HfHubHTTPError", "HFValidationError",
-    )  # fmt: skip
-    errs: list[type[BaseException]] = [getattr(hfe, n) for n in names if hasattr(hfe, n)]
-    errs.append(ConnectionError)
-    errs.append(TimeoutError)
-    return tuple(errs)
-
-
-def _fetch(repo_id: str, filename: str, ref: str) -> Path:
-    """``hf_hub_download`` one file (looked up at call time, so tests can monkeypatch it)."""
-    import huggingface_hub
-
-    try:
-        local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
-    except _hub_errors() as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = (
-            "offline mode (HF_HUB_OFFLINE is set) and the file is not in the cache"
-            if offline
-            else (f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        )
-        raise SAEFetchError(
-            f"could not fetch {filename!r} from the Hugging Face repo {repo_id!r} for {ref!r} ({why}). "
-            f"Fetch it on a machine with network access, e.g. "
-            f"`huggingface-cli download {repo_id} {filename}` (it lands in the hub cache), "
-            "or pass saes.load a local path to the file."
-        ) from None
-    return Path(local)
+    return sae.save(path)
 
 
 # ------------------------------------------------------------------------ load
@@ -704,7 +445,7 @@ def load(
                 "(e.g. 'google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71')"
             ) from None
         raise e
-    paths = [_fetch(hub.repo_id, f, text) for f in hub.files]
+    paths = [fetch(hub.repo_id, f, text) for f in hub.files]
     origin = f"{hub.repo_id}/{hub.path}"
     if hub.kind == "npz":
         return load_npz(paths[0], origin=origin, **kw)

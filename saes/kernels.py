@@ -30,10 +30,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "SPARSE_DECODE_MAX_DENSITY",
+    "auto_decode_mode",
     "decode",
     "decode_dense",
     "decode_sparse",
+    "density",
     "encode_pre",
+    "is_cpu_half",
     "jumprelu",
     "jumprelu_encode",
     "topk_activation",
@@ -144,6 +147,24 @@ def density(f: torch.Tensor) -> float:
     return float(torch.count_nonzero(f)) / max(f.numel(), 1)
 
 
+def auto_decode_mode(f: torch.Tensor, max_density: float | None = None) -> str:
+    """``"sparse"`` or ``"dense"``: the decode path ``mode="auto"`` takes for features ``f`` ``[..., d_sae]``.
+
+    Dense when ``f`` needs gradients (the gather only differentiates the non-zero entries of
+    ``f``; the true gradient ``g @ W_dec^T`` is dense), else sparse at a measured density of
+    at most ``max_density`` (default :data:`SPARSE_DECODE_MAX_DENSITY`).
+    """
+    if torch.is_grad_enabled() and f.requires_grad:
+        return "dense"
+    limit = SPARSE_DECODE_MAX_DENSITY if max_density is None else max_density
+    return "sparse" if f.numel() and density(f) <= limit else "dense"
+
+
+def is_cpu_half(t: torch.Tensor) -> bool:
+    """``t`` is a bfloat16/float16 CPU tensor: its GEMMs run much faster upcast to fp32 (benchmarks/saes.py)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
 def decode(
     f: torch.Tensor,
     W_dec: torch.Tensor,
@@ -164,11 +185,4 @@ def decode(
         return decode_sparse(f, W_dec, b_dec)
     if mode != "auto":
         raise ValueError(f"decode mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
-    limit = SPARSE_DECODE_MAX_DENSITY if max_density is None else max_density
-    if torch.is_grad_enabled() and f.requires_grad:
-        # The gather path only differentiates the non-zero entries of f; the true gradient
-        # (g @ W_dec^T) is dense, so take the dense path when f needs gradients.
-        return decode_dense(f, W_dec, b_dec)
-    if f.numel() and density(f) <= limit:
-        return decode_sparse(f, W_dec, b_dec)
-    return decode_dense(f, W_dec, b_dec)
+    return decode(f, W_dec, b_dec, mode=auto_decode_mode(f, max_density))

@@ -1,14 +1,4 @@
-"""Training SAEs: activation collection, the Gemma Scope JumpReLU recipe, TopK, evaluation.
-
-Collecting activations
-----------------------
-:func:`collect_activations` runs an :class:`~mishax_py.InstrumentedModel` over batches of
-token ids (``im.run_with_cache(ids, sites=[site])``) and writes the site's values,
-flattened to ``[tokens, d_in]`` (``attn.z`` head-major), into an :class:`ActivationStore`:
-a folder of safetensors shards (``shard_00000.safetensors`` ...) plus ``meta.json``. A
-shard is written atomically and ``meta.json`` records how many input batches it covers,
-so an interrupted collection resumes where the last shard ended (the batch iterable must
-yield the same batches in the same order).
+"""Training SAEs and transcoders: the Gemma Scope JumpReLU recipe, and TopK.
 
 Training (:func:`train_sae`)
 ----------------------------
@@ -51,32 +41,27 @@ nothing is subtracted from the input (``pre = s_x x @ W_enc + b_enc``), the loss
 ``target_l0`` (optional, not part of the Gemma Scope recipe): after the λ warm-up, λ is
 nudged multiplicatively each step towards the L0 asked for.
 
-Evaluation (:func:`evaluate`)
------------------------------
-L0, fraction of variance unexplained (FVU), dead features, and — given an instrumented
-model and token ids — the delta LM loss when the SAE's reconstruction replaces the site
-(``Splice(sae, keep_error=False)``).
+Collecting activations and evaluating
+-------------------------------------
+:func:`collect_activations` / :class:`ActivationStore` live in :mod:`saes.store`,
+:func:`evaluate` / :func:`lm_loss` in :mod:`saes.evaluation`; this module re-exports them so
+the whole workflow (collect, train, evaluate) reads ``from saes.train import ...``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from saes import kernels
 from saes.base import SAE, JumpReLUSAE, TopKSAE, Transcoder, init_tied
-from saes.splicing import Splice, TranscoderSplice
-
-if TYPE_CHECKING:
-    from mishax_py import InstrumentedModel
+from saes.evaluation import evaluate, lm_loss
+from saes.store import ActivationStore, collect_activations
 
 __all__ = [
     "ActivationStore",
@@ -146,207 +131,6 @@ class HeavisideFunction(torch.autograd.Function):
             per = -(1.0 / eps) * _rect(z, theta, eps) * g
             grad_theta = per.reshape(-1, per.shape[-1]).sum(0)
         return grad_z, grad_theta, None
-
-
-# ------------------------------------------------------------ activation store
-_META = "meta.json"
-
-
-class ActivationStore:
-    """Activations of one site on disk: safetensors shards ``[rows, d_in]`` plus ``meta.json``.
-
-    Args:
-        path: the store's folder (created by :func:`collect_activations`).
-
-    Attributes:
-        site, d_in, dtype, n_rows, shards (file names), complete (collection finished).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        meta_path = self.path / _META
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.path} is not an activation store (no {_META})")
-        try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: invalid JSON: {e}") from None
-
-    @property
-    def site(self) -> str:
-        return str(self.meta["site"])
-
-    @property
-    def d_in(self) -> int:
-        return int(self.meta["d_in"])
-
-    @property
-    def n_rows(self) -> int:
-        return sum(int(s["rows"]) for s in self.meta["shards"])
-
-    @property
-    def shards(self) -> list[str]:
-        return [str(s["file"]) for s in self.meta["shards"]]
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.meta.get("complete", False))
-
-    def load_shard(self, i: int) -> torch.Tensor:
-        """Shard ``i`` as ``[rows, d_in]``."""
-        from safetensors.torch import load_file
-
-        return load_file(str(self.path / self.shards[i]))["activations"]
-
-    def load_all(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """All activations ``[n_rows, d_in]`` in memory."""
-        parts = [self.load_shard(i) for i in range(len(self.shards))]
-        if not parts:
-            return torch.empty(0, self.d_in, dtype=dtype or torch.float32)
-        out = torch.cat(parts)
-        return out if dtype is None else out.to(dtype)
-
-    def iter_batches(
-        self, batch_size: int, *, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
-    ) -> Iterator[torch.Tensor]:
-        """Batches ``[batch_size, d_in]`` over one pass (shards in random order, rows shuffled per shard)."""
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.shards), generator=g).tolist() if shuffle else range(len(self.shards))
-        carry: torch.Tensor | None = None
-        for i in order:
-            shard = self.load_shard(i).to(dtype)
-            if shuffle:
-                shard = shard[torch.randperm(shard.shape[0], generator=g)]
-            if carry is not None:
-                shard = torch.cat([carry, shard])
-            n_full = shard.shape[0] // batch_size * batch_size
-            for j in range(0, n_full, batch_size):
-                yield shard[j : j + batch_size]
-            carry = shard[n_full:] if n_full < shard.shape[0] else None
-        if carry is not None and carry.shape[0]:
-            yield carry
-
-    def __repr__(self) -> str:
-        return (
-            f"ActivationStore({str(self.path)!r}, site={self.site!r}, rows={self.n_rows}, d_in={self.d_in}, "
-            f"shards={len(self.shards)}, complete={self.complete})"
-        )
-
-
-def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _flatten_site_value(value: torch.Tensor) -> torch.Tensor:
-    """``[batch, pos, d]`` or ``[batch, pos, head, d_head]`` -> ``[batch, pos, d_in]``."""
-    if value.dim() == 4:
-        return value.reshape(value.shape[0], value.shape[1], -1)
-    if value.dim() != 3:
-        raise ValueError(f"expected a [batch, pos, ...] site value, got shape {tuple(value.shape)}")
-    return value
-
-
-def collect_activations(
-    im: InstrumentedModel,
-    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
-    site: str,
-    path: str | Path,
-    *,
-    shard_rows: int = 65536,
-    dtype: torch.dtype = torch.float32,
-    drop_bos: bool = True,
-    total: int | None = None,
-    progress: bool = True,
-) -> ActivationStore:
-    """Record ``site`` over ``batches`` into a sharded, resumable :class:`ActivationStore` at ``path``.
-
-    Args:
-        im: the instrumented model.
-        batches: token ids ``[batch, pos]``, or dicts with ``input_ids`` and optionally
-            ``attention_mask`` (masked positions are skipped). Must be deterministic for resuming.
-        site: canonical site (or alias); per-head sites are flattened head-major.
-        path: the store's folder; an existing store for the same site is resumed.
-        shard_rows: rows per shard (a shard is written once this many rows are buffered).
-        dtype: storage dtype.
-        drop_bos: skip position 0 (Gemma's BOS token has outlier norms).
-        total: number of batches, for the progress bar.
-        progress: show a tqdm progress bar.
-
-    Returns:
-        The store (``complete=True``).
-    """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (canonical,) = im.resolve(site)
-    meta_path = path / _META
-    if meta_path.is_file():
-        meta = ActivationStore(path).meta
-        if meta.get("site") != canonical:
-            raise ValueError(f"{path} holds activations of {meta.get('site')!r}, not {canonical!r}")
-    else:
-        meta = {"site": canonical, "d_in": None, "dtype": str(dtype).removeprefix("torch."), "shards": [],
-                "batches_done": 0, "complete": False, "drop_bos": drop_bos}  # fmt: skip
-    skip = int(meta["batches_done"])
-    buffer: list[torch.Tensor] = []
-    buffered = 0
-    done = skip
-
-    def flush() -> None:
-        nonlocal buffer, buffered
-        if not buffered:
-            return
-        rows = torch.cat(buffer).to(dtype).contiguous()
-        name = f"shard_{len(meta['shards']):05d}.safetensors"
-        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            save_file({"activations": rows}, str(tmp_path))
-            os.replace(tmp_path, path / name)
-        finally:
-            tmp_path.unlink(missing_ok=True)
-        meta["shards"].append({"file": name, "rows": int(rows.shape[0])})
-        meta["batches_done"] = done
-        meta["d_in"] = int(rows.shape[1])
-        _write_json_atomic(meta_path, meta)
-        buffer, buffered = [], 0
-
-    bar = tqdm(total=total, initial=skip, desc=f"collect {canonical}", unit="batch", disable=not progress)
-    try:
-        for i, item in enumerate(batches):
-            if i < skip:
-                continue
-            if isinstance(item, Mapping):
-                ids, mask = item["input_ids"], item.get("attention_mask")
-            else:
-                ids, mask = item, None
-            with torch.no_grad():
-                kwargs = {"attention_mask": mask} if mask is not None else {}
-                _, cache = im.run_with_cache(ids, sites=[canonical], **kwargs)
-            value = _flatten_site_value(cache[canonical])
-            keep = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
-            if mask is not None:
-                keep &= mask.to(device=value.device).bool()
-            if drop_bos:
-                keep[:, 0] = False
-            rows = value[keep].detach().to("cpu")
-            buffer.append(rows)
-            buffered += rows.shape[0]
-            done = i + 1
-            if buffered >= shard_rows:
-                flush()
-            bar.update(1)
-        flush()
-        meta["batches_done"] = done
-        meta["complete"] = True
-        _write_json_atomic(meta_path, meta)
-    finally:
-        bar.close()
-    return ActivationStore(path)
 
 
 # --------------------------------------------------------------------- training
@@ -444,8 +228,7 @@ class _Trainable(nn.Module):
             l0 = HeavisideFunction.apply(pre, theta, self.eps).sum(-1)
         else:
             assert self.k is not None
-            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+            f = kernels.topk_activation(pre, self.k)
             l0 = (f > 0).sum(-1).to(x.dtype)
         x_hat = f @ self.W_dec + self.b_dec
         if self.W_skip is not None:
@@ -463,7 +246,7 @@ class _Trainable(nn.Module):
 
     @torch.no_grad()
     def renormalise(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def fold_scaling(
@@ -553,6 +336,7 @@ def train_sae(
         raise ValueError(f"architecture must be 'jumprelu' or 'topk', got {cfg.architecture!r}")
     if cfg.architecture == "topk" and (cfg.k is None or not 0 < cfg.k <= cfg.d_sae):
         raise ValueError(f"topk training needs 0 < k <= d_sae, got k={cfg.k}")
+    site: str | None
     if isinstance(data, ActivationStore):
         d_in, n_rows = data.d_in, data.n_rows
         site = cfg.site or data.site
@@ -602,7 +386,11 @@ def train_sae(
         for step in range(steps):
             x, y = next(batches)
             x = x.to(device=device, dtype=torch.float32) * scale
-            y = x if y is None else y.to(device=device, dtype=torch.float32) * out_scale
+            if y is None:
+                y = x
+            else:
+                assert out_scale is not None  # targets come with their scale
+                y = y.to(device=device, dtype=torch.float32) * out_scale
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
             if step >= decay_start and steps > decay_start:
                 lr *= max(0.0, (steps - step) / (steps - decay_start))
@@ -651,104 +439,3 @@ def train_sae(
     if out_scale is not None:
         sae.metadata["output_scale"] = out_scale
     return TrainResult(sae, scale, history, asdict(cfg), output_scale=out_scale)
-
-
-# ------------------------------------------------------------------- evaluation
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``logits [batch, pos, vocab]`` on ``ids [batch, pos]``."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    sae: SAE,
-    data: torch.Tensor | ActivationStore | tuple[torch.Tensor, torch.Tensor] | None = None,
-    *,
-    im: InstrumentedModel | None = None,
-    ids: torch.Tensor | None = None,
-    batch_size: int = 4096,
-    site: str | None = None,
-) -> dict[str, float]:
-    """Evaluate ``sae``.
-
-    Args:
-        data: activations ``[n, d_in]`` (or a store) for L0, FVU and dead features; for a
-            transcoder a pair ``(x_in [n, d_in], y_out [n, d_out])`` (FVU of ``y_out``).
-        im, ids: an instrumented model and token ids ``[batch, pos]`` for the delta LM loss
-            (the SAE's output replacing its output site: ``Splice(sae, keep_error=False)``, or a
-            ``TranscoderSplice`` for transcoders; minus the clean run).
-        site: where to splice a plain SAE (default ``sae.site``).
-
-    Returns:
-        ``l0`` (mean active features per token), ``fvu`` (Σ||y - ŷ||² / Σ||y - mean y||², with
-        ``y = x`` for SAEs), ``dead_features`` (count never active on ``data``),
-        ``dead_fraction``, and with ``im``: ``lm_loss_clean``, ``lm_loss_spliced``, ``delta_lm_loss``.
-    """
-    out: dict[str, float] = {}
-    if data is not None:
-        pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]
-        if isinstance(data, tuple):
-            x_all, y_all = data
-            if x_all.shape[0] != y_all.shape[0]:
-                raise ValueError(
-                    f"evaluate: inputs {tuple(x_all.shape)} and targets {tuple(y_all.shape)} differ in n"
-                )
-            pairs = (
-                (x_all[i : i + batch_size], y_all[i : i + batch_size])
-                for i in range(0, x_all.shape[0], batch_size)
-            )
-        elif isinstance(sae, Transcoder):
-            raise ValueError(
-                "evaluate(data=...) for a transcoder needs a pair (x_in [n, d_in], y_out [n, d_out])"
-            )
-        elif isinstance(data, ActivationStore):
-            pairs = ((x, x) for x in data.iter_batches(batch_size, shuffle=False))
-        else:
-            pairs = ((data[i : i + batch_size],) * 2 for i in range(0, data.shape[0], batch_size))
-        n = 0
-        l0_sum = 0.0
-        err_sum = 0.0
-        y_sum: torch.Tensor | None = None
-        y_sq = 0.0
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.device)
-        for x, y in pairs:
-            x = x.to(device=sae.device, dtype=sae.dtype)
-            y = y.to(device=sae.device).float()
-            f = sae.encode(x)
-            y_hat = sae.decode(f)
-            if isinstance(sae, Transcoder):
-                skip = sae.skip_term(x)
-                y_hat = y_hat if skip is None else y_hat + skip
-            active = f != 0
-            fired |= active.reshape(-1, sae.d_sae).any(0)
-            l0_sum += float(active.sum())
-            err_sum += float((y - y_hat.float()).pow(2).sum())
-            ys = y.reshape(-1, y.shape[-1]).sum(0)
-            y_sum = ys if y_sum is None else y_sum + ys
-            y_sq += float(y.pow(2).sum())
-            n += active.reshape(-1, sae.d_sae).shape[0]
-        if n:
-            assert y_sum is not None
-            total_var = y_sq - float(y_sum.pow(2).sum()) / n
-            out["l0"] = l0_sum / n
-            out["fvu"] = err_sum / max(total_var, 1e-30)
-            out["dead_features"] = float((~fired).sum())
-            out["dead_fraction"] = out["dead_features"] / sae.d_sae
-    if im is not None:
-        if ids is None:
-            raise ValueError("evaluate(im=...) needs ids for the delta LM loss")
-        clean = lm_loss(im.run(ids), ids)
-        if isinstance(sae, Transcoder):
-            splice = TranscoderSplice(sae, keep_error=False, record=False).interventions()
-        else:
-            where = site or sae.site
-            if where is None:
-                raise ValueError("the SAE has no site; pass site=")
-            splice = {where: Splice(sae, keep_error=False, record=False)}
-        spliced = lm_loss(im.run(ids, interventions=splice), ids)
-        out["lm_loss_clean"] = float(clean)
-        out["lm_loss_spliced"] = float(spliced)
-        out["delta_lm_loss"] = float(spliced - clean)
-    return out

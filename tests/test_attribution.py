@@ -7,18 +7,16 @@ import math
 import pytest
 import torch
 from conftest import make_model
+from helpers_attribution import element_slices
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
 from mishax_py.runtime import active_context
-from mishax_py.studies.attribution.atp import (
-    AttributionResult,
-    attribution_patching,
-    attribution_patching_sites,
-    site_kind,
-)
-from mishax_py.studies.attribution.qk import _key_effect
-from mishax_py.studies.patching import PatchingResult, activation_patching
+from mishax_py.studies.activation_patching import activation_patching
+from mishax_py.studies.attribution import AttributionResult, attribution_patching, attribution_patching_sites
+from mishax_py.studies.attribution.plan import site_layout
+from mishax_py.studies.attribution.qk import key_effect
+from mishax_py.studies.result import PatchingResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -34,7 +32,7 @@ def exact_patching(im, source, target, metric, site, by, layers=None):
     with torch.no_grad():
         _, cache = im.run_with_cache(source, sites=names)
         base = float(metric(im.run(target)))
-    kind = site_kind(im.site_info(names[0]).dims)
+    kind = site_layout(im.site_info(names[0]).dims)
     b = target.shape[0]
     out = []
     for n in names:
@@ -56,23 +54,6 @@ def exact_patching(im, source, target, metric, site, by, layers=None):
         vals = torch.tensor([float(metric(logits[i * b:(i + 1) * b])) - base for i in range(len(flat))])
         out.append(vals.view(len(grid), -1) if by == "head_pos" else vals)
     return torch.stack(out)
-
-
-def element_slices(kind: str, by: str, shape) -> list[list[tuple]]:
-    """The elements of one layer's grid as index tuples into a site value of ``shape`` (batch first),
-    one row of the result per row of the ``by`` grid (``head_pos``: a row per head)."""
-    A = slice(None)
-    if by == "layer":
-        return [[(A,)]]
-    if kind == "stream":
-        return [[(A, p)] for p in range(shape[1])]
-    if kind == "head":
-        return {"head": [[(A, A, h)] for h in range(shape[2])],
-                "pos": [[(A, p)] for p in range(shape[1])],
-                "head_pos": [[(A, p, h) for p in range(shape[1])] for h in range(shape[2])]}[by]
-    return {"head": [[(A, h)] for h in range(shape[1])],
-            "pos": [[(A, A, p)] for p in range(shape[2])],
-            "head_pos": [[(A, h, p) for p in range(shape[2])] for h in range(shape[1])]}[by]
 
 
 def linearise_norm(norm, gain: float = 1e15) -> None:
@@ -124,7 +105,7 @@ def test_atp_equals_patching_when_metric_is_linear(linear_tail, site, by):
     last = im.n_layers - 1
     for direction in ("denoise", "noise"):
         src, tgt = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
-        res = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last], direction=direction)
+        res = attribution_patching(im, clean, corrupt, metric, site=site, by=by, layers=[last], direction=direction)
         ref = exact_patching(im, src, tgt, metric, site, by, layers=[last])
         assert res.effects.shape == ref.shape
         assert ref.abs().max() > 1e-3  # a real effect
@@ -133,7 +114,8 @@ def test_atp_equals_patching_when_metric_is_linear(linear_tail, site, by):
         if site in ("resid_post", "resid_mid", "attn_out", "attn.z", "attn.v", "attn.pattern"):
             # the library's exact patching, same conventions and shapes
             with torch.no_grad():
-                exact = activation_patching(im, clean, corrupt, metric, site, by, direction=direction, layers=[last])
+                exact = activation_patching(im, clean, corrupt, metric, site=site, by=by, direction=direction,
+                                            layers=[last])
             assert exact.axes == res.axes and exact.labels == res.labels
             assert (res.values - exact.values).abs().max() <= 1e-4
 
@@ -144,11 +126,11 @@ def test_qk_fix_is_exact_when_linear_after_the_softmax(linear_tail, site, by):
     im, clean, corrupt, metric = linear_tail
     last = im.n_layers - 1
     ref = exact_patching(im, clean, corrupt, metric, site, by, layers=[last])
-    fixed = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last], qk_fix=True)
+    fixed = attribution_patching(im, clean, corrupt, metric, site=site, by=by, layers=[last], qk_fix=True)
     assert fixed.qk_fix
     assert (fixed.effects - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
     if site != "attn.scores":  # plain AtP linearises through the saturated softmax and misses
-        plain = attribution_patching(im, clean, corrupt, metric, site, by, layers=[last])
+        plain = attribution_patching(im, clean, corrupt, metric, site=site, by=by, layers=[last])
         assert (plain.effects - ref).abs().max() > 0.2 * ref.abs().max()
 
 
@@ -162,7 +144,7 @@ def test_key_effect_closed_form_matches_bruteforce_on_saturated_rows():
     delta = torch.randn(b, h, t, t, dtype=torch.float64) * 30
     delta[0, 0, 3, 0] = -100.0  # the patched key loses its saturation
     G = torch.randn(b, h, t, t, dtype=torch.float64)
-    E = _key_effect(S, delta, G)
+    E = key_effect(S, delta, G)
     Sm = S.masked_fill(mask, -math.inf)
     A = torch.softmax(Sm, -1)
     for s in range(t):
@@ -182,9 +164,9 @@ def test_graddrop_matches_explicit_detached_backward(tiny_im, ids):
     def metric(logits):
         return logits[:, -1, 3].mean() - logits[:, -1, 4].mean()
 
-    res = attribution_patching(im, ids, corrupt, metric, "resid_pre", method="atp*", batch_size=2)
+    res = attribution_patching(im, ids, corrupt, metric, site="resid_pre", method="atp*", batch_size=2)
     assert res.graddrop is not None and res.graddrop.shape == (im.n_layers, im.n_layers, ids.shape[1])
-    plain = attribution_patching(im, ids, corrupt, metric, "resid_pre")
+    plain = attribution_patching(im, ids, corrupt, metric, site="resid_pre")
     torch.testing.assert_close(res.effects, plain.effects)
     torch.testing.assert_close(res.score, res.graddrop.abs().sum(0) / (im.n_layers - 1))
     # I_l by hand: detach layer l's attn_out and mlp_out, take the gradient at resid_pre
@@ -220,7 +202,7 @@ def test_ig_completeness_and_chunking(tiny_im, ids):
     def metric(logits):
         return logits[:, -1].log_softmax(-1)[:, 5].mean()
 
-    res = attribution_patching(im, ids, corrupt, metric, "resid_mid", method="ig", steps=12, batch_size=10)
+    res = attribution_patching(im, ids, corrupt, metric, site="resid_mid", method="ig", steps=12, batch_size=10)
     names = [f"blocks.{L}.resid_mid" for L in range(im.n_layers)]
     with torch.no_grad():
         _, cache = im.run_with_cache(ids, sites=names)
@@ -263,7 +245,7 @@ def test_ig_input_matches_a_written_out_loop(tiny_im, ids, direction):
     src, tgt = (ids, corrupt) if direction == "denoise" else (corrupt, ids)
     for site, by, reduce in (("resid_pre", "pos", lambda x: x.sum(-1).sum(0)),
                              ("attn.z", "head", lambda x: x.sum((0, 1, 3)))):
-        res = attribution_patching(im, ids, corrupt, metric, site, by, method="ig-input", steps=6, batch_size=8,
+        res = attribution_patching(im, ids, corrupt, metric, site=site, by=by, method="ig-input", steps=6, batch_size=8,
                                    direction=direction)
         ref = torch.stack([reduce(x) for x in _input_path_ig(im, src, tgt, metric, site, steps=6)])
         assert res.method == "ig-input" and res.steps == 6
@@ -280,8 +262,8 @@ def test_ig_input_is_ig_at_the_embeddings(tiny_im, ids):
     def metric(logits):
         return logits[:, -1, 3].mean()
 
-    a = attribution_patching(im, ids, corrupt, metric, "resid_pre", layers=[0], method="ig", steps=32)
-    b = attribution_patching(im, ids, corrupt, metric, "resid_pre", layers=[0], method="ig-input", steps=32)
+    a = attribution_patching(im, ids, corrupt, metric, site="resid_pre", layers=[0], method="ig", steps=32)
+    b = attribution_patching(im, ids, corrupt, metric, site="resid_pre", layers=[0], method="ig-input", steps=32)
     torch.testing.assert_close(a.effects, b.effects, rtol=1e-4, atol=1e-5)
     whole = b.clean - b.corrupt
     assert abs(float(b.effects.sum()) - whole) <= 2e-3 * max(1.0, abs(whole))
@@ -297,22 +279,22 @@ def test_attribution_patching_sites_equals_one_call_per_site(tiny_im, ids, direc
 
     spec = {"resid_pre": None, "blocks.*.attn.hook_z": "head", "mlp_out": "pos", "attn.pattern": "head_pos",
             "attn.k": "layer"}
-    got = attribution_patching_sites(tiny_im, ids, corrupt, metric, spec, direction=direction, layers=[1, 0])
+    got = attribution_patching_sites(tiny_im, ids, corrupt, metric, sites=spec, direction=direction, layers=[1, 0])
     assert list(got) == list(spec)
     for key, by in spec.items():
-        one = attribution_patching(tiny_im, ids, corrupt, metric, key, by, direction=direction, layers=[1, 0])
+        one = attribution_patching(tiny_im, ids, corrupt, metric, site=key, by=by, direction=direction, layers=[1, 0])
         res = got[key]
         assert (res.axes, res.labels, res.site, res.by, res.sites) == (one.axes, one.labels, one.site, one.by,
                                                                          one.sites)
         torch.testing.assert_close(res.effects, one.effects, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(res.values, one.values, rtol=1e-5, atol=1e-5)
         assert (res.clean, res.corrupt) == pytest.approx((one.clean, one.corrupt), abs=1e-5)
-    lst = attribution_patching_sites(tiny_im, ids, corrupt, metric, ["attn.z"])
+    lst = attribution_patching_sites(tiny_im, ids, corrupt, metric, sites=["attn.z"])
     assert lst["attn.z"].by == "head" and lst["attn.z"].values.shape == (2, 4)
     with pytest.raises(ValueError, match="at least one site"):
-        attribution_patching_sites(tiny_im, ids, corrupt, metric, [])
+        attribution_patching_sites(tiny_im, ids, corrupt, metric, sites=[])
     with pytest.raises(ValueError, match="by='head'"):
-        attribution_patching_sites(tiny_im, ids, corrupt, metric, {"resid_pre": "head"})
+        attribution_patching_sites(tiny_im, ids, corrupt, metric, sites={"resid_pre": "head"})
 
 
 def test_result_metadata_labels_and_positions(tiny_im, ids, tmp_path):
@@ -321,7 +303,7 @@ def test_result_metadata_labels_and_positions(tiny_im, ids, tmp_path):
     def metric(lg):
         return lg[:, -1, 3].mean()
 
-    res = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head_pos", layers=[1])
+    res = attribution_patching(tiny_im, ids, corrupt, metric, site="attn.z", by="head_pos", layers=[1])
     assert isinstance(res, AttributionResult) and isinstance(res, PatchingResult)
     assert res.values.shape == (1, 4, ids.shape[1])
     assert res.axes == ("layer", "head", "pos")
@@ -335,25 +317,25 @@ def test_result_metadata_labels_and_positions(tiny_im, ids, tmp_path):
     assert "AttributionResult(atp" in repr(res)
     png = res.plot(str(tmp_path / "atp.png"))
     assert (tmp_path / "atp.png").stat().st_size > 1000 and png.endswith("atp.png")
-    k = attribution_patching(tiny_im, ids, corrupt, metric, "attn.hook_k")
+    k = attribution_patching(tiny_im, ids, corrupt, metric, site="attn.hook_k")
     assert k.values.shape == (2, 2)  # kv heads
-    assert attribution_patching(tiny_im, ids, corrupt, metric, "blocks.*.hook_resid_pre",
+    assert attribution_patching(tiny_im, ids, corrupt, metric, site="blocks.*.hook_resid_pre",
                                 by="layer").values.shape == (2,)
     # positions: a subset along the pos axis, or patched together for by="head"/"layer"
-    full = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", ("layer", "head", "pos"))
-    sub = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head_pos", positions=[-1, 2],
+    full = attribution_patching(tiny_im, ids, corrupt, metric, site="attn.z", by=("layer", "head", "pos"))
+    sub = attribution_patching(tiny_im, ids, corrupt, metric, site="attn.z", by="head_pos", positions=[-1, 2],
                                pos_labels=["last", "two"])
     torch.testing.assert_close(sub.effects, full.effects[:, :, [ids.shape[1] - 1, 2]])
     assert sub.labels["pos"] == ["last", "two"]
-    together = attribution_patching(tiny_im, ids, corrupt, metric, "attn.z", "head", positions=[2, 5])
+    together = attribution_patching(tiny_im, ids, corrupt, metric, site="attn.z", by="head", positions=[2, 5])
     torch.testing.assert_close(together.effects, full.effects[:, :, [2, 5]].sum(-1), rtol=1e-5, atol=1e-7)
     for site, by in [("attn.k", "head"), ("attn.q", "head"), ("attn.scores", "head")]:
-        f = attribution_patching(tiny_im, ids, corrupt, metric, site, "head_pos", qk_fix=True)
+        f = attribution_patching(tiny_im, ids, corrupt, metric, site=site, by="head_pos", qk_fix=True)
         if site == "attn.k":  # keys patched together: a joint softmax recomputation, not a sum
-            t = attribution_patching(tiny_im, ids, corrupt, metric, site, by, positions=[3], qk_fix=True)
+            t = attribution_patching(tiny_im, ids, corrupt, metric, site=site, by=by, positions=[3], qk_fix=True)
             torch.testing.assert_close(t.effects, f.effects[:, :, 3], rtol=1e-4, atol=1e-7)
         else:  # query rows are independent: the sum over positions
-            t = attribution_patching(tiny_im, ids, corrupt, metric, site, by, positions=[2, 5], qk_fix=True)
+            t = attribution_patching(tiny_im, ids, corrupt, metric, site=site, by=by, positions=[2, 5], qk_fix=True)
             torch.testing.assert_close(t.effects, f.effects[:, :, [2, 5]].sum(-1), rtol=1e-4, atol=1e-7)
 
 
@@ -363,33 +345,33 @@ def test_bad_input_errors_and_no_context_left(tiny_im, ids):
     with torch.no_grad():
         before = im.model(ids).logits
     with pytest.raises(ValueError, match="scalar"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3], "resid_pre")
+        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3], site="resid_pre")
     with pytest.raises(TypeError, match="scalar torch.Tensor"):
-        attribution_patching(im, ids, corrupt, lambda lg: 1.0, "resid_pre")
+        attribution_patching(im, ids, corrupt, lambda lg: 1.0, site="resid_pre")
     with pytest.raises(ValueError, match="differentiabl"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3].mean().detach(), "resid_pre")
+        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3].mean().detach(), site="resid_pre")
     with pytest.raises(ValueError, match="same shape"):
-        attribution_patching(im, ids, corrupt[:, :-1], lambda lg: lg.mean(), "resid_pre")
+        attribution_patching(im, ids, corrupt[:, :-1], lambda lg: lg.mean(), site="resid_pre")
     with pytest.raises(ValueError, match="by='head'"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", by="head")
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", by="head")
     with pytest.raises(KeyError, match="unknown site"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_prex")
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_prex")
     with pytest.raises(ValueError, match="qk_fix"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "attn.z", qk_fix=True)
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="attn.z", qk_fix=True)
     with pytest.raises(ValueError, match="steps"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", method="ig", steps=0)
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", method="ig", steps=0)
     with pytest.raises(ValueError, match="steps"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", method="ig-input", steps=1.5)
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", method="ig-input", steps=1.5)
     with pytest.raises(ValueError, match="qk_fix is an AtP correction"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "attn.q", method="ig-input", qk_fix=True)
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="attn.q", method="ig-input", qk_fix=True)
     with pytest.raises(ValueError, match="method"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", method="gradient")
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", method="gradient")
     with pytest.raises(ValueError, match="layers"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", layers=[5])
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", layers=[5])
     with pytest.raises(ValueError, match="positions"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", positions=[99])
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", positions=[99])
     with pytest.raises(ValueError, match="direction"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), "resid_pre", direction="sideways")
+        attribution_patching(im, ids, corrupt, lambda lg: lg.mean(), site="resid_pre", direction="sideways")
     assert active_context() is None
     with torch.no_grad():
         assert torch.equal(im.model(ids).logits, before)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attribution import element_slices
+from helpers_attribution import element_slices
 
 from mishax_py.interventions import Hook
 from mishax_py.runtime import active_context
-from mishax_py.studies.attribution.atp import attribution_patching, site_kind
+from mishax_py.studies.activation_patching import activation_patching
+from mishax_py.studies.attribution import attribution_patching
 from mishax_py.studies.attribution.layer import element_masks, stop_layer
-from mishax_py.studies.patching import activation_patching
+from mishax_py.studies.attribution.plan import site_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -49,7 +50,7 @@ def reference(im, source, target, site, by, layers, positions=None, intervention
     out = []
     for L in layers:
         name = f"blocks.{L}.{site}"
-        kind = site_kind(im.site_info(name).dims)
+        kind = site_layout(im.site_info(name).dims)
         stop = stop_layer(site, L)
         grid = element_slices(kind, by, src[name].shape)
         if positions is not None and by in ("pos", "head_pos", "layer"):  # keep the chosen positions
@@ -99,7 +100,7 @@ def test_atp_layer_matches_a_written_out_reference(tiny_im, ids, site, by):
     layers = list(range(im.n_layers))
     for direction in ("denoise", "noise"):
         src, tgt = (ids, corrupt) if direction == "denoise" else (corrupt, ids)
-        res = attribution_patching(im, ids, corrupt, _metric, site, by, method="atp-layer", direction=direction,
+        res = attribution_patching(im, ids, corrupt, _metric, site=site, by=by, method="atp-layer", direction=direction,
                                    batch_size=6)  # 3 elements per chunk: several chunks per layer
         ref = reference(im, src, tgt, site, by, layers)
         assert res.effects.shape == ref.shape, (site, by)
@@ -117,19 +118,21 @@ def test_atp_layer_is_exact_past_the_last_layer(tiny_im, ids):
     last = [im.n_layers - 1]
     for site, by in (("resid_post", "pos"), ("attn.z", "head_pos"), ("mlp_out", "layer")):
         for direction in ("denoise", "noise"):
-            est = attribution_patching(im, ids, corrupt, _metric, site, by, method="atp-layer", layers=last,
+            est = attribution_patching(im, ids, corrupt, _metric, site=site, by=by, method="atp-layer", layers=last,
                                        direction=direction)
             with torch.no_grad():
-                exact = activation_patching(im, ids, corrupt, _metric, site, by, layers=last, direction=direction)
+                exact = activation_patching(im, ids, corrupt, _metric, site=site, by=by, layers=last,
+                                            direction=direction)
             assert est.axes == exact.axes and est.labels == exact.labels
             assert (est.values - exact.values).abs().max() <= 1e-4, (site, by, direction)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding in row 1: the replicas carry the mask too
-    est = attribution_patching(im, ids, corrupt, _metric, "attn.z", "head", method="atp-layer", layers=last,
+    est = attribution_patching(im, ids, corrupt, _metric, site="attn.z", by="head", method="atp-layer", layers=last,
                                attention_mask=mask)
     with torch.no_grad():
-        exact = activation_patching(im, ids, corrupt, _metric, "attn.z", "head", layers=last, attention_mask=mask)
-        unmasked = activation_patching(im, ids, corrupt, _metric, "attn.z", "head", layers=last)
+        exact = activation_patching(im, ids, corrupt, _metric, site="attn.z", by="head", layers=last,
+                                    attention_mask=mask)
+        unmasked = activation_patching(im, ids, corrupt, _metric, site="attn.z", by="head", layers=last)
     assert (est.values - exact.values).abs().max() <= 1e-4
     assert (exact.values - unmasked.values).abs().max() > 1e-4  # the mask mattered
 
@@ -139,14 +142,14 @@ def test_atp_layer_positions_and_interventions(tiny_im, ids):
     im = tiny_im
     corrupt = ids.flip(1)
     iv = {"blocks.0.attn_out": Hook(lambda v: 0.5 * v)}
-    res = attribution_patching(im, ids, corrupt, _metric, "resid_pre", method="atp-layer", positions=[7, 2, 5],
+    res = attribution_patching(im, ids, corrupt, _metric, site="resid_pre", method="atp-layer", positions=[7, 2, 5],
                                interventions=iv)
     ref = reference(im, ids, corrupt, "resid_pre", "pos", list(range(im.n_layers)), interventions=iv)
     assert res.positions == [7, 2, 5] and res.labels["pos"] == ["7", "2", "5"]
     assert (res.effects - ref[:, [7, 2, 5]]).abs().max() <= 1e-4
-    plain = attribution_patching(im, ids, corrupt, _metric, "resid_pre", method="atp-layer", positions=[7, 2, 5])
+    plain = attribution_patching(im, ids, corrupt, _metric, site="resid_pre", method="atp-layer", positions=[7, 2, 5])
     assert (plain.effects - res.effects).abs().max() > 1e-3  # the intervention mattered
-    together = attribution_patching(im, ids, corrupt, _metric, "resid_pre", "layer", method="atp-layer",
+    together = attribution_patching(im, ids, corrupt, _metric, site="resid_pre", by="layer", method="atp-layer",
                                     positions=[2, 5])
     ref = reference(im, ids, corrupt, "resid_pre", "layer", list(range(im.n_layers)), positions=[2, 5])
     assert (together.effects - ref.flatten()).abs().max() <= 1e-4
@@ -160,7 +163,7 @@ def test_atp_layer_skips_elements_equal_in_both_runs(tiny_im, ids):
     corrupt = ids.clone()
     corrupt[:, 6] = 9
     for site, by in (("resid_pre", "pos"), ("attn.z", "head_pos")):
-        res = attribution_patching(im, ids, corrupt, _metric, site, by, method="atp-layer")
+        res = attribution_patching(im, ids, corrupt, _metric, site=site, by=by, method="atp-layer")
         ref = reference(im, ids, corrupt, site, by, list(range(im.n_layers)))
         assert (res.effects - ref).abs().max() <= 1e-4, site
         assert bool((res.effects[..., :6] == 0).all()) and bool((res.effects[..., 6:] != 0).any())
@@ -184,9 +187,9 @@ def test_atp_layer_bad_input(tiny_im, ids):
     im = tiny_im
     corrupt = ids.flip(1)
     with pytest.raises(ValueError, match="qk_fix is an AtP correction"):
-        attribution_patching(im, ids, corrupt, _metric, "attn.q", method="atp-layer", qk_fix=True)
+        attribution_patching(im, ids, corrupt, _metric, site="attn.q", method="atp-layer", qk_fix=True)
     with pytest.raises(ValueError, match="graddrop"):
-        attribution_patching(im, ids, corrupt, _metric, "resid_pre", method="atp-layer", graddrop=True)
+        attribution_patching(im, ids, corrupt, _metric, site="resid_pre", method="atp-layer", graddrop=True)
     with pytest.raises(ValueError, match="scalar"):
-        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3], "resid_pre", method="atp-layer")
+        attribution_patching(im, ids, corrupt, lambda lg: lg[:, -1, 3], site="resid_pre", method="atp-layer")
     assert active_context() is None

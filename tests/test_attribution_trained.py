@@ -38,9 +38,8 @@ import pytest
 import torch
 
 import instrumentation.gemma2 as g2
-from mishax_py.studies.attribution.atp import attribution_patching
-from mishax_py.studies.attribution.check import check_attribution
-from mishax_py.studies.patching import activation_patching
+from mishax_py.studies.activation_patching import activation_patching
+from mishax_py.studies.attribution import attribution_patching, check_attribution
 from mishax_py.zoo import load, tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -77,7 +76,7 @@ def zoo():
 
 def _exact(im, clean, corrupt, metric, site, by):
     with torch.no_grad():
-        return activation_patching(im, clean, corrupt, metric, site, by)
+        return activation_patching(im, clean, corrupt, metric, site=site, by=by)
 
 
 @pytest.mark.parametrize("task", ["induction", "recall"])
@@ -86,7 +85,7 @@ def test_attn_z_by_head_correlates(zoo, task):
     clean, corrupt, metric = data[task]
     exact = _exact(im, clean, corrupt, metric, "attn.z", "head")
     for method in ("atp", "atp*"):
-        est = attribution_patching(im, clean, corrupt, metric, "attn.z", "head", method=method)
+        est = attribution_patching(im, clean, corrupt, metric, site="attn.z", by="head", method=method)
         r = pearson(est.values, exact.values)
         print(f"{task} attn.z by head {method}: Pearson {r:.3f}")
         assert r >= 0.8
@@ -97,8 +96,8 @@ def test_resid_pre_by_layer_pos(zoo, task):
     im, data = zoo
     clean, corrupt, metric = data[task]
     exact = _exact(im, clean, corrupt, metric, "resid_pre", "pos")
-    atp = pearson(attribution_patching(im, clean, corrupt, metric, "resid_pre").values, exact.values)
-    ig = pearson(attribution_patching(im, clean, corrupt, metric, "resid_pre", method="ig", steps=16).values,
+    atp = pearson(attribution_patching(im, clean, corrupt, metric, site="resid_pre").values, exact.values)
+    ig = pearson(attribution_patching(im, clean, corrupt, metric, site="resid_pre", method="ig", steps=16).values,
                  exact.values)
     print(f"{task} resid_pre by (layer, pos): AtP {atp:.3f}, IG {ig:.3f}")
     assert atp >= 0.6  # regression floor; see the module docs for why first order stays below 0.8 here
@@ -113,7 +112,7 @@ def test_atp_layer_tracks_exact_patching(zoo, task):
     clean, corrupt, metric = data[task]
     for site, by, floor in (("resid_pre", "pos", 0.8), ("attn.z", "head", 0.95)):
         exact = _exact(im, clean, corrupt, metric, site, by)
-        est = attribution_patching(im, clean, corrupt, metric, site, by, method="atp-layer")
+        est = attribution_patching(im, clean, corrupt, metric, site=site, by=by, method="atp-layer")
         r = pearson(est.values, exact.values)
         print(f"{task} {site} by {by} atp-layer: Pearson {r:.3f}")
         assert r >= floor
@@ -125,9 +124,10 @@ def test_resid_pre_noising_with_integrated_gradients(zoo, task):
     im, data = zoo
     clean, corrupt, metric = data[task]
     with torch.no_grad():
-        exact = activation_patching(im, clean, corrupt, metric, "resid_pre", "pos", direction="noise")
+        exact = activation_patching(im, clean, corrupt, metric, site="resid_pre", by="pos", direction="noise")
     for method, floor in (("ig", 0.85), ("ig-input", 0.9)):
-        est = attribution_patching(im, clean, corrupt, metric, "resid_pre", method=method, steps=16, direction="noise")
+        est = attribution_patching(im, clean, corrupt, metric, site="resid_pre", method=method, steps=16,
+                                   direction="noise")
         r = pearson(est.values, exact.values)
         print(f"{task} resid_pre noising {method}: Pearson {r:.3f}")
         assert r >= floor
@@ -138,8 +138,8 @@ def test_qk_fix_repairs_query_attribution(zoo, task):
     im, data = zoo
     clean, corrupt, metric = data[task]
     exact = _exact(im, clean, corrupt, metric, "attn.q", "head")
-    plain = pearson(attribution_patching(im, clean, corrupt, metric, "attn.q", "head").values, exact.values)
-    fixed = pearson(attribution_patching(im, clean, corrupt, metric, "attn.q", "head", method="atp*").values,
+    plain = pearson(attribution_patching(im, clean, corrupt, metric, site="attn.q", by="head").values, exact.values)
+    fixed = pearson(attribution_patching(im, clean, corrupt, metric, site="attn.q", by="head", method="atp*").values,
                     exact.values)
     print(f"{task} attn.q by head: AtP {plain:.3f}, AtP* {fixed:.3f}")
     assert fixed >= 0.9 and fixed > plain + 0.3
@@ -149,10 +149,10 @@ def test_check_attribution_exposes_the_saturated_estimate(zoo):
     """On recall resid_pre, AtP's top elements are off by >10 logits (sign flipped) and the check shows it; IG's not."""
     im, data = zoo
     clean, corrupt, metric = data["recall"]
-    atp = attribution_patching(im, clean, corrupt, metric, "resid_pre")
-    ig = attribution_patching(im, clean, corrupt, metric, "resid_pre", method="ig", steps=16)
-    bad = check_attribution(im, atp, clean, corrupt, metric, k=4, n_random=4)
-    good = check_attribution(im, ig, clean, corrupt, metric, k=4, n_random=4)
+    atp = attribution_patching(im, clean, corrupt, metric, site="resid_pre")
+    ig = attribution_patching(im, clean, corrupt, metric, site="resid_pre", method="ig", steps=16)
+    bad = check_attribution(im, clean, corrupt, metric, result=atp, k=4, n_random=4)
+    good = check_attribution(im, clean, corrupt, metric, result=ig, k=4, n_random=4)
     print(bad, good, sep="\n")
     assert bad.max_abs_error > 10 and bad.pearson < 0.8
     assert good.max_abs_error < 1 and good.pearson > 0.95

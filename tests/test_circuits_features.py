@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import make_model
+from helpers_circuits import linearise_norm
 
 import instrumentation.gemma2 as g2
 import saes
 from mishax_py.circuits import ablate_complement, feature_circuit
 from mishax_py.runtime import active_context
-from mishax_py.studies.attribution.atp import attribution_patching, site_gradients
+from mishax_py.studies.attribution import attribution_patching, site_gradients
 
 SITES = ["blocks.0.resid_post", "blocks.1.resid_mid"]
 
@@ -57,25 +60,59 @@ def setup():
 
 
 def test_node_effects_decompose_site_attribution(setup):
-    """Per (site, position), feature effects + error effect = AtP of patching that site at that position."""
+    """Per (site, position), feature effects + error effect = AtP of patching that site at that position,
+    in both directions (denoise: the clean values patched into the corrupted run)."""
     im, sae_map, clean, corrupt, metric = setup
-    for method in ("atp", "ig"):
-        c = feature_circuit(im, clean, sae_map, metric, corrupt, method=method, steps=6, edges=False)
-        assert c.ablation == "patch" and c.method == method
-        for s in SITES:
-            layer, site = int(s.split(".")[1]), s.split(".", 2)[2]
-            ref = attribution_patching(im, clean, corrupt, metric, site, direction="noise", layers=[layer],
-                                       method=method, steps=6)
-            total = c.effects[s].sum(-1) + c.error_effects[s]
-            torch.testing.assert_close(total, ref.effects[0], rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        assert c.metric_clean == pytest.approx(float(metric(im.run(clean))), abs=1e-5)
+    for direction, run in (("noise", clean), ("denoise", corrupt)):
+        for method in ("atp", "ig"):
+            c = feature_circuit(im, clean, corrupt, metric, saes=sae_map, direction=direction, method=method,
+                                steps=6, edges=False)
+            assert c.ablation == "patch" and c.method == method and c.direction == direction
+            assert torch.equal(c.clean_ids, run)
+            for s in SITES:
+                layer, site = int(s.split(".")[1]), s.split(".", 2)[2]
+                ref = attribution_patching(im, clean, corrupt, metric, site=site, direction=direction,
+                                           layers=[layer], method=method, steps=6)
+                total = c.effects[s].sum(-1) + c.error_effects[s]
+                torch.testing.assert_close(total, ref.effects[0], rtol=1e-4, atol=1e-6)
+        with torch.no_grad():
+            assert c.metric_clean == pytest.approx(float(metric(im.run(run))), abs=1e-5)
+
+
+def test_signature_follows_the_study_convention():
+    """(im, clean_ids, corrupt_ids, metric, *, ...): everything after the metric keyword-only, the common
+    keywords in the convention's order, method names the estimator, IG steps default to 16."""
+    params = inspect.signature(feature_circuit).parameters
+    names = list(params)
+    assert names[:4] == ["im", "clean_ids", "corrupt_ids", "metric"]
+    assert all(params[n].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for n in names[:4])
+    assert all(params[n].default is inspect.Parameter.empty for n in names[:4])  # corrupt_ids=None is explicit
+    rest = [params[n] for n in names[4:]]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest[:-1])
+    assert rest[-1].kind is inspect.Parameter.VAR_KEYWORD and rest[-1].name == "hf_kwargs"
+    assert params["saes"].default is inspect.Parameter.empty  # required, by keyword
+    common = [n for n in names if n in ("direction", "batch_size", "progress", "method")]
+    assert common == ["direction", "batch_size", "progress", "method"]
+    assert params["direction"].default == "noise" and params["method"].default == "atp"
+    assert params["steps"].default == 16
+
+
+def test_direction_vocabulary(setup):
+    im, sae_map, clean, corrupt, metric = setup
+    with pytest.warns(DeprecationWarning, match="noising"):
+        old = feature_circuit(im, clean, corrupt, metric, saes=sae_map, direction="noising", edges=False)
+    new = feature_circuit(im, clean, corrupt, metric, saes=sae_map, direction="noise", edges=False)
+    assert old.direction == "noise" and old.nodes == new.nodes
+    with pytest.raises(ValueError, match="direction must be"):
+        feature_circuit(im, clean, corrupt, metric, saes=sae_map, direction="sideways")
+    with pytest.raises(ValueError, match="needs corrupt_ids"):
+        feature_circuit(im, clean, None, metric, saes=sae_map, direction="denoise")
+    with pytest.raises(ValueError, match="ablation='patch'"):
+        feature_circuit(im, clean, corrupt, metric, saes=sae_map, direction="denoise", ablation="mean")
 
 
 def test_atp_node_effect_is_exact_when_linear():
     """A residual SAE on the last layer's output of a model whose tail is linear: single-node patching is AtP."""
-    from test_attribution import linearise_norm
-
     model = make_model(seed=1, final_logit_softcapping=None)
     linearise_norm(model.model.norm)
     im = g2.instrument(model)
@@ -87,7 +124,7 @@ def test_atp_node_effect_is_exact_when_linear():
     def metric(logits):
         return logits[:, -1, 3].mean() - logits[:, 2, 8].mean()
 
-    c = feature_circuit(im, clean, {site: sae}, metric, corrupt, top_k=4, edges=False)
+    c = feature_circuit(im, clean, corrupt, metric, saes={site: sae}, top_k=4, edges=False)
     with torch.no_grad():
         _, cc = im.run_with_cache(clean, sites=[site])
         _, kc = im.run_with_cache(corrupt, sites=[site])
@@ -121,7 +158,7 @@ def _add_at(pos, delta):
 def test_edges_match_finite_differences(setup):
     """edge(u -> d) = dm/dd * dd/du * du, checked by perturbing u alone and re-encoding d."""
     im, sae_map, clean, corrupt, metric = setup
-    c = feature_circuit(im, clean, sae_map, metric, corrupt, top_k=6, edge_threshold=0.0)
+    c = feature_circuit(im, clean, corrupt, metric, saes=sae_map, top_k=6, edge_threshold=0.0)
     assert c.edges and all(u[0] == SITES[0] and d[0] == SITES[1] for u, d in c.edges)
     up, down = SITES
     sae_u, sae_d = sae_map[up], sae_map[down]
@@ -158,8 +195,9 @@ def test_edges_match_finite_differences(setup):
 
 def test_faithfulness_and_completeness_numbers(setup):
     im, sae_map, clean, corrupt, metric = setup
-    for ablation, kw in (("mean", {}), ("patch", {"corrupt_ids": corrupt}), ("zero", {})):
-        c = feature_circuit(im, clean, sae_map, metric, ablation=ablation, node_threshold=1e-3, edges=False, **kw)
+    for ablation, corrupt_ids in (("mean", None), ("patch", corrupt), ("zero", None)):
+        c = feature_circuit(im, clean, corrupt_ids, metric, saes=sae_map, ablation=ablation, node_threshold=1e-3,
+                            edges=False)
         full = c.evaluate(im, metric, nodes=c.all_nodes())
         assert full["faithfulness"] == pytest.approx(1.0, abs=1e-5)
         assert full["completeness"] == pytest.approx(0.0, abs=1e-5)
@@ -172,7 +210,7 @@ def test_faithfulness_and_completeness_numbers(setup):
         assert set(res) >= {"faithfulness", "completeness", "n_nodes"} and res["n_nodes"] == len(c.nodes)
         assert c.metric_patch == pytest.approx(res["m_empty"], abs=1e-6)
     # all nodes with |IE| above a threshold, keeping more nodes, ends up at faithfulness 1
-    c = feature_circuit(im, clean, sae_map, metric, corrupt, node_threshold=0.0, edges=False)
+    c = feature_circuit(im, clean, corrupt, metric, saes=sae_map, node_threshold=0.0, edges=False)
     assert c.evaluate(im, metric)["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     ivs = ablate_complement(c, c.nodes[:3])
     assert set(ivs) == set(SITES)
@@ -182,18 +220,20 @@ def test_faithfulness_and_completeness_numbers(setup):
 def test_bad_input(setup):
     im, sae_map, clean, corrupt, metric = setup
     with pytest.raises(ValueError, match="no SAE for the requested site"):
-        feature_circuit(im, clean, sae_map, metric, sites=["blocks.0.resid_post", "blocks.1.resid_post"])
+        feature_circuit(im, clean, None, metric, saes=sae_map, sites=["blocks.0.resid_post", "blocks.1.resid_post"])
     with pytest.raises(ValueError, match="width"):
-        feature_circuit(im, clean, {"blocks.0.mlp.post": sae_map[SITES[0]]}, metric)
+        feature_circuit(im, clean, None, metric, saes={"blocks.0.mlp.post": sae_map[SITES[0]]})
     with pytest.raises(ValueError, match="scalar"):
-        feature_circuit(im, clean, sae_map, lambda lg: lg[:, -1, 5], corrupt)
+        feature_circuit(im, clean, corrupt, lambda lg: lg[:, -1, 5], saes=sae_map)
     with pytest.raises(ValueError, match="corrupt_ids"):
-        feature_circuit(im, clean, sae_map, metric, ablation="patch")
+        feature_circuit(im, clean, None, metric, saes=sae_map, ablation="patch")
     with pytest.raises(ValueError, match="same shape"):
-        feature_circuit(im, clean, sae_map, metric, corrupt[:, :-1])
+        feature_circuit(im, clean, corrupt[:, :-1], metric, saes=sae_map)
     tc = saes.Transcoder(32, 8, site="blocks.0.ln2_normalized", output_site="blocks.0.mlp_out")
     with pytest.raises(ValueError, match="transcoders"):
-        feature_circuit(im, clean, [tc], metric)
+        feature_circuit(im, clean, None, metric, saes=[tc])
     with pytest.raises(TypeError, match="encode"):
-        feature_circuit(im, clean, {SITES[0]: object()}, metric)
+        feature_circuit(im, clean, None, metric, saes={SITES[0]: object()})
+    with pytest.raises(TypeError, match="positional"):  # the SAEs are keyword-only now
+        feature_circuit(im, clean, corrupt, metric, sae_map)
     assert active_context() is None

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from conftest import make_model
+from helpers_circuits import train_transcoder
 
 import instrumentation.gemma2 as g2
 import saes
-from mishax_py.circuits.graph import (
+from mishax_py.circuits import (
     AttributionGraph,
     attribution_graph,
     load_graph_json,
@@ -25,32 +26,6 @@ def clamp(transcoder, feature: int, value: float, position: int) -> dict:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
-
-
-def train_transcoder(im, layer: int, d_sae: int = 64, steps: int = 400, skip: bool = False, seed: int = 0):
-    """A ReLU transcoder ln2_normalized -> mlp_out trained for a few hundred Adam steps on random prompts."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 64, (48, 12), generator=g)
-    with torch.no_grad():
-        _, cache = im.run_with_cache(ids, sites=[f"blocks.{layer}.ln2_normalized", f"blocks.{layer}.mlp_out"])
-    x = cache[f"blocks.{layer}.ln2_normalized"].reshape(-1, 32)
-    y = cache[f"blocks.{layer}.mlp_out"].reshape(-1, 32)
-    tc = saes.Transcoder(32, d_sae, d_out=32, site=f"blocks.{layer}.ln2_normalized",
-                         output_site=f"blocks.{layer}.mlp_out", activation="relu", skip=skip)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        tc.W_enc.normal_(0, 32 ** -0.5)
-        tc.W_dec.normal_(0, 0.1 * d_sae ** -0.5)
-        tc.b_enc.fill_(-0.05)
-    opt = torch.optim.Adam(tc.parameters(), lr=1e-2)
-    for _ in range(steps):
-        f = tc.encode(x)
-        loss = ((tc(x) - y) ** 2).sum(-1).mean() + 3e-3 * f.abs().sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tc.requires_grad_(False)
-    return tc
 
 
 @pytest.fixture(scope="module")

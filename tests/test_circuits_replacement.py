@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model
-from test_circuits_graph import train_transcoder
+from helpers_circuits import train_transcoder
 
 import instrumentation.gemma2 as g2
 from mishax_py.circuits import attribution_graph, replacement_interventions

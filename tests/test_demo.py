@@ -127,6 +127,29 @@ def test_figures_decode(demo: tuple[Path, dict]) -> None:
             assert im.width > 100 and im.height > 100, img
 
 
+@needs_model
+def test_report_sentences_follow_the_measured_numbers(demo: tuple[Path, dict]) -> None:
+    """The page says what results.json measured: no claim that ablating a head hurts when its accuracy
+    did not drop, and the induction heads (or 'no induction head found') as patching named them."""
+    from mishax_py.zoo import report
+
+    out, r = demo
+    html = (out / "index.html").read_text()
+    gt, ih = r["ground_truth"], r["induction_heads"]
+    for sentence in (report.induction_heads_sentence(ih), report.head_ablation_sentence(gt),
+                     report.previous_token_sentence(gt), report.single_head_sentence(gt)):
+        assert sentence in html
+    base = gt["accuracy_clean"]
+    prev = gt["previous_token_head"]
+    if gt["single_head_ablation"][prev[0]][prev[1]] >= base - report.MARGIN:
+        assert "Ablating it alone does not hurt induction" in html
+    assert "also hurts induction" not in html
+    if gt["accuracy_named_ablated"] < min(gt["accuracy_others_ablated"]) - report.MARGIN:
+        assert "needed for induction" in html
+    assert f"Induction heads found: <b>{', '.join(ih['labels'])}</b>" in html
+    assert "&lt;bos&gt;" in html and " <bos> " not in html  # token names are escaped in the prose
+
+
 # ------------------------------------------------------------------------------ ground truth
 def prefix_matching(im, n: int = 48, half: int = 10, seed: int = 31_337) -> torch.Tensor:
     """``[n_layers, n_heads]``: attention from the 2nd occurrence of s_j to s_{j+1}'s first occurrence."""

@@ -247,6 +247,38 @@ def test_aliases_globs_and_unknown_names(tiny_im: InstrumentedModel, ids: torch.
         tiny_im.site_info("blocks.0.attn.zz")
 
 
+# The catalogue of one layer as recorded before its aliases came from mishax_py.naming's table:
+# (kind, TransformerLens alias suffix or None), in forward order.
+LAYER_ALIASES = [
+    ("resid_pre", "hook_resid_pre"), ("ln1", None), ("attn.q", "attn.hook_q"), ("attn.k", "attn.hook_k"),
+    ("attn.v", "attn.hook_v"), ("attn.rot_q", "attn.hook_rot_q"), ("attn.rot_k", "attn.hook_rot_k"),
+    ("attn.scores", "attn.hook_attn_scores"), ("attn.pattern", "attn.hook_pattern"), ("attn.z", "attn.hook_z"),
+    ("attn_out_pre_norm", None), ("attn_out", "hook_attn_out"), ("resid_mid", "hook_resid_mid"),
+    ("ln2_normalized", "ln2.hook_normalized"), ("ln2", None), ("mlp.pre", "mlp.hook_pre"),
+    ("mlp.pre_linear", "mlp.hook_pre_linear"), ("mlp.post", "mlp.hook_post"), ("mlp_out_pre_norm", None),
+    ("mlp_out", "hook_mlp_out"), ("resid_post", "hook_resid_post"),
+]
+
+
+def test_catalogue_names_and_aliases_are_unchanged(tiny_im: InstrumentedModel) -> None:
+    expected = [("embed", "hook_embed")]
+    for layer in range(2):
+        expected += [(f"blocks.{layer}.{kind}", None if tl is None else f"blocks.{layer}.{tl}")
+                     for kind, tl in LAYER_ALIASES]
+    expected += [("ln_final", None), ("logits", None)]
+    got = [(name, tiny_im.site_info(name).alias) for name in tiny_im.site_names()]
+    assert got == expected
+    for name, alias in expected:  # each alias resolves back to its site
+        if alias is not None:
+            assert tiny_im.resolve(alias) == [name]
+    assert tiny_im.family.frozen_norms == [
+        ("blocks.0.resid_pre", "blocks.0.ln1"), ("blocks.0.attn_out_pre_norm", "blocks.0.attn_out"),
+        ("blocks.0.resid_mid", "blocks.0.ln2_normalized"), ("blocks.1.resid_pre", "blocks.1.ln1"),
+        ("blocks.1.attn_out_pre_norm", "blocks.1.attn_out"), ("blocks.1.resid_mid", "blocks.1.ln2_normalized"),
+        ("blocks.1.resid_post", "ln_final"),
+    ]
+
+
 def test_generate_inside_intervene_uses_the_kv_cache(tiny_im: InstrumentedModel) -> None:
     model = tiny_im.model
     prompt = torch.tensor([[2, 5, 9, 13, 7]])

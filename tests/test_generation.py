@@ -19,14 +19,7 @@ N_NEW = 8
 PROMPT = torch.tensor([[2, 5, 9, 13, 7], [2, 8, 31, 17, 40]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared, loaded machine spinning OpenMP
-    threads make every small forward ~10x slower. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def generate(im: InstrumentedModel, ivs: dict, prompt: torch.Tensor = PROMPT, **kw) -> torch.Tensor:

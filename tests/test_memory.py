@@ -14,8 +14,7 @@ import torch
 
 from mishax_py import memory
 from mishax_py.interventions import Ablate, Hook
-from mishax_py.studies.attribution.atp import attribution_patching
-from mishax_py.studies.patching import activation_patching
+from mishax_py.studies import activation_patching, attribution_patching
 
 
 def test_cache_tensors_are_freed_without_the_garbage_collector(tiny_im, ids):
@@ -106,7 +105,7 @@ def _cache_faults(keep: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(memory._glibc() is None, reason="the allocator settings are glibc's")
+@pytest.mark.skipif(not memory.is_supported(), reason="the allocator settings are glibc's")
 def test_repeated_caches_reuse_memory_instead_of_faulting():
     # the control: with glibc's defaults a freed cache goes back to the kernel and a later one faults its pages
     # in. Which later run does varies, since glibc's dynamic thresholds adapt (seen: [52644, 34177, 9952, 6113]

@@ -1,8 +1,9 @@
-"""Activation patching (packed and rows methods) against a plain loop of single patched runs, and
-path patching against closed-form answers."""
+"""Activation patching (packed and rows engines) against a plain loop of single patched runs, and
+path patching against closed-form answers and its three steps written out."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import pytest
@@ -10,25 +11,14 @@ import torch
 from conftest import make_model
 
 import instrumentation.gemma2 as g2
+from mishax_py import InstrumentedModel
 from mishax_py.interventions import Hook, Patch
-from mishax_py.studies.patching import (
-    PatchingResult,
-    _site_kind,
-    activation_patching,
-    path_patching,
-    path_patching_by_head,
-    plot,
-)
+from mishax_py.naming import site_kind
+from mishax_py.studies.activation_patching import activation_patching
+from mishax_py.studies.path_patching import path_patching, path_patching_by_head
+from mishax_py.studies.result import PatchingResult, plot
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP threads
-    spinning on busy cores make every small forward ~10x slower. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def metric(logits: torch.Tensor) -> torch.Tensor:
 
 def loop_reference(im, clean, corrupt, site, by, direction="denoise", **hf):
     """A plain loop of single patched runs (one full forward each, as TransformerLens does)."""
-    kind = _site_kind(site)
+    kind = site_kind(site)
     base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     _, cache = im.run_with_cache(source, **hf)
     n_layers, T = im.n_layers, clean.shape[1]
@@ -102,7 +92,7 @@ def test_packed_equals_the_plain_loop(im, prompts, site, by):
     clean, corrupt = prompts
     with torch.no_grad():
         ref = loop_reference(im, clean, corrupt, site, by)
-    res = activation_patching(im, clean, corrupt, metric, site, by=by)
+    res = activation_patching(im, clean, corrupt, metric, site=site, by=by)
     assert res.values.shape == ref.shape
     torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
     assert (ref - res.corrupt).abs().max() > 1e-3  # the patches do something
@@ -114,7 +104,7 @@ def test_noising_equals_the_plain_loop(im, prompts, site, by):
     clean, corrupt = prompts
     with torch.no_grad():
         ref = loop_reference(im, clean, corrupt, site, by, direction="noise")
-    res = activation_patching(im, clean, corrupt, metric, site, by=by, direction="noise")
+    res = activation_patching(im, clean, corrupt, metric, site=site, by=by, direction="noise")
     torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
     assert res.direction == "noise"
     assert (ref - res.clean).abs().max() > 1e-3
@@ -122,13 +112,13 @@ def test_noising_equals_the_plain_loop(im, prompts, site, by):
 
 def test_rows_method_and_chunking_agree(im, prompts):
     clean, corrupt = prompts
-    packed = activation_patching(im, clean, corrupt, metric, "resid_mid")
-    one_row = activation_patching(im, clean, corrupt, metric, "resid_mid", batch_size=1, progress=True)
-    rows = activation_patching(im, clean, corrupt, metric, "resid_mid", method="rows", batch_size=3)
+    packed = activation_patching(im, clean, corrupt, metric, site="resid_mid")
+    one_row = activation_patching(im, clean, corrupt, metric, site="resid_mid", batch_size=1, progress=True)
+    rows = activation_patching(im, clean, corrupt, metric, site="resid_mid", engine="rows", batch_size=3)
     torch.testing.assert_close(one_row.values, packed.values, rtol=0, atol=1e-5)
     torch.testing.assert_close(rows.values, packed.values, rtol=0, atol=1e-5)
-    heads = activation_patching(im, clean, corrupt, metric, "attn.k", by="head_pos", batch_size=2)
-    heads_rows = activation_patching(im, clean, corrupt, metric, "attn.k", by="head_pos", method="rows")
+    heads = activation_patching(im, clean, corrupt, metric, site="attn.k", by="head_pos", batch_size=2)
+    heads_rows = activation_patching(im, clean, corrupt, metric, site="attn.k", by="head_pos", engine="rows")
     torch.testing.assert_close(heads.values, heads_rows.values, rtol=0, atol=1e-5)
 
 
@@ -138,10 +128,10 @@ def test_padding_mask_uses_rows_and_equals_the_loop(im, prompts):
     mask[1, :2] = 0  # row 1 left-padded
     with torch.no_grad():
         ref = loop_reference(im, clean, corrupt, "resid_pre", "pos", attention_mask=mask)
-    res = activation_patching(im, clean, corrupt, metric, "resid_pre", attention_mask=mask)
+    res = activation_patching(im, clean, corrupt, metric, site="resid_pre", attention_mask=mask)
     torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="method='packed'.*attention_mask"):
-        activation_patching(im, clean, corrupt, metric, method="packed", attention_mask=mask)
+    with pytest.raises(ValueError, match="engine='packed'.*attention_mask"):
+        activation_patching(im, clean, corrupt, metric, engine="packed", attention_mask=mask)
 
 
 def test_inside_intervene_runs_with_the_outer_interventions(im, prompts):
@@ -150,26 +140,26 @@ def test_inside_intervene_runs_with_the_outer_interventions(im, prompts):
     with im.intervene(outer):
         with torch.no_grad():
             ref = loop_reference(im, clean, corrupt, "resid_post", "pos")
-        res = activation_patching(im, clean, corrupt, metric, "resid_post")
+        res = activation_patching(im, clean, corrupt, metric, site="resid_post")
     torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
 
 
 def test_identical_values_are_not_run_and_give_the_base_metric(im, prompts):
     clean, corrupt = prompts
-    res = activation_patching(im, clean, corrupt, metric, "resid_pre")
+    res = activation_patching(im, clean, corrupt, metric, site="resid_pre")
     assert torch.all(res.values[:, :2] == res.corrupt)  # positions before the first difference
-    same = activation_patching(im, clean, clean, metric, "attn.z", by="head_pos")
+    same = activation_patching(im, clean, clean, metric, site="attn.z", by="head_pos")
     assert torch.all(same.values == same.clean) and same.clean == same.corrupt
 
 
 def test_layer_and_position_subsets(im, prompts):
     clean, corrupt = prompts
-    full = activation_patching(im, clean, corrupt, metric, "attn.q", by="head_pos")
-    part = activation_patching(im, clean, corrupt, metric, "attn.q", by="head_pos", layers=[1], positions=[6, 3],
+    full = activation_patching(im, clean, corrupt, metric, site="attn.q", by="head_pos")
+    part = activation_patching(im, clean, corrupt, metric, site="attn.q", by="head_pos", layers=[1], positions=[6, 3],
                                pos_labels=["six", "three"])
     torch.testing.assert_close(part.values, full.values[[1]][:, :, [6, 3]], rtol=0, atol=1e-6)
     assert part.labels == {"layer": ["1"], "head": ["0", "1", "2", "3"], "pos": ["six", "three"]}
-    together = activation_patching(im, clean, corrupt, metric, "resid_pre", by="layer", positions=[2, 5])
+    together = activation_patching(im, clean, corrupt, metric, site="resid_pre", by="layer", positions=[2, 5])
     with torch.no_grad():
         _, cache = im.run_with_cache(clean)
         for layer in range(im.n_layers):
@@ -179,7 +169,7 @@ def test_layer_and_position_subsets(im, prompts):
 
 def test_result_object(im, prompts):
     clean, corrupt = prompts
-    res = activation_patching(im, clean, corrupt, metric, "hook_resid_pre")
+    res = activation_patching(im, clean, corrupt, metric, site="hook_resid_pre")
     assert isinstance(res, PatchingResult)
     assert res.axes == ("layer", "pos") and res.shape == (2, 7) and res.site == "resid_pre"
     assert res.labels["pos"] == [str(p) for p in range(7)]
@@ -190,16 +180,16 @@ def test_result_object(im, prompts):
     torch.testing.assert_close(norm[:, :2], torch.zeros(2, 2))
     assert res[0, 3] == res.values[0, 3]
     assert "resid_pre" in repr(res)
-    z = activation_patching(im, clean, corrupt, metric, "z")
+    z = activation_patching(im, clean, corrupt, metric, site="z")
     assert z.axes == ("layer", "head") and z.shape == (2, 4)
-    k = activation_patching(im, clean, corrupt, metric, "attn.hook_k", by=("head", "pos"))
+    k = activation_patching(im, clean, corrupt, metric, site="attn.hook_k", by=("head", "pos"))
     assert k.axes == ("layer", "head", "pos") and k.shape == (2, 2, 7)
 
 
 def test_plot_writes_png(im, prompts, tmp_path):
     clean, corrupt = prompts
     for by, site in (("pos", "resid_pre"), ("layer", "mlp_out"), ("head_pos", "attn.v")):
-        res = activation_patching(im, clean, corrupt, metric, site, by=by)
+        res = activation_patching(im, clean, corrupt, metric, site=site, by=by)
         path = plot(res, tmp_path / f"{site}_{by}.png", title=f"{site} by {by}", normalized=by == "pos")
         data = open(path, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -210,13 +200,13 @@ def test_bad_inputs(im, prompts):
     with pytest.raises(ValueError, match=r"same shape.*\(2, 7\).*\(2, 6\)"):
         activation_patching(im, clean, corrupt[:, :6], metric)
     with pytest.raises(ValueError, match="unsupported site 'ln1'"):
-        activation_patching(im, clean, corrupt, metric, "ln1")
+        activation_patching(im, clean, corrupt, metric, site="ln1")
     with pytest.raises(ValueError, match="by='head'.*resid_pre"):
-        activation_patching(im, clean, corrupt, metric, "resid_pre", by="head")
+        activation_patching(im, clean, corrupt, metric, site="resid_pre", by="head")
     with pytest.raises(ValueError, match="by='pos'.*attn.z"):
-        activation_patching(im, clean, corrupt, metric, "attn.z", by="pos")
-    with pytest.raises(ValueError, match="direction"):
-        activation_patching(im, clean, corrupt, metric, direction="denoising")
+        activation_patching(im, clean, corrupt, metric, site="attn.z", by="pos")
+    with pytest.raises(ValueError, match="direction must be 'denoise'.*'noise'.*got 'backwards'"):
+        activation_patching(im, clean, corrupt, metric, direction="backwards")
     with pytest.raises(ValueError, match=r"scalar.*shape \(2,\)"):
         activation_patching(im, clean, corrupt, lambda lg: lg[:, -1, 0])
     with pytest.raises(TypeError, match="scalar.*str"):
@@ -231,6 +221,10 @@ def test_bad_inputs(im, prompts):
         activation_patching(im, clean, corrupt, metric, pos_labels=["a"])
     with pytest.raises(ValueError, match="method"):
         activation_patching(im, clean, corrupt, metric, method="fast")
+    with pytest.raises(ValueError, match="engine='rows'"):
+        activation_patching(im, clean, corrupt, metric, method="rows")  # the old spelling of the engine
+    with pytest.raises(ValueError, match="engine"):
+        activation_patching(im, clean, corrupt, metric, engine="fast")
     with pytest.raises(TypeError, match="integers"):
         activation_patching(im, clean.float(), corrupt, metric)
     with pytest.raises(ValueError, match="batch_size"):
@@ -382,7 +376,8 @@ def test_path_patching_at_positions_in_closed_form(im, prompts, sender_positions
                                    receivers=[f"blocks.{last}.resid_post"], freeze_mlps=True)
     assert abs(got - want) < 1e-5
     assert abs(got - everywhere) > 1e-4  # positions made a difference
-    grid = path_patching_by_head(im, clean, corrupt, metric, [f"blocks.{last}.resid_post"], freeze_mlps=True,
+    grid = path_patching_by_head(im, clean, corrupt, metric, receivers=[f"blocks.{last}.resid_post"],
+                                 freeze_mlps=True,
                                  sender_positions=sender_positions, receiver_positions=receiver_positions)
     one = path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=[f"blocks.{last}.resid_post"],
                         freeze_mlps=True, sender_positions=sender_positions, receiver_positions=receiver_positions)
@@ -404,13 +399,14 @@ def test_path_patching_without_a_path_is_the_clean_metric(im, prompts):
 def test_path_patching_by_head_grid(im, prompts, tmp_path):
     clean, corrupt = prompts
     recv = [(1, 2, "q"), (1, 0, "v")]
-    grid = path_patching_by_head(im, clean, corrupt, metric, recv, freeze_mlps=True)
+    grid = path_patching_by_head(im, clean, corrupt, metric, receivers=recv, freeze_mlps=True)
     assert grid.axes == ("layer", "head") and grid.shape == (2, 4) and grid.direction == "noise"
     for layer, head in [(0, 0), (0, 3)]:
         one = path_patching(im, clean, corrupt, metric, senders=[(layer, head)], receivers=recv, freeze_mlps=True)
         assert abs(float(grid.values[layer, head]) - one) < 1e-6
     assert torch.allclose(grid.values[1], torch.full((4,), grid.clean), atol=1e-6)  # layer 1 cannot reach layer 1
-    chunked = path_patching_by_head(im, clean, corrupt, metric, recv, freeze_mlps=True, batch_size=2, layers=[1, 0])
+    chunked = path_patching_by_head(im, clean, corrupt, metric, receivers=recv, freeze_mlps=True, batch_size=2,
+                                    layers=[1, 0])
     assert torch.allclose(chunked.values, grid.values[[1, 0]], atol=1e-6) and chunked.labels["layer"] == ["1", "0"]
     assert plot(grid, tmp_path / "path.png")
 
@@ -421,7 +417,8 @@ def test_path_patching_by_head_with_padding(im, prompts):
     mask = torch.ones_like(clean)
     mask[0, :2] = 0
     recv = [(1, 0, "q"), (1, 1, "k")]
-    grid = path_patching_by_head(im, clean, corrupt, metric, recv, receiver_positions=[-1], attention_mask=mask)
+    grid = path_patching_by_head(im, clean, corrupt, metric, receivers=recv, receiver_positions=[-1],
+                                 attention_mask=mask)
     for layer, head in [(0, 0), (0, 1), (0, 3)]:
         one = path_patching(im, clean, corrupt, metric, senders=[(layer, head)], receivers=recv,
                             receiver_positions=[-1], attention_mask=mask)
@@ -448,3 +445,207 @@ def test_path_patching_bad_inputs(im, prompts):
         path_patching(im, clean, corrupt, metric, senders=[(0, 0)], receivers=[(1, 0, "q")], receiver_positions=[9])
     with torch.no_grad():
         assert torch.equal(im.run(clean), im.model(clean).logits)  # nothing left active
+
+
+# ---------------------------------------------------------------------------------------------
+# The study convention, engines, interventions, the result as a tensor
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("study", "keywords"), [
+    (activation_patching, ["site", "by", "direction", "layers", "positions", "interventions", "batch_size", "progress",
+                           "method", "engine", "pos_labels", "hf_kwargs"]),
+    (path_patching, ["senders", "receivers", "direction", "interventions", "method", "freeze_mlps",
+                     "sender_positions", "receiver_positions", "hf_kwargs"]),
+    (path_patching_by_head, ["receivers", "direction", "layers", "interventions", "batch_size", "progress", "method",
+                             "freeze_mlps", "sender_positions", "receiver_positions", "hf_kwargs"]),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_signatures_follow_the_study_convention(study, keywords):
+    params = list(inspect.signature(study).parameters.values())
+    assert [p.name for p in params[:4]] == ["im", "clean_ids", "corrupt_ids", "metric"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:4])
+    assert [p.name for p in params[4:]] == keywords
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[4:-1]) and params[-1].kind is params[-1].VAR_KEYWORD
+    assert inspect.signature(study).parameters["method"].default == "exact"
+
+
+def test_old_positional_calls_fail_clearly(im, prompts):
+    clean, corrupt = prompts
+    with pytest.raises(TypeError, match="positional"):
+        activation_patching(im, clean, corrupt, metric, "resid_pre")
+    with pytest.raises(TypeError, match="positional"):
+        activation_patching(im, clean, corrupt, metric, "resid_pre", "pos", "noise", 4, False)
+    with pytest.raises(TypeError, match="positional"):
+        path_patching(im, clean, corrupt, metric, [(0, 1)], [(1, 2, "q")])
+    with pytest.raises(TypeError, match="positional"):
+        path_patching_by_head(im, clean, corrupt, metric, [(1, 2, "q")])
+    assert inspect.signature(activation_patching).parameters["engine"].default == "auto"
+
+
+def test_direction_spellings(im, prompts):
+    """'denoise' / 'noise' are the words; the old 'denoising' / 'noising' still work, with a DeprecationWarning."""
+    clean, corrupt = prompts
+    for old, new in (("denoising", "denoise"), ("noising", "noise")):
+        with pytest.warns(DeprecationWarning, match=f"direction='{new}'"):
+            res = activation_patching(im, clean, corrupt, metric, site="attn_out", direction=old)
+        want = activation_patching(im, clean, corrupt, metric, site="attn_out", direction=new)
+        assert res.direction == new
+        assert torch.equal(res.values, want.values)
+    with pytest.raises(ValueError, match="direction must be 'denoise'.*'noise'.*got 'noisy'"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=[(1, 2, "q")], direction="noisy")
+    with pytest.raises(ValueError, match="got 'both'"):
+        path_patching_by_head(im, clean, corrupt, metric, receivers=[(1, 2, "q")], direction="both")
+    with pytest.raises(ValueError, match="method must be 'exact'"):
+        path_patching(im, clean, corrupt, metric, senders=[(0, 1)], receivers=[(1, 2, "q")], method="atp")
+
+
+@pytest.mark.parametrize(("site", "by"), [("resid_pre", "pos"), ("mlp_out", "layer"), ("attn.v", "head_pos"),
+                                          ("attn.pattern", "head"), ("attn.q", "head_pos")])
+def test_packed_engine_equals_rows_engine(im, prompts, site, by):
+    clean, corrupt = prompts
+    packed = activation_patching(im, clean, corrupt, metric, site=site, by=by, engine="packed")
+    rows = activation_patching(im, clean, corrupt, metric, site=site, by=by, engine="rows")
+    auto = activation_patching(im, clean, corrupt, metric, site=site, by=by)
+    torch.testing.assert_close(packed.values, rows.values, rtol=0, atol=1e-5)
+    assert torch.equal(auto.values, packed.values)  # auto runs the packed engine here
+    assert (rows.values - rows.corrupt).abs().max() > 1e-3
+
+
+class _NoPrefixFamily:
+    """The model's own family, except that it does not take key/value prefixes."""
+
+    supports_kv_prefix = False
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_family_without_kv_prefixes_runs_the_rows_engine(im, prompts):
+    clean, corrupt = prompts
+    plain = InstrumentedModel(im.model, im.catalogue, _NoPrefixFamily(im.family))
+    with torch.no_grad():
+        ref = loop_reference(im, clean, corrupt, "attn.k", "head_pos")
+    res = activation_patching(plain, clean, corrupt, metric, site="attn.k", by="head_pos")
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="engine='packed'.*supports_kv_prefix"):
+        activation_patching(plain, clean, corrupt, metric, engine="packed")
+
+
+def _with(interventions, site, edit):
+    """``interventions`` plus ``edit`` at ``site`` (after theirs there), written out."""
+    out = {k: (list(v) if isinstance(v, list) else [v]) for k, v in interventions.items()}
+    out[site] = out.get(site, []) + [edit]
+    return out
+
+
+@pytest.mark.parametrize(("site", "by", "direction"), [("resid_pre", "pos", "denoise"), ("attn.z", "head", "noise"),
+                                                       ("mlp_out", "layer", "denoise")])
+def test_interventions_apply_in_every_run(im, prompts, site, by, direction):
+    """Against a written-out loop: the base and source runs under the interventions, and each patched run
+    under the interventions plus the patch (after them at a site they share: attn.z of layer 1)."""
+    from mishax_py.interventions import Ablate
+
+    clean, corrupt = prompts
+    ivs = {"blocks.0.mlp_out": lambda v: v * 0.5, "blocks.1.attn.z": Ablate(heads=[1]),
+           "blocks.1.mlp_out": Ablate(positions=[4])}
+    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    kind = site_kind(site)
+    with torch.no_grad():
+        _, cache = im.run_with_cache(source, interventions=ivs)
+        n_heads = im.family.dims.n_heads
+        grid = {"pos": [range(im.n_layers), range(7)], "layer": [range(im.n_layers)],
+                "head": [range(im.n_layers), range(n_heads)]}[by]
+        ref = torch.zeros(*[len(g) for g in grid])
+        for idx in itertools.product(*grid):
+            name = f"blocks.{idx[0]}.{kind}"
+            edit = (Patch(cache[name], positions=[idx[1]]) if by == "pos" else
+                    Patch(cache[name], heads=[idx[1]]) if by == "head" else Patch(cache[name]))
+            ref[idx] = float(metric(im.run(base, _with(ivs, name, edit))))
+        base_metric = float(metric(im.run(base, ivs)))
+        plain = activation_patching(im, clean, corrupt, metric, site=site, by=by, direction=direction)
+    res = activation_patching(im, clean, corrupt, metric, site=site, by=by, direction=direction, interventions=ivs)
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5)
+    assert abs((res.corrupt if direction == "denoise" else res.clean) - base_metric) < 1e-6
+    assert (res.values - plain.values).abs().max() > 1e-3  # the interventions matter
+    with pytest.raises(ValueError, match="engine='packed'.*interventions"):
+        activation_patching(im, clean, corrupt, metric, site=site, by=by, interventions=ivs, engine="packed")
+
+
+def test_the_result_is_a_tensor(im, prompts, tmp_path):
+    clean, corrupt = prompts
+    res = activation_patching(im, clean, corrupt, metric, site="resid_pre")
+    t = torch.as_tensor(res)
+    assert isinstance(t, torch.Tensor) and torch.equal(t, res.values) and t.shape == (2, 7)
+    assert int(res.argmax()) == int(res.values.argmax())
+    est = activation_patching(im, clean, corrupt, metric, site="resid_pre", engine="rows")
+    diff = res - est
+    assert isinstance(diff, torch.Tensor) and diff.abs().max() < 1e-5
+    assert torch.equal(res.topk(3).indices, res.values.topk(3).indices)
+    assert torch.equal(res[0], res.values[0]) and torch.equal(res.max(), res.values.max())
+    data = open(res.plot(tmp_path / "res.png"), "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Path patching: the result, the three steps written out, denoising, interventions
+# ---------------------------------------------------------------------------------------------
+def _path_by_hand(im, base, source, senders, ivs=None):
+    """Steps 1-3 written out for receivers (1, 2, 'q') and blocks.1.resid_mid, heads frozen (not MLPs)."""
+    ivs = ivs or {}
+    with torch.no_grad():
+        _, bc = im.run_with_cache(base, interventions=ivs)
+        _, sc = im.run_with_cache(source, interventions=ivs)
+        step2 = dict(ivs)
+        for layer in range(im.n_layers):
+            z = bc[f"blocks.{layer}.attn.z"].clone()
+            for sl, sh in senders:
+                if sl == layer:
+                    z[:, :, sh] = sc[f"blocks.{layer}.attn.z"][:, :, sh]
+            step2 = _with(step2, f"blocks.{layer}.attn.z", Patch(z))
+        _, s2 = im.run_with_cache(base, interventions=step2)
+        step3 = _with(_with(ivs, "blocks.1.attn.q", Patch(s2["blocks.1.attn.q"], heads=[2])),
+                      "blocks.1.resid_mid", Patch(s2["blocks.1.resid_mid"]))
+        return float(metric(im.run(base, step3)))
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_path_patching_returns_a_result_equal_to_its_steps_written_out(im, prompts, direction):
+    clean, corrupt = prompts
+    senders = [(0, 1), (0, 3)]
+    recv = [(1, 2, "q"), "blocks.1.resid_mid"]
+    base, source = (clean, corrupt) if direction == "noise" else (corrupt, clean)
+    res = path_patching(im, clean, corrupt, metric, senders=senders, receivers=recv, direction=direction)
+    want = _path_by_hand(im, base, source, senders)
+    assert isinstance(res, PatchingResult) and res.axes == () and res.shape == () and res.site == "path"
+    assert res.direction == direction and res.labels == {}
+    assert abs(float(res) - want) < 1e-5
+    with torch.no_grad():
+        assert abs(res.clean - float(metric(im.run(clean)))) < 1e-6
+        assert abs(res.corrupt - float(metric(im.run(corrupt)))) < 1e-6
+    base_metric = res.clean if direction == "noise" else res.corrupt
+    assert abs(float(res) - base_metric) > 1e-4  # a real effect
+    assert torch.as_tensor(res).shape == () and f"{res:.3f}" == f"{want:.3f}"
+    grid = path_patching_by_head(im, clean, corrupt, metric, receivers=recv, direction=direction)
+    assert grid.direction == direction and grid.clean == res.clean and grid.corrupt == res.corrupt
+    for layer, head in [(0, 1), (0, 2)]:
+        one = path_patching(im, clean, corrupt, metric, senders=[(layer, head)], receivers=recv, direction=direction)
+        assert abs(float(grid[layer, head]) - float(one)) < 1e-5
+
+
+def test_path_patching_with_interventions(im, prompts):
+    """interventions= hold in every run: both caches, step 2 and step 3 (written out)."""
+    clean, corrupt = prompts
+    ivs = {"blocks.0.mlp_out": lambda v: v * 0.5, "blocks.1.resid_mid": lambda v: v + 0.1}
+    senders = [(0, 0), (0, 2)]
+    recv = [(1, 2, "q"), "blocks.1.resid_mid"]
+    res = path_patching(im, clean, corrupt, metric, senders=senders, receivers=recv, interventions=ivs)
+    want = _path_by_hand(im, clean, corrupt, senders, ivs)
+    plain = path_patching(im, clean, corrupt, metric, senders=senders, receivers=recv)
+    assert abs(float(res) - want) < 1e-5
+    assert abs(float(res) - float(plain)) > 1e-4  # the interventions matter
+    with torch.no_grad():
+        assert abs(res.clean - float(metric(im.run(clean, ivs)))) < 1e-6
+    grid = path_patching_by_head(im, clean, corrupt, metric, receivers=recv, interventions=ivs, layers=[0])
+    one = path_patching(im, clean, corrupt, metric, senders=[(0, 2)], receivers=recv, interventions=ivs)
+    assert abs(float(grid[0, 2]) - float(one)) < 1e-5

@@ -66,3 +66,19 @@ def test_caching_runs_do_not_leak_interventions_into_each_other(tiny_im: Instrum
     assert list(nested) == tiny_im.site_names("blocks.1.*")
     assert torch.all(nested["blocks.1.mlp_out"] == 0)
     torch.testing.assert_close(nested["blocks.1.resid_post"], nested["blocks.1.resid_mid"])
+
+
+def test_each_run_tracks_its_prompt_length_across_forwards() -> None:
+    """What ``positions="new"`` selects after: the first forward of a sequence sets the prompt length, KV-cache
+    steps and full re-runs keep it, a new sequence (offset 0 after a step) restarts it. Nested runs have their own."""
+    ctx = RunContext()
+    assert ctx.prompt.length(0, 5) == 5  # prefill of a 5-token prompt
+    assert ctx.prompt.length(0, 5) == 5  # another site of the same forward
+    assert ctx.prompt.length(5, 1) == 5 and ctx.prompt.length(6, 1) == 5  # decoding steps
+    assert ctx.prompt.length(0, 8) == 8  # offset 0 after a decoding step: a new generate call, 8-token prompt
+    assert ctx.prompt.length(0, 8) == 8 and ctx.prompt.length(8, 1) == 8
+    fresh = RunContext()
+    assert fresh.prompt.length(0, 7) == 7 and fresh.prompt.length(0, 9) == 7  # use_cache=False re-runs keep it
+    assert fresh.prompt.length(7, 1) == 7 and fresh.prompt.length(0, 4) == 4  # a new sequence restarts
+    assert RunContext().prompt.length(3, 2) == 3  # a run that starts mid-sequence: the prompt ends at the offset
+    assert RunContext(parent=fresh).prompt.last_offset is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
@@ -14,26 +13,14 @@ import pytest
 import torch
 
 import saes
-from saes.formats import (
-    SAEFetchError,
-    SAEFileError,
-    gemma_scope_sites,
-    hook_name_from_site,
-    parse_hub_ref,
-    site_from_hook_name,
-)
+from saes.formats import SAEFileError
+from saes.hub import SAEFetchError, parse_hub_ref
+from saes.sites import gemma_scope_sites, hook_name_from_site, site_from_hook_name
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small CPU ops run far faster on one intra-op thread on a shared 2-core machine (no spin-wait
-    contention); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: see conftest.one_thread
 
 
 def gemma_scope_params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, np.ndarray]:

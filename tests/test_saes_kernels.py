@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 import saes
 from saes import kernels
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small CPU ops run far faster on one intra-op thread on a shared 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: see conftest.one_thread
 
 
 def sparse_features(n: int, d_sae: int, density: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -84,3 +75,25 @@ def test_topk_activation() -> None:
     pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [-3.0, -2.0, -1.0, 1.0]])
     got = kernels.topk_activation(pre, 2)
     assert torch.equal(got, torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
+
+
+def test_auto_decode_mode_is_what_decode_auto_takes() -> None:
+    """``mode="auto"`` picks sparse at low density, dense at high density, when ``f`` needs gradients, or
+    is empty; base SAEs and ``kernels.decode`` share the rule."""
+    W = torch.randn(64, 8)
+    b = torch.randn(8)
+    sparse = sparse_features(4, 64, 0.01, torch.float32)
+    sparse[0, 0] = 1.0
+    dense = sparse_features(4, 64, 0.5, torch.float32)
+    assert kernels.auto_decode_mode(sparse) == "sparse"
+    assert kernels.auto_decode_mode(dense) == "dense"
+    assert kernels.auto_decode_mode(dense, max_density=0.9) == "sparse"
+    assert kernels.auto_decode_mode(sparse.clone().requires_grad_()) == "dense"
+    with torch.no_grad():
+        assert kernels.auto_decode_mode(sparse.clone().requires_grad_()) == "sparse"
+    assert kernels.auto_decode_mode(torch.zeros(0, 64)) == "dense"
+    for f in (sparse, dense):
+        mode = kernels.auto_decode_mode(f)
+        torch.testing.assert_close(kernels.decode(f, W, b), kernels.decode(f, W, b, mode=mode), rtol=0, atol=0)
+    assert kernels.is_cpu_half(torch.zeros(1, dtype=torch.bfloat16))
+    assert not kernels.is_cpu_half(torch.zeros(1))

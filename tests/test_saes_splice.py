@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,14 +12,7 @@ from saes.base import init_tied
 D_MODEL, N_HEADS, D_HEAD = 32, 4, 8  # conftest.tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small CPU ops run far faster on one intra-op thread on a shared 2-core machine (no spin-wait
-    contention); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: see conftest.one_thread
 
 
 def make_sae(

@@ -1,4 +1,5 @@
-"""saes.train: STE gradients, folding, recovery of known sparse directions, activation store, eval."""
+"""saes.train, saes.store, saes.evaluation: STE gradients, folding, recovery of known sparse directions,
+activation store, eval."""
 
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ import torch
 
 import saes
 from mishax_py import InstrumentedModel
-from saes.train import (
-    ActivationStore,
-    HeavisideFunction,
-    JumpReLUFunction,
-    TrainConfig,
-    collect_activations,
-    evaluate,
-    fold_scaling,
-    train_sae,
-)
+from saes.evaluation import evaluate
+from saes.store import ActivationStore, collect_activations
+from saes.train import HeavisideFunction, JumpReLUFunction, TrainConfig, fold_scaling, train_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: see conftest.one_thread
 

@@ -17,14 +17,7 @@ B, P = 3, 8
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared, loaded machine spinning OpenMP
-    threads make every small forward ~10x slower. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -250,11 +243,18 @@ def test_gradients_flow_through_a_sweep(setup: dict) -> None:
 
     variants = lambda vec: [{"blocks.1.resid_pre": Steer(vec, positions=[p])} for p in range(3)]  # noqa: E731
     metric = lambda logits: logits[:, -1, 5].sum()  # noqa: E731
-    swept = grads(lambda vec: sum(im.sweep(ids, variants(vec), metric=metric, batch_size=2 * B)))
+    swept = grads(lambda vec: im.sweep(ids, variants(vec), metric=metric, batch_size=2 * B, grad=True).sum())
+    listed = grads(lambda vec: sum(sweep(im, ids, variants(vec), metric=metric, batch_size=2 * B)))
     single = grads(lambda vec: sum(metric(im.run(ids, v)) for v in variants(vec)))
-    torch.testing.assert_close(swept[0], single[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(swept[1], single[1], atol=1e-5, rtol=1e-4)  # through the shared prefix
+    for got in (swept, listed):
+        torch.testing.assert_close(got[0], single[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1], single[1], atol=1e-5, rtol=1e-4)  # through the shared prefix
     assert bool(swept[0].abs().sum() > 0) and bool(swept[1].abs().sum() > 0)
+    # grad=True turns autograd on whatever the caller's mode; without it the result is detached
+    vec = torch.zeros(32, requires_grad=True)
+    with torch.no_grad():
+        assert im.sweep(ids, variants(vec), metric=metric, grad=True).requires_grad
+    assert not im.sweep(ids, variants(vec), metric=metric).requires_grad
 
 
 def test_sweep_inside_intervene_composes_with_the_outer_edit(setup: dict) -> None:
@@ -270,11 +270,43 @@ def test_sweep_inside_intervene_composes_with_the_outer_edit(setup: dict) -> Non
 
 def test_empty_inputs_and_clean_variants(setup: dict) -> None:
     im, ids = setup["im"], setup["ids"]
-    assert im.sweep(ids, []) == []
+    assert sweep(im, ids, []) == []
+    assert im.sweep(ids, []).shape == (0, B, P, 64)  # [n_variants, batch, pos, vocab]
+    assert im.sweep(ids, [], metric=lambda logits: logits.sum()).shape == (0,)
     with torch.no_grad():
-        a, b = im.sweep(ids, [{}, {}])
+        a, b = sweep(im, ids, [{}, {}])
         clean = im.run(ids)
     assert torch.equal(a, clean) and torch.equal(b, clean) and a is not b
+    both = im.sweep(ids, [{}, {}])
+    assert both.shape == (2, B, P, 64) and torch.equal(both[0], clean) and torch.equal(both[1], clean)
+
+
+def test_im_sweep_stacks_the_results_into_one_tensor(setup: dict) -> None:
+    im, ids = setup["im"], setup["ids"]
+    variants = [{"blocks.1.attn.z": Ablate(heads=[h])} for h in range(4)] + [{"blocks.0.mlp_out": Clamp(3.0)}]
+    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 7].mean()  # noqa: E731
+    alone_values = torch.stack([metric(alone(im, ids, v)) for v in variants])
+    swept = im.sweep(ids, variants, metric=metric, batch_size=2 * B)
+    assert swept.shape == (len(variants),) and not swept.requires_grad
+    torch.testing.assert_close(swept, alone_values, atol=ATOL, rtol=0)
+    assert int(swept.argmax()) == int(alone_values.argmax()) and int(swept.argmin()) == int(alone_values.argmin())
+    assert len(set(alone_values.tolist())) == len(variants)  # distinct values: argmax/argmin mean something
+    # a float metric, a tensor metric of shape S -> [n_variants, *S], no metric -> the logits
+    floats = im.sweep(ids, variants, metric=lambda logits: float(metric(logits)))
+    torch.testing.assert_close(floats, alone_values, atol=ATOL, rtol=0)
+    per_row = im.sweep(ids, variants, metric=lambda logits: logits[:, -1, :3])
+    assert per_row.shape == (len(variants), B, 3)
+    logits = im.sweep(ids, variants)
+    assert logits.shape == (len(variants), B, P, 64)
+    assert_all_close(list(logits), [alone(im, ids, v) for v in variants])
+    torch.testing.assert_close(per_row, logits[:, :, -1, :3])
+    # what cannot be stacked says so, and names the list-returning sweep
+    with pytest.raises(TypeError, match=r"variant 0 .*NoneType.*mishax_py.execution.sweep.sweep"):
+        im.sweep(ids, variants, metric=lambda logits: None)
+    assert sweep(im, ids, variants, metric=lambda logits: None) == [None] * len(variants)
+    ragged = iter(range(1, 10))
+    with pytest.raises(ValueError, match=r"variant 1 returned shape \(2,\) and variant 0 shape \(1,\)"):
+        im.sweep(ids, variants, metric=lambda logits: torch.zeros(next(ragged)))
 
 
 def test_progress_bar(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -282,9 +314,10 @@ def test_progress_bar(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
     variants = [{"blocks.1.mlp_out": Ablate(index=[i])} for i in range(3)]
     with torch.no_grad():
         im.sweep(ids, variants, batch_size=B, progress=True)
-        assert "3/3" in capsys.readouterr().err
+        err = capsys.readouterr().err  # the library's bars are cleared when done (mishax_py.progress)
+        assert "sweep:" in err and "0/3 " in err and "chunk" in err  # one step per chunk of one variant
         im.sweep(ids, variants, batch_size=B)  # auto: few chunks, not a tty -> no bar
-        assert "3/3" not in capsys.readouterr().err
+        assert "/3 " not in capsys.readouterr().err
 
 
 def test_default_batch_size_is_a_whole_number_of_variants(setup: dict) -> None:

@@ -8,15 +8,7 @@ import torch
 from mishax_py.interventions import Hook
 from mishax_py.runtime import active_context
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP threads
-    spinning on busy cores make every small forward ~10x slower. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_walk_without_replacement_is_a_plain_run(tiny_im, ids):

@@ -1,36 +1,47 @@
 """Circuit tracing on top of the instrumented model.
 
-* :mod:`mishax_py.circuits.graph` -- transcoder attribution graphs (the circuit-tracer method,
-  Ameisen et al. 2025): a linear replacement model with frozen attention patterns and
-  norm scales, direct attributions between tokens, transcoder features, error nodes and
-  logits, influence pruning, Neuronpedia-compatible JSON and a matplotlib rendering.
-* :mod:`mishax_py.circuits.replacement` -- interventions that run a prompt's local replacement
-  model (with feature clamps), to check a graph's claims in the model it describes.
-* :mod:`mishax_py.circuits.feature_circuits` -- sparse feature circuits (Marks et al. 2024):
-  attribution of a metric to SAE features and error nodes, edges between successive sites,
-  thresholded circuits, faithfulness and completeness by ablation.
+Transcoder attribution graphs (the circuit-tracer method, Ameisen et al. 2025): a linear
+replacement model with frozen attention patterns and norm scales, direct attributions between
+tokens, transcoder features, error nodes and logits, influence pruning, Neuronpedia-compatible
+JSON and a matplotlib rendering. Modules, one job each:
 
-SAEs and transcoders are taken as arguments (duck-typed: ``encode``, ``decode``,
-``pre_acts``, ``W_dec``, ``b_dec``, ``site`` / ``output_site``); this package does not
-import ``saes`` at module level.
+* :mod:`~mishax_py.circuits.build`: :func:`attribution_graph` (the frozen forward, the rows of the
+  adjacency matrix by batched backward passes; the method's description);
+* :mod:`~mishax_py.circuits.graph`: :class:`AttributionGraph` (the nodes, the adjacency, what a
+  clamp does);
+* :mod:`~mishax_py.circuits.prune`: node influence and influence pruning;
+* :mod:`~mishax_py.circuits.json_format`: circuit-tracer's graph-file format, export and :func:`load_graph_json`;
+* :mod:`~mishax_py.circuits.render`: :func:`render_graph`, the static picture;
+* :mod:`~mishax_py.circuits.transcoders`: which layer a transcoder replaces, its features and output;
+* :mod:`~mishax_py.circuits.replacement`: :func:`replacement_interventions`, runs of a prompt's local
+  replacement model (with feature clamps), to check a graph's claims in the model it describes.
+
+Sparse feature circuits (Marks et al. 2024), :mod:`~mishax_py.circuits.feature_circuits`:
+attribution of a metric to SAE features and error nodes, edges between successive sites,
+thresholded circuits, faithfulness and completeness by ablation.
+
+SAEs and transcoders are taken as arguments, typed structurally
+(:mod:`~mishax_py.circuits.dictionaries`: :class:`SAELike`, :class:`TranscoderLike`, which
+``saes.SAE`` and ``saes.Transcoder`` satisfy); this package does not import ``saes``.
 """
 
+from mishax_py.circuits.build import attribution_graph
+from mishax_py.circuits.dictionaries import SAELike, TranscoderLike
 from mishax_py.circuits.feature_circuits import (
     FeatureCircuit,
     ablate_complement,
     feature_circuit,
 )
-from mishax_py.circuits.graph import (
-    AttributionGraph,
-    attribution_graph,
-    load_graph_json,
-    render_graph,
-)
+from mishax_py.circuits.graph import AttributionGraph
+from mishax_py.circuits.json_format import load_graph_json
+from mishax_py.circuits.render import render_graph
 from mishax_py.circuits.replacement import replacement_interventions
 
 __all__ = [
     "AttributionGraph",
     "FeatureCircuit",
+    "SAELike",
+    "TranscoderLike",
     "ablate_complement",
     "attribution_graph",
     "feature_circuit",

@@ -1,8 +1,8 @@
 """Run a prompt's *local replacement model*, to check an attribution graph's claims in the model it describes.
 
-An attribution graph (:mod:`mishax_py.circuits.graph`) is exact for the local replacement model
-of its prompt: every MLP replaced by its transcoder plus the error it leaves on that prompt,
-attention patterns and RMSNorm scales frozen at their values there. A feature clamp in the
+An attribution graph (:func:`mishax_py.circuits.build.attribution_graph`) is exact for the local
+replacement model of its prompt: every MLP replaced by its transcoder plus the error it leaves on
+that prompt, attention patterns and the family's norm scales frozen at their values there. A feature clamp in the
 *real* model can disagree with the graph for reasons the graph cannot see (a norm rescaling
 the change away, an attention pattern moving). :func:`replacement_interventions` builds the
 interventions that make an ordinary run compute the replacement model -- optionally with
@@ -23,19 +23,21 @@ another shape.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.circuits.graph import (
-    _norm_pairs,
-    _norm_scale,
-    _transcoder_features,
-    _transcoder_map,
-    _transcoder_output,
+from mishax_py.circuits.build import norm_scale
+from mishax_py.circuits.dictionaries import TranscoderLike
+from mishax_py.circuits.transcoders import (
+    TranscoderMap,
+    Transcoders,
+    transcoder_features,
+    transcoder_map,
+    transcoder_output,
 )
-from mishax_py.inputs import as_ids
+from mishax_py.inputs import Ids, as_ids
 from mishax_py.interventions import Hook
 
 if TYPE_CHECKING:
@@ -44,12 +46,14 @@ if TYPE_CHECKING:
 __all__ = ["replacement_interventions"]
 
 Clamp = tuple[int, int, int, float]  # (layer, position, feature, value)
+# a hook function of one site: the value in, the new value (or None: unchanged) out
+SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
 def replacement_interventions(
     im: InstrumentedModel,
-    ids: Any,
-    transcoders: Any,
+    ids: Ids,
+    transcoders: Transcoders,
     clamps: Sequence[Clamp] = (),
     *,
     freeze_attention: bool = True,
@@ -60,76 +64,87 @@ def replacement_interventions(
     Args:
         im: the instrumented model.
         ids: the prompt (``[pos]`` or ``[batch, pos]``) whose replacement model to build.
-        transcoders: as for :func:`~mishax_py.circuits.graph.attribution_graph` (``{layer: tc}``
+        transcoders: as for :func:`~mishax_py.circuits.build.attribution_graph` (``{layer: tc}``
             or a list with ``site``/``output_site``). Layers without one keep their MLP output
             on ``ids`` as a constant (the graph's error node).
         clamps: ``(layer, position, feature, value)``: set that transcoder feature's activation
             at that position to ``value`` (0 ablates it), before decoding.
         freeze_attention: attention patterns fixed at their values on ``ids`` (as in the graph).
-        freeze_norms: the scales of ``ln1``, the post-attention norm, ``ln2`` and the final norm
-            fixed at their values on ``ids`` (as in the graph): ``y = x * (y0 / x0)``.
+        freeze_norms: the scales of the norms the family lists (``im.family.frozen_norms``: every
+            layer's pre-attention, post-attention and pre-MLP norms and the final norm, for
+            instance) fixed at their values on ``ids`` (as in the graph): ``y = x * (y0 / x0)``.
 
     Returns:
         ``{site: [Hook, ...]}`` for ``im.run(ids, interventions=...)``.
     """
     ids = as_ids(ids, im.model)
-    tcs = _transcoder_map(im, transcoders)
+    tcs = transcoder_map(im, transcoders)
     n_layers, n_pos = im.n_layers, ids.shape[1]
     checked = [_check_clamp(c, tcs, n_pos) for c in clamps]
-    norms = _norm_pairs(n_layers)
-    sites = {s for pair in norms for s in pair} | {site for _, site in tcs.values()}
-    sites |= {f"blocks.{L}.{s}" for L in range(n_layers) for s in ("attn.pattern", "mlp_out")}
+    norms = list(im.family.frozen_norms)
+    patterns = [im.layer_site(L, "attn.pattern") for L in range(n_layers)]
+    mlp_outs = [im.layer_site(L, im.family.mlp_output_kind) for L in range(n_layers)]
+    sites = {s for pair in norms for s in pair} | {site for _, site in tcs.values()} | {*patterns, *mlp_outs}
     with torch.no_grad():
         _, base = im.run_with_cache(ids, sites=sorted(sites))
         error = {}
         for L in range(n_layers):
-            y = base[f"blocks.{L}.mlp_out"]
+            y = base[mlp_outs[L]]
             if L in tcs:
                 tc, x = tcs[L][0], base[tcs[L][1]]
-                y = y - _transcoder_output(tc, _transcoder_features(tc, x)[1], x).to(y.dtype)
+                y = y - transcoder_output(tc, transcoder_features(tc, x)[1], x).to(y.dtype)
             error[L] = y
     current: dict[str, torch.Tensor] = {}  # this run's values of the sites other hooks read
     out: dict[str, list[Hook]] = {}
 
-    def add(site: str, fn: Any) -> None:
+    def add(site: str, fn: SiteFn) -> None:
         out.setdefault(site, []).append(Hook(_shape_checked(fn, site, tuple(base[site].shape))))
 
-    def keep(name: str) -> Any:
+    def keep(name: str) -> SiteFn:
         def fn(value: torch.Tensor) -> None:
             current[name] = value
 
         return fn
 
+    def scaled(x_site: str, scale: torch.Tensor) -> SiteFn:
+        return lambda value: current[x_site] * scale.to(value.dtype)
+
+    def constant(frozen: torch.Tensor) -> SiteFn:
+        return lambda value: frozen.to(value.dtype)
+
     if freeze_norms:
         for x_site, y_site in norms:
-            scale = _norm_scale(base[x_site], base[y_site])
             add(x_site, keep(x_site))
-            add(y_site, lambda value, x_site=x_site, scale=scale: current[x_site] * scale.to(value.dtype))
+            add(y_site, scaled(x_site, norm_scale(base[x_site], base[y_site])))
     if freeze_attention:
         for L in range(n_layers):
-            pattern = base[f"blocks.{L}.attn.pattern"]
-            add(f"blocks.{L}.attn.pattern", lambda value, pattern=pattern: pattern.to(value.dtype))
+            add(patterns[L], constant(base[patterns[L]]))
     for L in range(n_layers):
         if L not in tcs:
-            add(f"blocks.{L}.mlp_out", lambda value, err=error[L]: err.to(value.dtype))
+            add(mlp_outs[L], constant(error[L]))
             continue
         tc, in_site = tcs[L]
         add(in_site, keep(in_site))
         edits = [(p, f, v) for layer, p, f, v in checked if layer == L]
-
-        def mlp(value: torch.Tensor, tc: Any = tc, in_site: str = in_site, edits: list = edits,
-                err: torch.Tensor = error[L]) -> torch.Tensor:
-            x = current[in_site]
-            f = _transcoder_features(tc, x)[1]
-            for p, i, v in edits:
-                f[:, p, i] = v  # f is a fresh tensor
-            return (_transcoder_output(tc, f, x) + err.float()).to(value.dtype)
-
-        add(f"blocks.{L}.mlp_out", mlp)
+        add(mlp_outs[L], _replaced_mlp(current, tc, in_site, edits, error[L]))
     return out
 
 
-def _check_clamp(clamp: Any, tcs: dict[int, Any], n_pos: int) -> Clamp:
+def _replaced_mlp(current: dict[str, torch.Tensor], tc: TranscoderLike, in_site: str,
+                  edits: list[tuple[int, int, float]], err: torch.Tensor) -> SiteFn:
+    """The MLP output of the replacement model: the transcoder on this run's input (features clamped) + error."""
+
+    def mlp(value: torch.Tensor) -> torch.Tensor:
+        x = current[in_site]
+        f = transcoder_features(tc, x)[1]
+        for p, i, v in edits:
+            f[:, p, i] = v  # f is a fresh tensor
+        return (transcoder_output(tc, f, x) + err.float()).to(value.dtype)
+
+    return mlp
+
+
+def _check_clamp(clamp: Any, tcs: TranscoderMap, n_pos: int) -> Clamp:
     try:
         layer, pos, feature, value = clamp
         layer, pos, feature, value = int(layer), int(pos), int(feature), float(value)
@@ -145,7 +160,7 @@ def _check_clamp(clamp: Any, tcs: dict[int, Any], n_pos: int) -> Clamp:
     return layer, pos, feature, value
 
 
-def _shape_checked(fn: Any, site: str, shape: tuple[int, ...]) -> Any:
+def _shape_checked(fn: SiteFn, site: str, shape: tuple[int, ...]) -> SiteFn:
     def checked(value: torch.Tensor) -> torch.Tensor | None:
         if tuple(value.shape) != shape:
             raise ValueError(

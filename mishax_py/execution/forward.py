@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.interventions.base import Interventions
 from mishax_py.runtime import Handler, activate
 
 if TYPE_CHECKING:
-    from mishax_py.instrumented import InstrumentedModel, Interventions
+    from mishax_py.instrumented import InstrumentedModel
 
 __all__ = ["forward_with", "repeat_rows"]
 

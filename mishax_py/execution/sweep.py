@@ -1,8 +1,11 @@
 """Batched experiments: many intervention variants in few forward passes.
 
 ``sweep(im, ids, variants)`` runs every variant (a ``{site: intervention}`` dict, as for
-``im.run``) on the same base batch ``ids [B, P]`` and returns one result per variant, equal
-(up to float reassociation across batch sizes) to ``im.run(ids, interventions=variant)``.
+``im.run``) on the same base batch ``ids [B, P]`` and returns a list with one result per
+variant (whatever the metric returns, ``None`` included: library code such as path patching
+runs sweeps for what their hooks record), equal (up to float reassociation across batch sizes)
+to ``im.run(ids, interventions=variant)``. :func:`stacked_sweep` (what ``im.sweep`` calls)
+stacks those results into one tensor ``[n_variants, ...]``, detached unless ``grad=True``.
 
 How it batches
 --------------
@@ -13,13 +16,14 @@ How it batches
   ``B`` rows). HF keyword tensors whose first dim is ``B`` (``attention_mask``, ...) are
   repeated per variant, so left-padded batches work unchanged.
 * **Shared prefix.** A variant whose interventions all sit at layer ``>= l`` computes layers
-  ``< l`` exactly like the clean run. One clean run (batch ``B``) records ``blocks.{l}.resid_pre``
+  ``< l`` exactly like the clean run. One clean run (batch ``B``) records layer ``l``'s ``resid_pre``
   for every start layer needed; a chunk then skips layers ``< l`` (``RunContext.start_layer``)
   and starts from the cached value, repeated per variant. Variants are sorted by their earliest
   layer before chunking, so chunks share the longest prefixes. Variants with no interventions
   take the clean run's logits. Sites before the blocks (``embed``) start at layer 0; sites after
   them (``ln_final``, ``logits``) at the last layer.
-* **Shared positions** (``share_positions``, under ``torch.no_grad()``). Under causal attention an
+* **Shared positions** (``share_positions``, under ``torch.no_grad()``, for families whose models take a
+  KV cache: ``im.family.supports_kv_prefix``). Under causal attention an
   edit at positions ``>= p`` cannot change earlier positions. When every edit in a chunk is a
   built-in one whose positions start at ``p > 0`` (lists, slices, per-row lists; not ``"all"``,
   ``"new"``, ``Hook`` functions, or edits of attention maps), the chunk runs only positions
@@ -41,7 +45,6 @@ every chunk (and prefix sharing is off, since they may depend on the batch).
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,18 +53,18 @@ import torch
 
 from mishax_py.execution.forward import repeat_rows
 from mishax_py.hf_compat import CACHE_KWARG, output_cache
-from mishax_py.interventions import Intervention
+from mishax_py.inputs import as_ids
+from mishax_py.interventions.base import Intervention, Interventions
 from mishax_py.memory import available_ram
-from mishax_py.runtime import RunContext, SiteEvent, activate, active_context
+from mishax_py.naming import layer_site
+from mishax_py.progress import progress_bar
+from mishax_py.runtime import Handler, RunContext, SiteEvent, activate, active_context
 from mishax_py.sites import UnknownSiteError
 
 if TYPE_CHECKING:
-    from mishax_py.instrumented import InstrumentedModel, Interventions
+    from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["default_batch_size", "sweep"]
-
-# Progress bars turn on by themselves above this many chunks (when stderr is a terminal).
-AUTO_PROGRESS_CHUNKS = 8
+__all__ = ["default_batch_size", "stacked_sweep", "sweep"]
 
 
 @dataclass
@@ -101,11 +104,11 @@ def sweep(
         metric: ``metric(logits)`` with ``logits [B, P, vocab]`` of one variant; its return value
             is that variant's result. ``None``: the result is the logits themselves.
         batch_size: rows per forward pass (see the module docs); default :func:`default_batch_size`.
-        progress: a tqdm bar over chunks; ``None`` = on when there are more than
-            ``AUTO_PROGRESS_CHUNKS`` chunks and stderr is a terminal.
+        progress: a tqdm bar over chunks; ``None`` = the library's rule (:func:`mishax_py.progress.progress_bar`:
+            on for more than ``AUTO_MIN_STEPS`` chunks when stderr is a terminal).
         share_prefix: start chunks from the clean run's ``resid_pre`` of their earliest layer.
         share_positions: run only positions from a chunk's earliest edited one, on a KV cache of the
-            clean prefix (no-grad runs only; see the module docs).
+            clean prefix (no-grad runs of families with ``supports_kv_prefix`` only; see the module docs).
         **hf_kwargs: passed to the model (``attention_mask`` ...); per-row tensors are repeated per variant.
 
     Autograd follows the caller's grad mode (wrap big sweeps in ``torch.no_grad()``); with grad on,
@@ -114,8 +117,6 @@ def sweep(
     Raises the first variant's validation error (naming the variant, site and shapes) before any
     forward pass.
     """
-    from mishax_py.inputs import as_ids
-
     ids = as_ids(ids, im.model)
     B, P = ids.shape
     n_layers = im.n_layers
@@ -124,6 +125,7 @@ def sweep(
     tensor_kwargs = {k for k, v in hf_kwargs.items() if isinstance(v, torch.Tensor)}
     share_pos = (
         share_positions
+        and im.family.supports_kv_prefix
         and outer is None
         and not torch.is_grad_enabled()
         and tensor_kwargs <= {"attention_mask"}
@@ -132,7 +134,7 @@ def sweep(
         and hf_kwargs.get("past_key_values") is None
     )
 
-    first_block = im.catalogue.order("blocks.0.resid_pre") if n_layers else 0
+    first_block = im.catalogue.order(layer_site(0, "resid_pre")) if n_layers else 0
     # Not with padding: HF's eager attention gives a padding query (every key masked) uniform weights
     # over all keys, future ones included, so its values depend on later positions.
     mask = hf_kwargs.get("attention_mask")
@@ -175,7 +177,7 @@ def sweep(
             results[v.index] = metric(logits) if metric is not None else logits
     kv_prefixes: dict[int, Any] = {}  # first position -> KV cache of the clean run's tokens before it
 
-    bar = _progress_bar(len(chunks), progress)
+    bar = progress_bar(len(chunks), "sweep", progress, unit="chunk")
     try:
         for chunk in chunks:
             p0 = chunk.first_pos
@@ -189,12 +191,68 @@ def sweep(
                     block = torch.cat([clean[:, :p0], block], 1)
                 results[v.index] = metric(block) if metric is not None else block
             del logits
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return results
+
+
+def stacked_sweep(
+    im: InstrumentedModel,
+    ids: Any,
+    variants: Sequence[Interventions],
+    metric: Callable[[torch.Tensor], Any] | None = None,
+    *,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    grad: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """:func:`sweep`, its per-variant results stacked into one tensor: what ``im.sweep`` returns.
+
+    Returns:
+        ``[n_variants]`` for a scalar metric (a float or a 0-dim tensor per variant), ``[n_variants, *S]``
+        for a metric returning a tensor of shape ``S``, and the logits ``[n_variants, B, P, vocab]``
+        when ``metric`` is ``None``. So ``im.sweep(ids, variants, metric).argmax()`` is the variant
+        with the largest metric.
+
+    ``grad=False`` (the default) runs under ``torch.no_grad()`` and returns a detached tensor (which also
+    lets the sweep share the clean run's KV prefix, see the module docs); ``grad=True`` runs with
+    autograd on, whatever the caller's grad mode, so gradients flow from the result to whatever the
+    metric depends on (steering vectors, model weights, through the shared prefix too). Other
+    keywords as for :func:`sweep`. A metric returning ``None`` or results of different shapes are
+    errors: use :func:`sweep` for arbitrary per-variant outputs.
+    """
+    ids = as_ids(ids, im.model)
+    with torch.enable_grad() if grad else torch.no_grad():
+        results = sweep(im, ids, variants, metric=metric, batch_size=batch_size, progress=progress, **kwargs)
+        if not results:
+            if metric is None:
+                dtype = next(im.model.parameters()).dtype
+                return torch.empty((0, *ids.shape, im.family.dims.vocab), dtype=dtype, device=ids.device)
+            return torch.empty((0,), device=ids.device)
+        stacked = torch.stack(_as_tensors(results))
+    return stacked if grad else stacked.detach()
+
+
+def _as_tensors(results: list[Any]) -> list[torch.Tensor]:
+    """Each variant's result as a tensor of one common shape, or an error naming the variant."""
+    out: list[torch.Tensor] = []
+    for i, r in enumerate(results):
+        if r is None or not isinstance(r, (torch.Tensor, int, float, bool)):
+            raise TypeError(
+                f"im.sweep stacks the metric's results into a tensor, but for variant {i} it returned "
+                f"{type(r).__name__}; return a number or a tensor, or call mishax_py.execution.sweep.sweep "
+                "for a list of arbitrary per-variant results"
+            )
+        t = r if isinstance(r, torch.Tensor) else torch.tensor(r)
+        if out and t.shape != out[0].shape:
+            raise ValueError(
+                f"im.sweep stacks the metric's results, but variant {i} returned shape {tuple(t.shape)} and "
+                f"variant 0 shape {tuple(out[0].shape)}; return one shape for every variant"
+            )
+        out.append(t)
+    return out
 
 
 def _start_layer(im: InstrumentedModel, sites: Mapping[str, list[Intervention]], n_layers: int, first: int) -> int:
@@ -232,7 +290,7 @@ def _make_chunk(variants: list[_Variant]) -> _Chunk:
 def _clean_run(
     im: InstrumentedModel, ids: torch.Tensor, layers: list[int], store: dict[int, torch.Tensor], hf_kwargs: dict
 ) -> torch.Tensor:
-    """The unpatched forward of the base batch; records ``blocks.{l}.resid_pre`` for ``l`` in ``layers``."""
+    """The unpatched forward of the base batch; records layer ``l``'s ``resid_pre`` for ``l`` in ``layers``."""
     ctx = im.context(None, batch=ids.shape[0], pos=ids.shape[1])
     for layer in layers:
 
@@ -240,7 +298,7 @@ def _clean_run(
             store[layer] = value  # kept in the graph when grad is on
             return value
 
-        im.add_handler(ctx, f"blocks.{layer}.resid_pre", record)
+        im.add_handler(ctx, layer_site(layer, "resid_pre"), record)
     with activate(ctx):
         return im.forward(ids, **hf_kwargs)
 
@@ -281,16 +339,14 @@ def _run_chunk(
         def start_here(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
             return repeated
 
-        im.add_handler(ctx, f"blocks.{chunk.start}.resid_pre", start_here)  # before the variants' edits there
+        im.add_handler(ctx, layer_site(chunk.start, "resid_pre"), start_here)  # before the variants' edits there
     for site, entries in chunk.sites.items():
         im.add_handler(ctx, site, _block_handler(entries, B, n))
     with activate(ctx):
         return im.forward(ids.repeat(n, 1) if n > 1 else ids, **kwargs)
 
 
-def _block_handler(
-    entries: list[tuple[int, list[Intervention]]], B: int, n: int
-) -> Callable[[torch.Tensor, SiteEvent], torch.Tensor]:
+def _block_handler(entries: list[tuple[int, list[Intervention]]], B: int, n: int) -> Handler:
     """One handler for a site: each variant's interventions on its own rows, the rest unchanged."""
     by_slot = dict(entries)
 
@@ -317,25 +373,24 @@ def _block_handler(
 def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool = True) -> int:
     """Rows per forward pass for a sweep, from a memory estimate.
 
-    Per row (``P`` positions, element size ``e`` of the model's dtype, fp32 where Gemma 2 computes
-    in fp32), the peak working memory of a forward is about the largest of: the logits and their
-    soft-cap temporaries ``3·P·vocab·4``, the MLP ``3·P·d_mlp·e``, and eager attention maps
-    ``3·heads·P²·4`` -- plus ``4·P·d_model·e`` of residual copies. With grad enabled, every layer's
-    activations are kept: ``n_layers·P·(10·d_model + 4·d_mlp + 3·heads·P)·e`` more. Returned logits
-    (``keep_logits``) add ``P·vocab·e``. The budget is half of the free accelerator memory on CUDA,
-    or a quarter of the available RAM (at most 4 GiB) on CPU. The result is a multiple of ``B``
-    in ``[B, 4096]`` rows (``[B, 256]`` on CPU, where bigger batches do not run faster).
+    Per row (``P`` positions, element size ``e`` of the model's dtype, fp32 where models compute
+    in fp32: soft-capped logits, attention maps), the peak working memory of a forward is about
+    the largest of: the logits and their soft-cap temporaries ``3·P·vocab·4``, the MLP
+    ``3·P·d_mlp·e``, and eager attention maps ``3·heads·P²·4`` -- plus ``4·P·d_model·e`` of
+    residual copies. With grad enabled, every layer's activations are kept:
+    ``n_layers·P·(10·d_model + 4·d_mlp + 3·heads·P)·e`` more. Returned logits (``keep_logits``)
+    add ``P·vocab·e``. Sizes come from ``im.family.dims``. The budget is half of the free
+    accelerator memory on CUDA, or a quarter of the available RAM (at most 4 GiB) on CPU. The
+    result is a multiple of ``B`` in ``[B, 4096]`` rows (``[B, 256]`` on CPU, where bigger batches
+    do not run faster).
     """
-    cfg = im.model.config
+    dims = im.family.dims
     param = next(im.model.parameters())
     e = param.element_size()
-    d = int(getattr(cfg, "hidden_size", 1))
-    d_mlp = int(getattr(cfg, "intermediate_size", 4 * d))
-    heads = int(getattr(cfg, "num_attention_heads", 1))
-    vocab = int(getattr(cfg, "vocab_size", 1))
+    d, d_mlp, heads, vocab = dims.d_model, dims.d_mlp, dims.n_heads, dims.vocab
     per_row = max(3 * P * vocab * 4, 3 * P * d_mlp * e, 3 * heads * P * P * 4) + 4 * P * d * e
     if torch.is_grad_enabled():
-        per_row += im.n_layers * P * (10 * d + 4 * d_mlp + 3 * heads * P) * e
+        per_row += dims.n_layers * P * (10 * d + 4 * d_mlp + 3 * heads * P) * e
     if keep_logits:
         per_row += P * vocab * e
     if param.device.type == "cuda":
@@ -345,12 +400,3 @@ def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool 
         budget, cap = min(available_ram() // 4, 4 << 30), 256
     rows = min(max(budget // max(per_row, 1), 1), cap)
     return max(B, rows // B * B)
-
-
-def _progress_bar(n_chunks: int, progress: bool | None) -> Any:
-    show = progress if progress is not None else n_chunks > AUTO_PROGRESS_CHUNKS and sys.stderr.isatty()
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=n_chunks, desc="sweep", unit="chunk")

@@ -112,14 +112,13 @@ class Walker:
         self._in_with = True
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        self._in_with = False
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._in_with = False  # returns None: an exception from the loop body propagates
         if self._state in (_State.RUNNING, _State.LEFT):
             if exc_type is not None:
                 self._abort()
             else:
                 self._finish()
-        return False
 
     # -- the loop ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ and returns a :class:`~mishax_py.studies.result.PatchingResult` (or a subclass) 
 as a tensor.
 """
 
+from mishax_py.studies.activation_patching import activation_patching
 from mishax_py.studies.attribution import (
     AttributionCheck,
     AttributionResult,
@@ -14,7 +15,8 @@ from mishax_py.studies.attribution import (
     check_attribution,
     site_gradients,
 )
-from mishax_py.studies.patching import PatchingResult, activation_patching, path_patching, path_patching_by_head, plot
+from mishax_py.studies.path_patching import path_patching, path_patching_by_head
+from mishax_py.studies.result import PatchingResult, plot
 
 __all__ = [
     "AttributionCheck",

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from mishax_py.zoo import tasks
 
-__all__ = ["ZooModel", "MODELS", "DATA_DIR", "model_path", "load", "build_tokenizer"]
+if TYPE_CHECKING:
+    from transformers import Gemma2ForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+__all__ = ["ZooModel", "MODELS", "DATA_DIR", "model_path", "load", "load_checkpoint", "build_tokenizer"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -68,7 +73,7 @@ def model_path(name: str = "gemma2-tiny") -> Path:
     return DATA_DIR / MODELS[name].folder
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """Build the word-level tokenizer of the task vocabulary (``tasks.token_names()``).
 
     Words are split on whitespace and mapped one-to-one to ids (``<pad>`` 0, ``<eos>`` 1,
@@ -105,7 +110,7 @@ def load(
     attn_implementation: str = "eager",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-):  # -> tuple[transformers.Gemma2ForCausalLM, transformers.PreTrainedTokenizerFast]
+) -> tuple[Gemma2ForCausalLM, PreTrainedTokenizerFast]:
     """Load a bundled model and its tokenizer through ``from_pretrained``, offline.
 
     Args:
@@ -138,6 +143,47 @@ def load(
     )
     model.eval()
     if device is not None:
-        model.to(device)
+        nn.Module.to(model, torch.device(device))  # the plain Module method: transformers wraps .to
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     return model, tokenizer
+
+
+def load_checkpoint(
+    name_or_path: str, *, tokenizer: bool = True
+) -> tuple[Gemma2ForCausalLM, PreTrainedTokenizerBase | None]:
+    """Load a bundled model by name, or a local Gemma 2 checkpoint folder, offline.
+
+    The one loader behind ``mishax-py sites --model`` and ``mishax-py demo --model``.
+
+    Args:
+        name_or_path: a key of ``MODELS`` (see :func:`load`) or a folder written by
+            ``save_pretrained`` (loaded with eager attention, so attention scores and patterns
+            exist and Gemma 2's soft-cap applies).
+        tokenizer: also load the folder's tokenizer (``None`` when it has no tokenizer files).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is neither a bundled model nor a folder (the message
+            says what to download), or a bundled model's files are missing.
+    """
+    if name_or_path in MODELS:
+        bundled, bundled_tok = load(name_or_path)
+        return bundled, (bundled_tok if tokenizer else None)
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a bundled model ({', '.join(MODELS)}) nor a local folder. Download a "
+            "checkpoint first (e.g. `huggingface-cli download google/gemma-2-2b --local-dir DIR`) and pass DIR."
+        )
+    from transformers import Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM.from_pretrained(folder, attn_implementation="eager", local_files_only=True).eval()
+    tok: PreTrainedTokenizerBase | None = None
+    tok_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if tokenizer and any((folder / f).is_file() for f in tok_files):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tok

@@ -1,302 +1,541 @@
-"""Figures and the HTML page of the demo report (``mishax-py demo``).
+"""The demo report: what ``mishax-py demo`` says about its results, as HTML, figures, JSON and a terminal table.
 
-Everything here is presentation: the numbers come from :mod:`mishax_py.zoo.demo`. Figures
-are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global state, no
-display needed) and written as PNG files next to ``index.html``, which references them by
-relative path, so the folder can be moved, zipped or served as is. The page is
-self-contained otherwise (inline CSS, no external resources); a small inline script marks
-every image that failed to decode (``data-broken="1"``) and sets ``data-report-ready`` on
-``<body>`` once the page has loaded, which the browser test reads back with
-``chromium --dump-dom``.
+Everything here reads the results dict of :func:`mishax_py.zoo.demo.compute_results` and
+nothing else: no model is run. Every sentence that makes a claim is chosen by comparing
+measured numbers (the ``*_sentence`` functions, each a pure function of the results, tested
+in ``tests/zoo/test_report.py``): an ablation is said to hurt only when it lowers accuracy by
+more than ``MARGIN``, a head set is called specific only when it beats its control by more
+than ``MARGIN``, and when no induction head was found the report says so and why. Figures
+come from :mod:`mishax_py.zoo.figures`, the page from :mod:`mishax_py.zoo.page`.
+
+Why over 500 lines: the claim sentences (one small function each) and the seven sections that
+use them belong together -- a section's prose is only correct with its sentence rules.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mishax_py.zoo.figures import attention_figure, bar_figure, heatmap_figure
+from mishax_py.zoo.page import Cell, Section, Table, render_html, text_table
+
 __all__ = [
-    "Section",
-    "Table",
-    "attention_figure",
-    "bar_figure",
-    "fmt",
-    "heatmap_figure",
-    "render_html",
-    "text_table",
+    "MARGIN",
+    "attention_sentence",
+    "attribution_patching_sentence",
+    "build_sections",
+    "carrier_ablation_sentence",
+    "clamp_sentence",
+    "head_ablation_sentence",
+    "induction_heads_sentence",
+    "prefix_matching_sentence",
+    "previous_token_sentence",
+    "sae_site_sentence",
+    "single_head_sentence",
+    "subtitle",
+    "summary",
+    "write_figures",
+    "write_report",
+    "write_results",
 ]
 
+Results = dict[str, Any]
 
-# ---------------------------------------------------------------------------------- figures
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
+MARGIN = 0.05  # accuracy changes of at most this much are reported as "no change"
 
 
-def heatmap_figure(
-    values: torch.Tensor,
-    path: str | os.PathLike[str],
-    *,
-    title: str,
-    row_labels: Sequence[str],
-    col_labels: Sequence[str],
-    xlabel: str = "",
-    ylabel: str = "",
-    cmap: str = "RdBu",
-    symmetric: bool = True,
-    annotate: bool = False,
-    colorbar_label: str = "",
-    highlight: Sequence[tuple[int, int]] = (),
-    vrange: tuple[float, float] | None = None,
-    dpi: int = 110,
-) -> str:
-    """A labelled heatmap of ``values [rows, cols]`` as a PNG; ``highlight`` outlines cells. Returns the path.
+# ------------------------------------------------------------------------------ helpers
+def _code(text: object) -> str:
+    return f"<code>{html.escape(str(text))}</code>"
 
-    The colour range is symmetric around 0 (``symmetric``), the data's range, or ``vrange``.
-    """
-    v = values.detach().float().cpu()
-    n_rows, n_cols = v.shape
-    fig = _figure(min(3.0 + 0.32 * n_cols, 16), min(2.0 + 0.42 * n_rows, 14))
-    ax = fig.add_subplot(1, 1, 1)
-    finite = v[torch.isfinite(v)]
-    if vrange is not None:
-        vmin, vmax = vrange
-    elif symmetric:
-        vmax = float(finite.abs().max()) if finite.numel() else 1.0
-        vmin, vmax = -(vmax or 1.0), vmax or 1.0
+
+def _label(head: Sequence[int]) -> str:
+    return f"L{int(head[0])}H{int(head[1])}"
+
+
+def _labels(heads: Sequence[Sequence[int]]) -> str:
+    return ", ".join(_label(h) for h in heads)
+
+
+def _lower(a: float, b: float, margin: float) -> bool:
+    """``a`` is lower than ``b`` by more than ``margin`` (False when either is NaN)."""
+    return a < b - margin
+
+
+def _floor(base: float, margin: float) -> str | None:
+    """The sentence to say instead of ablation claims when the baseline accuracy cannot drop by more than
+    ``margin`` (the model does not do the task), else ``None``."""
+    if base > margin:
+        return None
+    return (f"Induction accuracy is {base:.3f} without any ablation, so ablations cannot show which heads "
+            "induction needs.")
+
+
+# ------------------------------------------------------------------ claim sentences
+def subtitle(results: Results) -> str:
+    """The line under the title: the model and the induction heads found (or that none was)."""
+    m, ih = results["model"], results["induction_heads"]
+    heads = (f"Induction heads found: <b>{_labels(ih['heads'])}</b>." if ih["heads"] else
+             f"<b>No induction head found</b> (patching recovery threshold {ih['threshold']:g}).")  # fmt: skip
+    return (f"Model {_code(m['name'])}: Gemma 2, {m['n_layers']} layers × {m['n_heads']} heads ({m['n_kv_heads']} KV), "
+            f"d_model {m['d_model']}, vocab {m['vocab_size']}, {m['n_params']:,} parameters. {heads} "
+            f"All numbers are in {_code('results.json')}.")  # fmt: skip
+
+
+def induction_heads_sentence(ih: Results) -> str:
+    """Which heads patching named, or that none was found and why (gap too small, or no head above threshold)."""
+    thr = ih["threshold"]
+    if ih["heads"]:
+        named = ", ".join(f"{_label(h)} ({r:.2f})" for h, r in zip(ih["heads"], ih["recovery"], strict=True))
+        return f"<b>Induction heads named by patching</b> (attn.z recovery ≥ {thr:g}): {named}."
+    gap, min_gap = float(ih["gap"]), float(ih["min_gap"])
+    if not gap > min_gap:
+        return (f"<b>No induction head found</b> (threshold {thr:g}): the clean prompts' mean log-probability "
+                f"beats the corrupt ones' by {gap:.3f} nats, not more than {min_gap:g}, so the model does not use "
+                "the earlier copy here and no head is named.")  # fmt: skip
+    return (f"<b>No induction head found</b> (threshold {thr:g}): no single head's patch recovers {thr:g} of the "
+            f"{gap:.3f}-nat clean-corrupt gap; the largest recovery is {_label(ih['best_head'])} "
+            f"({ih['best_recovery']:.2f}).")  # fmt: skip
+
+
+def attribution_patching_sentence(ap: Results, ih: Results) -> str:
+    """How well attribution patching matches the exact grids, and whether it picks the same heads."""
+    r_z, r_res, r_layer = ap["pearson_attn_z"], ap["pearson_resid_pre"], ap["pearson_atp_layer_resid_pre"]
+    s = ("Attribution patching (<code>attribution_patching_sites</code>: both grids from one forward and one "
+         f"backward) estimates the same cells: Pearson r = {r_z:.3f} with the exact per-head grid, {r_res:.3f} with "
+         "the exact resid_pre grid.")  # fmt: skip
+    top = [tuple(h) for h in ap["top_heads"]]
+    if ih["heads"]:
+        same = set(top) == {tuple(h) for h in ih["heads"]}
+        s += (f" Its top {len(top)} head(s) ({_labels(top)}) are "
+              + ("the heads named by exact patching." if same else "not the heads named by exact patching."))
     else:
-        vmin = float(finite.min()) if finite.numel() else 0.0
-        vmax = float(finite.max()) if finite.numel() else 1.0
-        vmax = vmax if vmax > vmin else vmin + 1.0
-    im = ax.imshow(v.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(n_rows), labels=list(row_labels), fontsize=8)
-    ax.set_xticks(range(n_cols), labels=list(col_labels), fontsize=7, rotation=90 if n_cols > 8 else 0)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    if annotate:
-        for i in range(n_rows):
-            for j in range(n_cols):
-                x = float(v[i, j])
-                if x == x:  # not NaN: white text on dark cells, black on light ones
-                    r, g, b, _ = im.cmap(im.norm(x))
-                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                    ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if dark else "black")  # fmt: skip
-    from matplotlib.patches import Rectangle
-
-    for i, j in highlight:
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if colorbar_label:
-        cb.set_label(colorbar_label, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=dpi)
-    return os.fspath(path)
+        s += f" Its top head is {_labels(top)}."
+    if r_res < 0.8:
+        s += (" The first-order estimate misses much of the exact resid_pre grid (r &lt; 0.8); "
+              "<code>check_attribution</code> measures such gaps on a sample.")
+    better = r_layer > r_res + 0.01
+    s += (f" Running each patch exactly through its own layer and first order after "
+          f"(<code>method=\"atp-layer\"</code>) gives r = {r_layer:.3f} on resid_pre, "
+          + ("better than plain attribution patching." if better else "no better than plain attribution patching."))
+    return s
 
 
-def attention_figure(
-    patterns: Sequence[torch.Tensor],
-    titles: Sequence[str],
-    tokens: Sequence[str],
-    path: str | os.PathLike[str],
-    *,
-    suptitle: str = "",
-    dpi: int = 100,
-) -> str:
-    """Attention maps ``[q_pos, k_pos]`` side by side (queries down, keys across) as a PNG.
-
-    Token labels are drawn once per axis direction (keys under every map, queries left of the
-    first), with a fixed layout: tick labels dominate matplotlib's drawing time.
-    """
-    n = max(1, len(patterns))
-    T = len(tokens)
-    side = min(max(3.0, 0.13 * T), 5.0)
-    left, right, gap = 0.8, 0.2, 0.25
-    bottom, top = 0.75, 0.55 if suptitle else 0.35
-    width = left + n * side + (n - 1) * gap + right
-    height = bottom + side + top
-    fig = _figure(width, height)
-    step = 1 if T <= 48 else max(1, T // 48)
-    ticks = list(range(0, T, step))
-    labels = [tokens[i] for i in ticks]
-    for k, (pat, title) in enumerate(zip(patterns, titles, strict=True)):
-        ax = fig.add_axes(((left + k * (side + gap)) / width, bottom / height, side / width, side / height))
-        ax.imshow(pat.detach().float().cpu().numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest",
-                  aspect="auto")  # fmt: skip
-        ax.set_xticks(ticks, labels=labels, fontsize=5.5, rotation=90)
-        if k == 0:
-            ax.set_yticks(ticks, labels=labels, fontsize=5.5)
-            ax.set_ylabel("query", fontsize=8)
-        else:
-            ax.set_yticks([])
-        ax.set_title(title, fontsize=9)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=10, y=1 - 0.12 / height)
-    fig.savefig(os.fspath(path), dpi=dpi)
-    return os.fspath(path)
+def prefix_matching_sentence(gt: Results) -> str:
+    """Whether the heads named by patching are the heads with the highest prefix-matching scores."""
+    named = gt["named_heads"]
+    pm = gt["prefix_matching"]
+    if not named:
+        top = gt["top_prefix_matching_heads"][0]
+        return (f"No heads were named by patching; the highest prefix-matching score is {_label(top)}'s "
+                f"({pm[top[0]][top[1]]:.2f}).")
+    lowest = min(gt["prefix_matching_named"])
+    other = gt["prefix_matching_others_argmax"]
+    if other is None:
+        return f"Every head was named by patching (lowest prefix-matching score {lowest:.2f})."
+    best_other = gt["prefix_matching_others_max"]
+    if lowest > best_other:
+        return (f"Every named head scores higher on prefix matching (lowest {lowest:.2f}) than every other head "
+                f"(highest: {_label(other)}, {best_other:.2f}): the ground truth picks the same heads as patching.")
+    return (f"The named heads do not all score higher on prefix matching than the other heads: the lowest named "
+            f"head scores {lowest:.2f}, {_label(other)} (not named) {best_other:.2f}.")
 
 
-def bar_figure(
-    groups: Sequence[str],
-    series: dict[str, Sequence[float]],
-    path: str | os.PathLike[str],
-    *,
-    title: str,
-    ylabel: str,
-    hline: float | None = None,
-    ylim: tuple[float, float] | None = None,
-    dpi: int = 110,
-) -> str:
-    """Grouped bars (one group per label, one bar per series) as a PNG; ``hline`` draws a dashed line."""
-    n_groups, n_series = len(groups), max(1, len(series))
-    fig = _figure(min(2.5 + 0.9 * n_groups * max(1, n_series / 2), 12), 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / n_series
-    colors = ["#3b6ea5", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c"]
-    for k, (name, vals) in enumerate(series.items()):
-        xs = [i - 0.4 + width * (k + 0.5) for i in range(n_groups)]
-        bars = ax.bar(xs, list(vals), width=width, label=name, color=colors[k % len(colors)])
-        for b, val in zip(bars, vals, strict=True):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{val:.2f}", ha="center", va="bottom",
-                    fontsize=7)  # fmt: skip
-    ax.set_xticks(range(n_groups), labels=list(groups), fontsize=8, rotation=20 if n_groups > 6 else 0)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    if hline is not None:
-        ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=dpi)
-    return os.fspath(path)
+def head_ablation_sentence(gt: Results, margin: float = MARGIN) -> str:
+    """Whether ablating the named heads hurts induction, compared to the baseline and to as many other heads."""
+    base, acc = gt["accuracy_clean"], gt["accuracy_named_ablated"]
+    named = gt["named_heads"]
+    if not named:
+        return f"No heads were named by patching, so none is ablated; induction accuracy is {base:.3f}."
+    floor = _floor(base, margin)
+    if floor is not None:
+        return f"Zero-ablating the {len(named)} named head(s) gives induction accuracy {acc:.3f}. {floor}"
+    k, controls = len(named), gt["accuracy_others_ablated"]
+    c_mean, c_min = gt["accuracy_others_mean"], gt["accuracy_others_min"]
+    hurts = _lower(acc, base, margin)
+    verb = (f"drops induction accuracy from {base:.3f} to <b>{acc:.3f}</b>" if hurts else
+            f"leaves induction accuracy at <b>{acc:.3f}</b> (baseline {base:.3f})")  # fmt: skip
+    s = f"Zero-ablating the {k} named head(s) at attn.z {verb}"
+    if not controls:
+        s += f"; there is no set of {k} other heads to compare with."
+        return s + ("" if hurts else " Ablating them does not hurt induction.")
+    s += (f"; ablating {k} other head(s) gives {c_mean:.3f} on average over {len(controls)} set(s) "
+          f"(lowest {c_min:.3f}).")
+    if not hurts:
+        return s + " Ablating the named heads does not hurt induction."
+    if _lower(acc, c_min, margin):
+        return s + " The named heads are needed for induction: no control set hurts nearly as much."
+    if _lower(acc, c_mean, margin):
+        return s + " The named heads hurt more than the average control set, but some control sets hurt as much."
+    return s + " Other heads hurt as much: the drop is not specific to the named heads."
 
 
-# ------------------------------------------------------------------------------------ pages
-@dataclass
-class Table:
-    """A table for the page: ``header`` and ``rows`` of cells (str/int/float; floats shown to 4 digits)."""
-
-    header: list[str]
-    rows: list[list[Any]]
-    caption: str = ""
-
-
-@dataclass
-class Section:
-    """One section of the report: a title, paragraphs (HTML allowed), tables and figures (relative paths)."""
-
-    title: str
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, caption)
-    anchor: str = ""
+def previous_token_sentence(gt: Results, margin: float = MARGIN) -> str:
+    """The strongest previous-token head and what ablating it alone does to induction accuracy."""
+    head = gt["previous_token_head"]
+    base = gt["accuracy_clean"]
+    alone = gt["single_head_ablation"][head[0]][head[1]]
+    s = f"The head attending most to the previous token is {_label(head)} (score {gt['previous_token_score']:.2f}). "
+    if _floor(base, margin) is not None:
+        return s + f"Ablating it alone gives induction accuracy {alone:.3f} (baseline {base:.3f})."
+    if _lower(alone, base, margin):
+        return s + f"Ablating it alone drops induction accuracy to {alone:.3f} (baseline {base:.3f})."
+    return s + f"Ablating it alone does not hurt induction: accuracy {alone:.3f} (baseline {base:.3f})."
 
 
-def fmt(x: Any) -> str:
-    """A cell's text: floats to 4 significant digits (NaN as a dash), everything else ``str``."""
-    if isinstance(x, float):
-        if x != x:
-            return "–"
-        return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
-    return str(x)
+def single_head_sentence(gt: Results, margin: float = MARGIN) -> str:
+    """Whether any single head is necessary (its ablation alone hurts induction)."""
+    grid = gt["single_head_ablation"]
+    base = gt["accuracy_clean"]
+    worst_acc, worst = min((a, (layer, h)) for layer, row in enumerate(grid) for h, a in enumerate(row))
+    floor = _floor(base, margin)
+    if floor is not None:
+        return floor
+    if _lower(worst_acc, base, margin):
+        hurt = [(layer, h) for layer, row in enumerate(grid) for h, a in enumerate(row) if _lower(a, base, margin)]
+        return (f"Ablating a single head hurts induction for {len(hurt)} head(s) ({_labels(hurt)}); the worst is "
+                f"{_label(worst)} ({worst_acc:.3f}, baseline {base:.3f}).")
+    return (f"No single head is necessary: ablating any one head alone leaves induction accuracy at "
+            f"{worst_acc:.3f} or more (baseline {base:.3f}).")
 
 
-def _cell(x: Any) -> str:
-    return html.escape(fmt(x))
+def attention_sentence(att: Results) -> str:
+    """Each shown head's attention on the induction stripe and on the previous token, on the prompt shown."""
+    off, L = att["offset"], att["half_len"]
+    parts = [f"{_label(h)} ({role}): {pm:.2f} on the induction stripe, {prev:.2f} on the previous token"
+             for h, role, pm, prev in zip(att["heads"], att["roles"], att["prefix_matching"], att["previous_token"],
+                                          strict=True)]  # fmt: skip
+    return (f"One clean prompt (first half: positions {off}..{off + L - 1}, repeat: {off + L}..{off + 2 * L - 1}). "
+            "An induction head attends from each repeated token to the token after its first occurrence (a stripe "
+            f"{L - 1} positions below the diagonal); a previous-token head attends one position back. Mean "
+            "attention on this prompt: " + "; ".join(parts) + ".")
 
 
-def _table_html(t: Table) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in t.rows)
-    cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def sae_site_sentence(sf: Results) -> str:
+    """Which SAE's features are studied, and where it reads relative to the induction heads."""
+    layer, ind = sf["layer"], sf["induction_layer"]
+    if ind is None:
+        where = "the last residual SAE; no induction heads were named"
+    elif layer == ind:
+        where = f"the output of layer {ind}, where the induction heads are"
+    elif layer > ind:
+        where = f"the first residual SAE after the induction heads' layer {ind}"
+    else:
+        where = f"the latest residual SAE, before the induction heads' layer {ind}"
+    return f"Features of {_code(sf['sae'])} ({html.escape(sf['site'])}, {where}) on {sf['prompts']} induction prompts."
 
 
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1100px;
-       padding: 1.5em 2em 4em; color: #1d1d1f; background: #fff; line-height: 1.45; }
-h1 { font-size: 1.7em; margin-bottom: 0.2em; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-.sub { color: #555; margin-top: 0; } nav a { margin-right: 1em; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.8em 0 1.2em; font-size: 0.88em; }
-caption { text-align: left; font-weight: 600; padding-bottom: 0.3em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f3f4f6; } tbody tr:nth-child(even) { background: #fafafa; }
-figure { margin: 1em 0 1.5em; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #444; margin-top: 0.3em; }
-code { background: #f3f4f6; padding: 0 0.25em; border-radius: 3px; }
-.na { color: #8a6d00; background: #fff8e1; padding: 0.5em 0.8em; border-left: 3px solid #e0b000; }
-"""
-
-_CHECK_SCRIPT = """
-window.addEventListener('load', function () {
-  var broken = 0;
-  document.querySelectorAll('img').forEach(function (img) {
-    var ok = img.complete && img.naturalWidth > 0;
-    img.setAttribute(ok ? 'data-loaded' : 'data-broken', '1');
-    if (!ok) { broken += 1; }
-  });
-  document.body.setAttribute('data-broken-images', String(broken));
-  document.body.setAttribute('data-report-ready', '1');
-});
-"""
+def carrier_ablation_sentence(fe: Results, k: int, margin: float = MARGIN) -> str:
+    """Whether ablating the top-``k`` carriers hurts induction more than as many random active features."""
+    base = fe["clean"]["accuracy"]
+    top, rnd = fe["ablation"][f"top{k}"]["accuracy"], fe["ablation"][f"random{k}"]["accuracy"]
+    s = (f"Ablating the {k} top carrier(s) per position takes induction accuracy from {base:.3f} to <b>{top:.3f}</b>; "
+         f"{k} random active feature(s) per position give {rnd:.3f}.")
+    if not _lower(top, base, margin):
+        return s + " Ablating the carriers does not hurt induction."
+    if _lower(top, rnd, margin):
+        return s + " The carriers matter more than random active features."
+    return s + " Random active features hurt as much: the drop is not specific to the carriers."
 
 
-def render_html(
-    path: str | os.PathLike[str], *, title: str, subtitle: str, sections: Sequence[Section], footer: str = ""
-) -> str:
-    """Write the report page to ``path`` (figures referenced by relative paths). Returns the path."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style>",
-        f"<script>{_CHECK_SCRIPT}</script>",
-        "</head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f'<p class="sub">{subtitle}</p>',
-        "<nav>" + "".join(
-            f'<a href="#{s.anchor or _slug(s.title)}">{html.escape(s.title)}</a>' for s in sections
-        ) + "</nav>",
+def clamp_sentence(fe: Results, margin: float = MARGIN) -> str:
+    """What clamping one feature does to the model's output on recall prompts."""
+    c = fe["clamp"]
+    tok = _code(c["promoted_token"])
+    s = (f"<b>Clamp</b>: feature {c['feature']} (its decoder promotes {tok}) clamped to {c['value']:.2f} at the "
+         f"answer position of {c['prompts']} recall prompts whose answer is another token: the model outputs {tok} "
+         f"on {c['rate_after']:.0%} of them (before: {c['rate_before']:.0%}); recall accuracy "
+         f"{c['recall_accuracy_before']:.3f} → {c['recall_accuracy_after']:.3f}.")
+    if c["rate_after"] > c["rate_before"] + margin:
+        return s + " Clamping the feature makes the model output the token its decoder promotes."
+    return s + " The clamp does not make the model output that token."
+
+
+def graph_sentence(ag: Results) -> str:
+    """The attribution graph's prompt, prediction and strongest sources."""
+    pred = "the answer" if ag["predicted"] == ag["answer"] else f"not the answer {_code(ag['answer'])}"
+    srcs = ", ".join(f"{html.escape(s)} ({w:+.2f})" for s, w in ag["top_sources_of_top_logit"])
+    return (f"Transcoder attribution graph (circuit-tracer method, <code>mishax_py.circuits</code>) of "
+            f"{_code(' '.join(ag['prompt']))}; the model predicts {_code(ag['predicted'])} ({pred}). "
+            f"{ag['n_features']} active transcoder features; completeness error {ag['completeness_error']:.2e}. "
+            f"Strongest direct sources of the top logit: {srcs}.")
+
+
+# ---------------------------------------------------------------------------- sections
+def _skipped(title: str, anchor: str, reason: str) -> Section:
+    return Section(title, [f'<span class="na">Skipped: {html.escape(reason)}.</span>'], anchor=anchor)
+
+
+def _accuracy_section(r: Results) -> Section:
+    acc = r["accuracy"]
+    if acc.get("prompts") == "random":
+        note = ("Random-token induction prompts <code>[bos] A A</code> with A drawn from the model's vocabulary; "
+                "scored on the repeated half from its second token.")
+    else:
+        note = ("Fresh prompts (seeds never used in training). Induction: <code>&lt;bos&gt; s1..sL s1..sL</code>, "
+                "scored on s2..sL of the repeat; recall: <code>&lt;bos&gt; k1 v1 .. kn vn ? ki</code> → vi.")
+    note += f" Chance is {acc['chance']:.3f}."
+    rows: list[list[Cell]] = [[x["task"], x["prompts"], x["scored"], x["accuracy"]] for x in acc["rows"]]
+    return Section("Task accuracy", [note], [Table(["task", "prompts", "scored targets", "accuracy"], rows)],
+                   anchor="accuracy")  # fmt: skip
+
+
+def _best_positions(p: Results) -> str:
+    grid = torch.tensor(p["resid_pre"]["normalized"], dtype=torch.float64)
+    if not bool(torch.isfinite(grid).all()):
+        grid = torch.tensor(p["resid_pre"]["values"], dtype=torch.float64)
+    labels = p["resid_pre"]["pos_labels"]
+    return ", ".join(f"layer {i}: {html.escape(labels[j])}" for i, j in enumerate(grid.argmax(-1).tolist()))
+
+
+def _patching_section(r: Results) -> Section:
+    p, ih = r["patching"], r["induction_heads"]
+    return Section(
+        "Activation patching: where induction happens",
+        [
+            f"{p['prompts']} clean prompts <code>&lt;bos&gt; A A</code> and corrupt ones <code>&lt;bos&gt; B A</code> "
+            f"(A, B: {p['half_len']} distinct random tokens; the repeated half is identical, but only the clean prompt "
+            "lets the model predict it). Metric: mean log-probability of the correct next token on the repeated half "
+            f"— clean {p['clean_metric']:.3f}, corrupt {p['corrupt_metric']:.3f}. Each cell patches one clean "
+            "activation into the corrupt run (denoising); colours show the fraction of the gap recovered.",
+            f"Per layer, the position where patching resid_pre recovers most: {_best_positions(p)}."
+            + ("" if ih["gap"] > ih["min_gap"] else " With a clean-corrupt gap this small, these positions are noise."),
+            induction_heads_sentence(ih),
+            attribution_patching_sentence(r["attribution_patching"], ih),
+        ],
+        figures=[("patching_resid_pre.png", "resid_pre patched per (layer, position)"),
+                 ("patching_attn_z.png", "attn.z patched per (layer, head); outlined: the named induction heads")],
+        anchor="patching",
+    )  # fmt: skip
+
+
+def _ground_truth_section(r: Results) -> Section:
+    gt = r["ground_truth"]
+    pm, prev, single = gt["prefix_matching"], gt["previous_token"], gt["single_head_ablation"]
+    named = {tuple(h) for h in gt["named_heads"]}
+    heads = [(layer, h) for layer in range(len(pm)) for h in range(len(pm[0]))]
+    rows: list[list[Cell]] = [
+        [_label(h), pm[h[0]][h[1]], prev[h[0]][h[1]], single[h[0]][h[1]], "yes" if h in named else ""]
+        for h in sorted(heads, key=lambda h: -pm[h[0]][h[1]])
     ]
-    for s in sections:
-        parts.append(f'<section id="{s.anchor or _slug(s.title)}"><h2>{html.escape(s.title)}</h2>')
-        parts.extend(f"<p>{p}</p>" for p in s.paragraphs)
-        parts.extend(_table_html(t) for t in s.tables)
-        for src, cap in s.figures:
-            parts.append(
-                f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}">'
-                f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-            )
-        parts.append("</section>")
-    if footer:
-        parts.append(f'<hr><p class="sub">{footer}</p>')
-    parts.append("</body></html>")
-    Path(path).write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return os.fspath(path)
+    return Section(
+        "Ground truth: are these the induction heads?",
+        [
+            "Independent checks of the heads named by patching. <b>Prefix-matching score</b>: attention from the "
+            "second occurrence of a token to the token right after its first occurrence (an induction head's "
+            f"signature), averaged over the repeated half of {gt['prefix_matching_prompts']} fresh prompts. "
+            "<b>Previous-token score</b>: attention to the immediately preceding token. Accuracies are measured on "
+            f"{gt['eval_prompts']} fresh induction prompts ({gt['eval_scored']} scored tokens); changes of at most "
+            f"{MARGIN:g} count as no change.",
+            prefix_matching_sentence(gt),
+            head_ablation_sentence(gt),
+            previous_token_sentence(gt) + " " + single_head_sentence(gt),
+        ],
+        [Table(["head", "prefix-matching", "previous-token", "accuracy ablated alone", "named by patching"], rows)],
+        [("prefix_matching.png", "prefix-matching score per head (outlined: named by patching)"),
+         ("head_ablation.png", "induction accuracy with head sets zero-ablated (dashed: 50%)"),
+         ("single_head_ablation.png", "induction accuracy with each head ablated alone")],
+        anchor="ground-truth",
+    )  # fmt: skip
 
 
-def _slug(text: str) -> str:
-    return "".join(c.lower() if c.isalnum() else "-" for c in text).strip("-")
+def _attention_section(r: Results) -> Section:
+    fig = ("attention_patterns.png", "attention maps; rows: query positions, columns: key positions")
+    return Section("Attention patterns", [attention_sentence(r["attention"])], figures=[fig], anchor="attention")
 
 
-def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A fixed-width text table (for the terminal summary)."""
-    cells = [[str(h) for h in header]] + [[fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _context(c: Results) -> str:
+    return f"{c['previous']} [{c['token']}] → {c['next'] or '∅'}"
+
+
+def _sae_section(r: Results) -> Section:
+    title, anchor = "SAE features on the task", "sae-features"
+    sf = r["sae_features"]
+    if not sf["available"]:
+        return _skipped(title, anchor, sf["reason"])
+    k = sf["top_k_carriers"]
+    reg: list[list[Cell]] = [
+        [e["name"], e["site"] + (" → " + e["output_site"] if e.get("kind") == "transcoder" else ""), e["d_sae"],
+         e["l0"], e["fvu"], e["delta_lm_loss"]] for e in sf["bundled_saes"]
+    ]  # fmt: skip
+    rows: list[list[Cell]] = [[f["feature"], f"{f['top_carrier_count']} ({f['top_carrier_fraction']:.1%})",
+                               f["freq_repeated"], f["freq_first_half"], f["mean_logit_attribution"],
+                               f["max_activation"], "; ".join(_context(c) for c in f["top_contexts"][:4]),
+                               " ".join(f["promoted_tokens"])] for f in sf["features"]]  # fmt: skip
+    return Section(
+        title,
+        [
+            "Bundled JumpReLU SAEs and transcoders (Gemma Scope <code>params.npz</code> files loaded with "
+            "<code>saes.load</code>; numbers measured on held-out task prompts; Δ LM loss: increase of the "
+            "cross-entropy on the tasks' scored tokens when the site is replaced by the reconstruction).",
+            sae_site_sentence(sf) + " At every position of the repeated half, each feature's direct effect on the "
+            "correct next token's logit (direct logit attribution: <code>f_i · W_dec[i] · (1 + w) ⊙ (W_U[next] − "
+            f"mean W_U) / rms</code>, the final norm's gain folded in) ranks the features; the {k} largest are that "
+            f"position's <b>carriers</b>. {sf['n_carrier_features']} features are a carrier somewhere; the table "
+            f"lists the {len(sf['features'])} that are carriers most often, with their firing rates on the repeated "
+            "and first half, their top-activating contexts and the tokens they promote.",
+        ],
+        [Table(["SAE", "site", "d_sae", "L0", "FVU", "Δ LM loss"], reg, "Bundled SAEs"),
+         Table(["feature", "top carrier at", "fires on repeat", "fires on 1st half", "mean attribution (logits)",
+                "max act.", "top-activating contexts: previous [token] → next", "promoted tokens"], rows,
+               f"Task features of {sf['sae']}")],
+        anchor=anchor,
+    )  # fmt: skip
+
+
+def _feature_edit_section(r: Results) -> Section:
+    title, anchor = "Feature ablation and clamping", "feature-edits"
+    fe = r["feature_edits"]
+    if not fe["available"]:
+        return _skipped(title, anchor, fe["reason"])
+    ab = fe["ablation"]
+    rows: list[list[Cell]] = [["none", "", fe["clean"]["accuracy"], fe["clean"]["mean_logprob"]],
+                              ["SAE reconstruction only (no error term)", "", ab["reconstruction_only"]["accuracy"],
+                               ab["reconstruction_only"]["mean_logprob"]]]  # fmt: skip
+    for k in fe["ks"]:
+        rows.append([f"ablate the top {k} carrier(s) per position", k, ab[f"top{k}"]["accuracy"],
+                     ab[f"top{k}"]["mean_logprob"]])  # fmt: skip
+        rows.append([f"ablate {k} random active feature(s) per position", k, ab[f"random{k}"]["accuracy"],
+                     ab[f"random{k}"]["mean_logprob"]])  # fmt: skip
+    return Section(
+        title,
+        [
+            f"Edits go through <code>saes.Splice</code> at {html.escape(fe['site'])} with the error term kept, so only "
+            f"the edit changes the run. At each position of the repeated half of {fe['prompts']} fresh induction "
+            "prompts we ablate the features that carry the correct next token (largest direct logit attribution, see "
+            "above) versus as many random features active at the same position. "
+            + carrier_ablation_sentence(fe, max(fe["ks"])),
+            clamp_sentence(fe),
+        ],
+        [Table(["edit", "features per position", "induction accuracy", "mean log-prob"], rows)],
+        anchor=anchor,
+    )  # fmt: skip
+
+
+def _graph_section(r: Results, has_figure: bool) -> Section:
+    title, anchor = "Attribution graph", "attribution-graph"
+    ag = r["attribution_graph"]
+    if not ag["available"]:
+        return _skipped(title, anchor, ag["reason"])
+    figs = [("attribution_graph.png", "pruned attribution graph (red: positive, blue: negative edges)")]
+    return Section(title, [graph_sentence(ag)], figures=figs if has_figure else [], anchor=anchor)
+
+
+def build_sections(results: Results, *, graph_figure: bool = True) -> list[Section]:
+    """The report's sections, from the results alone (``graph_figure``: the graph's PNG is drawn)."""
+    return [_accuracy_section(results), _patching_section(results), _ground_truth_section(results),
+            _attention_section(results), _sae_section(results), _feature_edit_section(results),
+            _graph_section(results, graph_figure)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- output
+def write_figures(out_dir: Path, results: Results, graph: dict[str, Any] | None = None) -> list[str]:
+    """Draw the report's PNG figures into ``out_dir`` from the results (and the graph's JSON); returns their names."""
+    p, ih, gt, att = results["patching"], results["induction_heads"], results["ground_truth"], results["attention"]
+    n_layers, n_heads = results["model"]["n_layers"], results["model"]["n_heads"]
+    layers, head_cols = [f"layer {i}" for i in range(n_layers)], [f"H{h}" for h in range(n_heads)]
+    named = [(int(a), int(b)) for a, b in ih["heads"]]
+    heatmap_figure(torch.tensor(p["resid_pre"]["normalized"]), out_dir / "patching_resid_pre.png",
+                   title="Activation patching, resid_pre (fraction of clean log-prob recovered)", row_labels=layers,
+                   col_labels=p["resid_pre"]["pos_labels"], xlabel="position (s' = repeat)", ylabel="layer",
+                   colorbar_label="normalised recovery")  # fmt: skip
+    heatmap_figure(torch.tensor(p["attn_z"]["normalized"]), out_dir / "patching_attn_z.png",
+                   title="Activation patching, attn.z per head (all positions)", row_labels=layers,
+                   col_labels=head_cols, xlabel="head", ylabel="layer", annotate=True,
+                   colorbar_label="normalised recovery", highlight=named)  # fmt: skip
+    heatmap_figure(torch.tensor(gt["prefix_matching"]), out_dir / "prefix_matching.png",
+                   title="Prefix-matching score (ground truth)", row_labels=layers, col_labels=head_cols,
+                   xlabel="head", ylabel="layer", cmap="Greens", vrange=(0.0, 1.0), annotate=True, highlight=named,
+                   colorbar_label="attention to the token after the first occurrence")  # fmt: skip
+    base = gt["accuracy_clean"]
+    heatmap_figure(torch.tensor(gt["single_head_ablation"]), out_dir / "single_head_ablation.png",
+                   title="Induction accuracy with one head zero-ablated", row_labels=layers, col_labels=head_cols,
+                   xlabel="head", ylabel="layer", cmap="viridis", vrange=(0.0, 1.0), annotate=True, highlight=named,
+                   colorbar_label=f"accuracy (clean {base:.2f})")  # fmt: skip
+    k, sets = len(named), gt["other_sets"]
+    groups = ["none"] + (["named: " + "+".join(_label(h) for h in named)] if named else [])
+    groups += ["+".join(_label(h) for h in d) for d in sets]
+    vals = [base] + ([gt["accuracy_named_ablated"]] if named else []) + list(gt["accuracy_others_ablated"])
+    bar_figure(groups, {"induction accuracy": vals}, out_dir / "head_ablation.png",
+               title=(f"Zero-ablating the {k} named head(s) vs {len(sets)} sets of {k} other head(s)" if named else
+                      "No heads named: nothing ablated"), ylabel="accuracy", hline=0.5, ylim=(0, 1.05))  # fmt: skip
+    roles = att["roles"]
+    attention_figure([torch.tensor(x) for x in att["patterns"]],
+                     [f"{_label(h)} ({role})" for h, role in zip(att["heads"], roles, strict=True)],
+                     att["prompt_tokens"], out_dir / "attention_patterns.png",
+                     suptitle="Attention patterns on a clean induction prompt")  # fmt: skip
+    names = ["patching_resid_pre.png", "patching_attn_z.png", "prefix_matching.png", "single_head_ablation.png",
+             "head_ablation.png", "attention_patterns.png"]  # fmt: skip
+    ag = results["attribution_graph"]
+    if graph is not None and ag.get("available"):
+        from mishax_py.circuits import render_graph
+
+        render_graph(graph, out_dir / "attribution_graph.png",
+                     title=f"Attribution graph: {' '.join(ag['prompt'])} → {ag['answer']}")  # fmt: skip
+        names.append("attribution_graph.png")
+    return names
+
+
+def write_report(out_dir: str | os.PathLike[str], results: Results, *, graph: dict[str, Any] | None = None) -> Path:
+    """Write ``index.html`` and its figures into ``out_dir`` (created); returns the page's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(out, results, graph)
+    sections = build_sections(results, graph_figure="attribution_graph.png" in figures)
+    path = out / "index.html"
+    render_html(path, title="mishax-py demo report", subtitle=subtitle(results), sections=sections,
+                footer="Generated by <code>mishax-py demo</code> (mishax_py.zoo.demo).")  # fmt: skip
+    return path
+
+
+def _json_safe(x: object) -> object:
+    """``x`` with NaN/inf floats replaced by ``None`` and tuples by lists (strict JSON)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_results(out_dir: str | os.PathLike[str], results: Results) -> Path:
+    """Write ``results.json`` (strict JSON: NaN and inf as ``null``); returns its path."""
+    path = Path(out_dir) / "results.json"
+    path.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def summary(results: Results, out_dir: str | os.PathLike[str]) -> str:
+    """The terminal summary: a text table of the headline numbers and the report's path."""
+    acc, ih, gt = results["accuracy"], results["induction_heads"], results["ground_truth"]
+    rows: list[list[Cell]] = [["induction accuracy", acc["induction"]]]
+    if "recall" in acc:
+        rows.append(["recall accuracy", acc["recall"]])
+    rows.append(["induction heads (patching)", _labels(ih["heads"]) or f"none (threshold {ih['threshold']:g})"])
+    if ih["heads"]:
+        rows.append(["prefix-matching of those heads", ", ".join(f"{x:.2f}" for x in gt["prefix_matching_named"])])
+        rows.append(["max prefix-matching, other heads", gt["prefix_matching_others_max"]])
+        rows.append(["accuracy, named heads ablated", gt["accuracy_named_ablated"]])
+        rows.append(["accuracy, other heads ablated (mean)", gt["accuracy_others_mean"]])
+    fe = results.get("feature_edits", {})
+    if fe.get("available"):
+        k = max(fe["ks"])
+        rows.append([f"accuracy, top-{k} SAE carriers ablated", fe["ablation"][f"top{k}"]["accuracy"]])
+        rows.append([f"accuracy, {k} random SAE features ablated", fe["ablation"][f"random{k}"]["accuracy"]])
+        c = fe["clamp"]
+        rows.append([f"clamp feature {c['feature']} → {c['promoted_token']}",
+                     f"{c['rate_before']:.0%} → {c['rate_after']:.0%}"])  # fmt: skip
+    ag = results.get("attribution_graph", {})
+    rows.append(["attribution graph", f"{ag['n_features']} features" if ag.get("available") else "not available"])
+    if "timing" in results:
+        rows.append(["wall time (s)", results["timing"]["total_seconds"]])
+    return text_table(["result", "value"], rows) + f"\nreport: {(Path(out_dir) / 'index.html').resolve()}"

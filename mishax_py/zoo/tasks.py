@@ -43,6 +43,13 @@ row never changes the logits of the row's real tokens. ``TaskBatch.labels`` foll
 the Hugging Face convention (aligned with ``input_ids``, ``-100`` where unscored), so
 ``model(input_ids, attention_mask=..., labels=batch.labels).loss`` trains on exactly
 the scored targets.
+
+``random_induction_batch`` / ``random_induction_clean_corrupt`` build the same induction
+prompts over any vocabulary (for checkpoints not trained on these tasks; ``mishax-py demo
+--model DIR``).
+
+Why over 500 lines: every task generator, its clean/corrupt pairing and the accuracy helpers
+share ``TaskBatch`` and the vocabulary layout above; half the file is their documentation.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ __all__ = [
     "recall_batch",
     "induction_clean_corrupt",
     "recall_clean_corrupt",
+    "random_induction_batch",
+    "random_induction_clean_corrupt",
     "predict_logits",
     "correct_mask",
     "batch_accuracy",
@@ -370,6 +379,76 @@ def recall_clean_corrupt(
     corrupt = TaskBatch(
         corrupt_ids, clean.attention_mask.clone(), corrupt_labels, clean.lengths.clone(), info
     )
+    return clean, corrupt
+
+
+def _random_repeats(
+    n: int, half: int, content_ids: torch.Tensor, bos_id: int | None, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean ``[bos] A A`` and corrupt ``[bos] B A`` rows ``[n, offset + 2*half]`` (A, B disjoint draws)."""
+    pool = torch.as_tensor(content_ids, dtype=torch.long).flatten()
+    if half < 2 or 2 * half > pool.numel():
+        raise ValueError(f"half must satisfy 2 <= half <= {pool.numel() // 2} (content pool of {pool.numel()})")
+    perm = torch.rand(n, pool.numel(), generator=g).argsort(1)
+    a, b = pool[perm[:, :half]], pool[perm[:, half : 2 * half]]
+    head = [] if bos_id is None else [torch.full((n, 1), bos_id, dtype=torch.long)]
+    return torch.cat([*head, a, a], 1), torch.cat([*head, b, a], 1)
+
+
+def _repeat_batch(ids: torch.Tensor, half: int, offset: int) -> TaskBatch:
+    """A ``TaskBatch`` of unpadded ``[bos] s s`` rows scored on the repeat's 2nd..last tokens."""
+    n, t = ids.shape
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    scored = torch.arange(offset + half + 1, offset + 2 * half)
+    labels[:, scored] = ids[:, scored]
+    att = torch.ones_like(ids)
+    lengths = torch.full((n,), t, dtype=torch.long)
+    return TaskBatch(ids, att, labels, lengths, {"half_len": torch.full((n,), half, dtype=torch.long)})
+
+
+def random_induction_batch(
+    n: int,
+    *,
+    half: int,
+    content_ids: torch.Tensor,
+    bos_id: int | None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> TaskBatch:
+    """Induction prompts ``[bos] s1..sL s1..sL`` over any vocabulary (for models not trained on these tasks).
+
+    Like :func:`induction_batch` but the ``L = half`` distinct tokens are drawn from ``content_ids``
+    (e.g. a checkpoint's ordinary tokens) and the BOS token is optional (``bos_id=None``: rows start
+    with ``s1``). Scored targets: ``s2..sL`` of the repeat.
+
+    Returns:
+        ``TaskBatch`` with ``input_ids [n, offset + 2*half]`` (``offset`` 1 with BOS, else 0), no
+        padding, and ``info["half_len"] [n]``.
+    """
+    g = _generator(generator, seed)
+    clean, _ = _random_repeats(n, half, content_ids, bos_id, g)
+    return _repeat_batch(clean, half, 0 if bos_id is None else 1)
+
+
+def random_induction_clean_corrupt(
+    n: int,
+    *,
+    half: int,
+    content_ids: torch.Tensor,
+    bos_id: int | None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> tuple[TaskBatch, TaskBatch]:
+    """Aligned clean ``[bos] A A`` / corrupt ``[bos] B A`` prompts over any vocabulary.
+
+    Like :func:`induction_clean_corrupt`: ``A`` and ``B`` are disjoint sets of ``half`` distinct
+    tokens from ``content_ids``; both batches carry the clean batch's labels.
+    """
+    g = _generator(generator, seed)
+    clean_ids, corrupt_ids = _random_repeats(n, half, content_ids, bos_id, g)
+    clean = _repeat_batch(clean_ids, half, 0 if bos_id is None else 1)
+    corrupt = TaskBatch(corrupt_ids, clean.attention_mask.clone(), clean.labels.clone(), clean.lengths.clone(),
+                        dict(clean.info))  # fmt: skip
     return clean, corrupt
 
 

@@ -10,7 +10,7 @@ of a few exact patches instead of the whole grid:
   effects real? -- and
 * ``n_random`` elements drawn uniformly from the rest -- is anything large being missed?
 
-Each sampled element is patched exactly with :func:`mishax_py.studies.patching.activation_patching`
+Each sampled element is patched exactly with :func:`mishax_py.studies.activation_patching.activation_patching`
 (same site, granularity, direction and positions as the estimate, under the estimate's
 ``interventions`` if it had any), one batched call per layer, and :class:`AttributionCheck`
 reports estimate against exact per element, with the Pearson correlation and the largest error.
@@ -18,7 +18,7 @@ reports estimate against exact per element, with the Pearson correlation and the
 Example::
 
     est = attribution_patching(im, clean, corrupt, metric, site="resid_pre")
-    check = check_attribution(im, est, clean, corrupt, metric, k=8, n_random=8)
+    check = check_attribution(im, clean, corrupt, metric, result=est, k=8, n_random=8)
     print(check)            # a table: element, sample, estimate, exact
     check.pearson, check.max_abs_error
 """
@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.studies.attribution.atp import AttributionResult
-from mishax_py.studies.patching import activation_patching
+from mishax_py.inputs import Metric
+from mishax_py.studies.activation_patching import activation_patching
+from mishax_py.studies.attribution.result import AttributionResult
 
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
@@ -100,11 +100,11 @@ class AttributionCheck:
 
 def check_attribution(
     im: InstrumentedModel,
-    result: AttributionResult,
     clean_ids: Any,
     corrupt_ids: Any,
-    metric: Callable[[torch.Tensor], torch.Tensor],
+    metric: Metric,
     *,
+    result: AttributionResult,
     k: int = 8,
     n_random: int = 8,
     seed: int = 0,
@@ -114,9 +114,9 @@ def check_attribution(
 
     Args:
         im: the instrumented model the estimate was computed on.
-        result: an :class:`~mishax_py.studies.attribution.atp.AttributionResult` from
-            :func:`~mishax_py.studies.attribution.atp.attribution_patching`.
         clean_ids, corrupt_ids, metric: the same inputs and metric as for ``result``.
+        result: an :class:`~mishax_py.studies.attribution.result.AttributionResult` from
+            :func:`~mishax_py.studies.attribution.attribution_patching`.
         k: how many of the elements with the largest ``result.score`` to check.
         n_random: how many further elements to draw uniformly (without replacement) from the rest.
         seed: seed of that draw.
@@ -162,10 +162,11 @@ def check_attribution(
         else:
             needed = sorted({elements[j][pos_axis] for j in members})
             positions = [result.positions[p] for p in needed]
-        under = im.intervene(result.interventions) if result.under_interventions else contextlib.nullcontext()
+        under = (im.intervene(result.interventions) if result.under_interventions and result.interventions is not None
+                 else contextlib.nullcontext())
         with torch.no_grad(), under:  # the estimate's own interventions hold in the exact runs too
             patched = activation_patching(
-                im, clean_ids, corrupt_ids, metric, result.site, result.by, direction=result.direction,
+                im, clean_ids, corrupt_ids, metric, site=result.site, by=result.by, direction=result.direction,
                 layers=[result.layers[li]], positions=positions, progress=False, **hf_kwargs,
             )
         for j in members:

@@ -3,8 +3,8 @@
 Plain AtP linearises through the attention softmax, which misses large effects when the
 pattern is saturated. For a node that acts on the scores -- a query row, a key column, or the
 scores themselves -- the fix recomputes the new scores of the patched run exactly (``ScoreFn``:
-the model's scale and soft-cap applied to the cached rotated queries and keys), takes the
-softmax exactly, and linearises only *after* the pattern: the estimate is
+the layer's scale and soft-cap, from ``im.family.attention(layer)``, applied to the cached
+rotated queries and keys), takes the softmax exactly, and linearises only *after* the pattern: the estimate is
 ``sum G * (softmax(S + delta) - softmax(S))`` with ``G = d metric / d pattern`` on the target run.
 ``qk_fix_layer`` does this for one layer, in head chunks whose float64 temporaries stay below
 ``MAX_CHUNK_ELEMENTS``; :mod:`mishax_py.studies.attribution.atp` calls it for ``method="atp*"``.
@@ -19,25 +19,24 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from mishax_py.instrumented import InstrumentedModel
+    from mishax_py.family import AttentionSpec
 
-__all__ = ["MAX_CHUNK_ELEMENTS", "ScoreFn", "check_scores", "qk_fix_layer"]
+__all__ = ["MAX_CHUNK_ELEMENTS", "ScoreFn", "check_scores", "key_effect", "qk_fix_layer"]
 
 # elements of one chunk of the QK-fix temporaries (float64) -- 2**25 * 8 B = 256 MiB each
 MAX_CHUNK_ELEMENTS = 2**25
 
 
 class ScoreFn:
-    """``scores = softcap * tanh(scale * q.k / softcap)`` (or ``scale * q.k``), read from the HF config."""
+    """``scores = softcap * tanh(scale * q.k / softcap)`` (or ``scale * q.k``) of one layer's attention.
 
-    def __init__(self, im: InstrumentedModel) -> None:
-        cfg = im.model.config
-        cfg = getattr(cfg, "text_config", None) or cfg
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        scalar = getattr(cfg, "query_pre_attn_scalar", None)
-        self.scale = float(scalar) ** -0.5 if scalar else float(head_dim) ** -0.5
-        cap = getattr(cfg, "attn_logit_softcapping", None)
-        self.softcap = float(cap) if cap else None
+    Built from the layer's :class:`~mishax_py.family.AttentionSpec` (``im.family.attention(layer)``),
+    so each layer's QK fix uses that layer's scale and soft-cap.
+    """
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        self.scale = float(spec.scale)
+        self.softcap = float(spec.softcap) if spec.softcap else None
 
     def __call__(self, dots: torch.Tensor) -> torch.Tensor:
         s = dots * self.scale
@@ -58,6 +57,8 @@ def _masked(scores: torch.Tensor) -> torch.Tensor:
 
 def check_scores(score_fn: ScoreFn, site: str, q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor,
                  n_rep: int) -> None:
+    """Raise a ``ValueError`` unless ``score_fn`` reproduces the cached ``scores`` ``[b, h, q, k]`` of ``site``
+    from its rotated queries ``q [b, q, h, d]`` and keys ``k [b, k, h_kv, d]`` (masked entries ignored)."""
     rec = score_fn(_dots(q, k, n_rep))
     keep = ~_masked(scores)
     err = (rec - scores.double()).abs()[keep]
@@ -85,7 +86,7 @@ def _row_replace_effect(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -
     return (G.double() * (A2 - A)).sum(-1)
 
 
-def _key_effect(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+def key_effect(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Per key ``t``, the exact pattern change from moving column ``t`` of each row by ``delta[..., t]``.
 
     Returns ``E [b, h, q, k]`` with ``E[.., s, t] = sum_j G[s, j] (A'_j - A_j)`` where ``A'`` is
@@ -119,7 +120,7 @@ def _key_effect(S: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> torch.
 def qk_fix_layer(
     kind: str,
     by: str,
-    score_fn: ScoreFn,
+    score_fn: ScoreFn | None,
     n_rep: int,
     tgt: Mapping[str, torch.Tensor],
     src: Mapping[str, torch.Tensor],
@@ -130,8 +131,13 @@ def qk_fix_layer(
 
     ``tgt``/``src`` hold ``rot_q``, ``rot_k``, ``scores`` of the target/source run; ``G`` is
     d metric / d pattern on the target run ``[b, h, q, k]``; only the queries (score rows)
-    or keys (columns) at ``pos_mask`` are patched.
+    or keys (columns) at ``pos_mask`` are patched. ``score_fn`` (the layer's) is needed for
+    ``"q"``/``"k"``; ``n_rep`` query heads share one key/value head.
+
+    Returns ``[]`` (``by="layer"``), ``[heads]``, ``[heads, pos]`` or ``[pos]``.
     """
+    if kind != "scores" and score_fn is None:
+        raise ValueError(f"the QK fix of {kind!r} nodes needs the layer's ScoreFn")
     rows = pos_mask.double().view(-1, 1)
     cols = pos_mask.double().view(1, -1)
     S = tgt["scores"]
@@ -154,6 +160,7 @@ def qk_fix_layer(
         q_t = tgt["rot_q"][:, :, hs]
         kv = slice(h0 // n_rep, (hs.stop + n_rep - 1) // n_rep)
         k_t = tgt["rot_k"][:, :, kv]
+        assert score_fn is not None  # checked above
         old = score_fn(_dots(q_t, k_t, n_rep))
         if kind == "q":
             new = score_fn(_dots(src["rot_q"][:, :, hs], k_t, n_rep))
@@ -163,7 +170,7 @@ def qk_fix_layer(
             if by in ("head", "layer"):
                 parts.append(_row_replace_effect(S_c, (new - old) * cols, G_c))  # keys together: [b, h, q]
             else:
-                parts.append(_key_effect(S_c, new - old, G_c).sum(2))  # per key t: [b, h, k]
+                parts.append(key_effect(S_c, new - old, G_c).sum(2))  # per key t: [b, h, k]
     E = torch.cat(parts, 1)  # [b, h, pos]
     if by == "layer":
         return E.sum()
