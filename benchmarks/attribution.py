@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook
@@ -197,7 +197,10 @@ def more_seeds(model, n: int) -> None:
 
 def trained_tasks(induction_seed: int = 11, recall_seed: int = 12
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
-    """Prompt pairs and metrics on the zoo tasks (the default seeds are tests/test_attribution_trained.py's)."""
+    """Prompt pairs and metrics on the zoo tasks.
+
+    The default seeds are those of ``tests/mishax_py/studies/attribution/test_trained.py``.
+    """
     from mishax_py.zoo import tasks
 
     out = {}

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import build  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from common import build  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 

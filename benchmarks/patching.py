@@ -31,7 +31,7 @@ import os
 import time
 
 import torch
-from _common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from common import build, describe, machine, prompt_pairs  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Hook

@@ -43,7 +43,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM  # noqa: E402
 
 import instrumentation.gemma2 as g2  # noqa: E402
 import saes  # noqa: E402
-from benchmarks._common import machine  # noqa: E402 - the repo root is on sys.path (above)
+from benchmarks.common import machine  # noqa: E402 - the repo root is on sys.path (above)
 from saes import kernels  # noqa: E402
 from saes.base import init_tied  # noqa: E402
 
@@ -176,7 +176,7 @@ def section_sweep(quick: bool) -> None:
     variants = [{site: saes.Splice(sae, edit=saes.FeatureAblate([i]))} for i in range(n_feat)]
 
     def swept() -> torch.Tensor:
-        return torch.cat(im.sweep(prompt, variants, batch_size=n_feat, progress=False))
+        return im.sweep(prompt, variants, batch_size=n_feat, progress=False).flatten(0, 1)
 
     with torch.no_grad():
         ref = loop()

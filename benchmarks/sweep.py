@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from common import build, machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 import instrumentation.gemma2 as g2
 from mishax_py.interventions import Ablate, Patch

@@ -23,7 +23,7 @@ from torch import nn
 from mishax_py import memory
 from mishax_py.cache import ActivationCache
 from mishax_py.family import ModelFamily
-from mishax_py.inputs import as_ids
+from mishax_py.inputs import Ids, as_ids
 from mishax_py.interventions.base import Intervention, Interventions, as_intervention_list
 from mishax_py.naming import layer_site
 from mishax_py.runtime import Handler, RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
@@ -138,7 +138,7 @@ class InstrumentedModel:
         hf_kwargs.setdefault("use_cache", False)
         return self.model(input_ids=ids, **hf_kwargs).logits
 
-    def run(self, ids: Any, interventions: Interventions | None = None, **hf_kwargs: Any) -> torch.Tensor:
+    def run(self, ids: Ids, interventions: Interventions | None = None, **hf_kwargs: Any) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]`` of a forward pass with ``interventions`` applied.
 
         ``ids``: token ids ``[batch, pos]`` (or ``[pos]``, or a list). HF keyword arguments
@@ -151,7 +151,7 @@ class InstrumentedModel:
 
     def run_with_cache(
         self,
-        ids: Any,
+        ids: Ids,
         sites: str | Iterable[str] | None = None,
         *,
         grad: bool = False,
@@ -211,7 +211,7 @@ class InstrumentedModel:
 
     def sweep(
         self,
-        ids: Any,
+        ids: Ids,
         variants: Sequence[Interventions],
         metric: Callable[[torch.Tensor], Any] | None = None,
         *,
@@ -235,7 +235,7 @@ class InstrumentedModel:
         return stacked_sweep(self, ids, variants, metric, batch_size=batch_size, progress=progress, grad=grad,
                              **kwargs)
 
-    def walk(self, ids: Any, **hf_kwargs: Any) -> Walker:
+    def walk(self, ids: Ids, **hf_kwargs: Any) -> Walker:
         """A Mishax-style loop over ``(site, value)`` in forward order; see :mod:`mishax_py.execution.walk`."""
         from mishax_py.execution.walk import Walker
 

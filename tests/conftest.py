@@ -1,17 +1,24 @@
-"""Shared fixtures: small random Gemma 2 models (real Gemma2ForCausalLM, random weights)."""
+"""The fixtures every test folder may use (fixtures only: helpers are in :mod:`tests.helpers`).
+
+One fixture per purpose; a fixture that only one folder uses lives in that folder's ``conftest.py``
+(``tests/mishax_py/studies/conftest.py``), one that only one module uses in that module.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2ForCausalLM
 
 import instrumentation.gemma2 as g2
 from mishax_py import InstrumentedModel
+from tests.helpers import BUNDLED, make_model
 
 
 @pytest.fixture(scope="module")
-def one_thread():
+def one_thread() -> Iterator[None]:
     """Run a module on one intra-op thread (restored afterwards).
 
     Modules of tiny tensors use it (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
@@ -23,40 +30,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_config(**overrides: object) -> Gemma2Config:
-    """A 2-layer Gemma 2 with every Gemma 2 feature on: GQA, soft-caps, sliding window < context."""
-    kwargs: dict[str, object] = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=4,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-    )
-    kwargs.update(overrides)
-    return Gemma2Config(**kwargs)
-
-
-def make_model(seed: int = 0, **overrides: object) -> Gemma2ForCausalLM:
-    """A random-weight Gemma 2; norm gains are randomised too so `(1 + w)` is exercised."""
-    torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.2)
-    return model
-
-
 @pytest.fixture
 def tiny_model() -> Gemma2ForCausalLM:
+    """A fresh random 2-layer Gemma 2 (:func:`tests.helpers.make_model`)."""
     return make_model()
 
 
@@ -67,5 +43,16 @@ def tiny_im(tiny_model: Gemma2ForCausalLM) -> InstrumentedModel:
 
 @pytest.fixture
 def ids() -> torch.Tensor:
+    """Two rows of 10 token ids in 4..63."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(4, 64, (2, 10), generator=g)
+
+
+@pytest.fixture(scope="module")
+def zoo_im() -> InstrumentedModel:
+    """The bundled trained ``gemma2-tiny``, instrumented (the test is skipped where its weights are missing)."""
+    if not BUNDLED:
+        pytest.skip("bundled gemma2-tiny weights are not in this build")
+    from mishax_py.zoo import load
+
+    return g2.instrument(load("gemma2-tiny")[0])

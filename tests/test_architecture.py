@@ -4,7 +4,8 @@ study convention.
 * No import cycle among the modules of ``mishax_py``, ``instrumentation`` and ``saes`` (imports under
   ``if TYPE_CHECKING:`` are for the type checker only and do not count; imports inside functions do).
 * No private name (``_x``) imported from another module, or read as an attribute of an imported
-  module, anywhere in the packages, tests, benchmarks or scripts.
+  module, anywhere in the packages, tests, benchmarks or scripts (the tests' own modules included).
+* No test imports a test module or a ``conftest``: shared helpers are in ``tests.helpers``.
 * No core module names Gemma outside docstrings (the core is ``mishax_py`` minus the application
   layer: ``zoo/`` and ``cli.py``).
 * Every study has the signature ``(im, clean_ids, corrupt_ids, metric, *, ...)`` with the common
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as ROOT
+
 PACKAGES = ("mishax_py", "instrumentation", "saes")
 
 
@@ -33,6 +35,11 @@ def module_name(path: Path) -> str:
 
 def project_modules() -> dict[str, Path]:
     return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def suite_modules() -> dict[str, Path]:
+    """The test suite's own modules (``tests`` is a package): helpers, conftests, test modules."""
+    return {module_name(p): p for p in sorted((ROOT / "tests").rglob("*.py"))}
 
 
 def resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:
@@ -123,21 +130,21 @@ def private_imports(path: Path, modules: dict[str, Path]) -> list[str]:
             base = target if target in modules and not any(target.endswith("." + a.name) for a in node.names) else (
                 target.rsplit(".", 1)[0])
             for alias in node.names:
-                if is_private(alias.name) and base.split(".")[0] in PACKAGES:
+                if is_private(alias.name) and base.split(".")[0] in (*PACKAGES, "tests"):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {base}")
                 if f"{base}.{alias.name}" in modules:
                     imported_modules.add(alias.asname or alias.name)
         else:
             for alias in node.names:
-                if alias.name.split(".")[0] in PACKAGES:
+                if alias.name.split(".")[0] in (*PACKAGES, "tests"):
                     imported_modules.add(alias.asname or alias.name.split(".")[0])
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Attribute) and is_private(node.attr):
-            root = node.value
+    for attr in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(attr, ast.Attribute) and is_private(attr.attr):
+            root = attr.value
             while isinstance(root, ast.Attribute):
                 root = root.value
             if isinstance(root, ast.Name) and root.id in imported_modules:
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno} reads {ast.unparse(node)}")
+                found.append(f"{path.relative_to(ROOT)}:{attr.lineno} reads {ast.unparse(attr)}")
     return found
 
 
@@ -149,19 +156,45 @@ def checked_files() -> list[Path]:
 
 
 def test_no_private_name_is_imported_across_modules() -> None:
-    modules = project_modules()
+    modules = project_modules() | suite_modules()
     found = [line for path in checked_files() for line in private_imports(path, modules)]
     assert not found, "private names used across modules:\n" + "\n".join(found)
 
 
 def test_the_private_name_check_catches_a_planted_import(tmp_path: Path) -> None:
     planted = ROOT / "tests" / "_planted_private_import_check.py"
-    planted.write_text("from mishax_py.naming import _LAYER_RE\nimport mishax_py.memory as memory\nmemory._libc\n")
+    planted.write_text("from mishax_py.naming import _LAYER_RE\nimport mishax_py.memory as memory\nmemory._libc\n"
+                       "from tests.helpers import _copy\n")
     try:
-        found = private_imports(planted, project_modules())
+        found = private_imports(planted, project_modules() | suite_modules())
     finally:
         planted.unlink()
-    assert len(found) == 2, found
+    assert len(found) == 3, found
+
+
+# -- the test suite's own imports ------------------------------------------------------------------
+def imported_test_modules(path: Path, modules: dict[str, Path]) -> list[str]:
+    """Imports of a ``test_*`` module or of a ``conftest`` (a fixture module pytest loads itself)."""
+    return [f"{path.relative_to(ROOT)}:{node.lineno} imports {target}" for target, node, _ in imports(path, modules)
+            if any(part == "conftest" or part.startswith("test_") for part in target.split("."))]
+
+
+def test_no_test_imports_a_test_module_or_a_conftest() -> None:
+    modules = project_modules() | suite_modules()
+    found = [line for path in suite_modules().values() for line in imported_test_modules(path, modules)]
+    assert not found, "test modules or conftests imported (shared helpers belong in tests.helpers):\n" + "\n".join(
+        found)
+
+
+def test_the_test_import_check_catches_planted_imports() -> None:
+    planted = ROOT / "tests" / "_planted_test_import_check.py"
+    planted.write_text("from conftest import make_model\nfrom tests.mishax_py.zoo.test_demo import prefix_matching\n"
+                       "from tests.mishax_py import test_family\nfrom tests.helpers import make_model\n")
+    try:
+        found = imported_test_modules(planted, project_modules() | suite_modules())
+    finally:
+        planted.unlink()
+    assert len(found) == 3, found
 
 
 def code_tokens_outside_docstrings(path: Path) -> Iterator[tokenize.TokenInfo]:

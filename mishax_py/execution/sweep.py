@@ -53,7 +53,7 @@ import torch
 
 from mishax_py.execution.forward import repeat_rows
 from mishax_py.hf_compat import CACHE_KWARG, output_cache
-from mishax_py.inputs import as_ids
+from mishax_py.inputs import Ids, as_ids
 from mishax_py.interventions.base import Intervention, Interventions
 from mishax_py.memory import available_ram
 from mishax_py.naming import layer_site
@@ -85,7 +85,7 @@ class _Chunk:
 
 def sweep(
     im: InstrumentedModel,
-    ids: Any,
+    ids: Ids,
     variants: Sequence[Interventions],
     metric: Callable[[torch.Tensor], Any] | None = None,
     batch_size: int | None = None,
@@ -199,7 +199,7 @@ def sweep(
 
 def stacked_sweep(
     im: InstrumentedModel,
-    ids: Any,
+    ids: Ids,
     variants: Sequence[Interventions],
     metric: Callable[[torch.Tensor], Any] | None = None,
     *,

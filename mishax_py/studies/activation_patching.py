@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mishax_py.execution.sweep import sweep
-from mishax_py.inputs import Metric, metric_float, prompt_pair
+from mishax_py.inputs import Ids, Metric, metric_float, prompt_pair
 from mishax_py.interventions import Patch
 from mishax_py.naming import site_kind
 from mishax_py.runtime import active_context
@@ -77,8 +77,8 @@ _BY_HEAD = ("head", "head_pos")
 
 def activation_patching(
     im: InstrumentedModel,
-    clean_ids: Any,
-    corrupt_ids: Any,
+    clean_ids: Ids,
+    corrupt_ids: Ids,
     metric: Metric,
     *,
     site: str = "resid_pre",

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mishax_py.execution.sweep import sweep
-from mishax_py.inputs import Metric, metric_float, prompt_pair
+from mishax_py.inputs import Ids, Metric, metric_float, prompt_pair
 from mishax_py.interventions import Hook, Intervention, Patch, PositionsLike
 from mishax_py.studies.conventions import check_direction, check_layers, with_interventions
 from mishax_py.studies.result import PatchingResult
@@ -49,8 +49,8 @@ Receiver = tuple[int, int, str] | str
 
 def path_patching(
     im: InstrumentedModel,
-    clean_ids: Any,
-    corrupt_ids: Any,
+    clean_ids: Ids,
+    corrupt_ids: Ids,
     metric: Metric,
     *,
     senders: Sequence[Sender],
@@ -126,8 +126,8 @@ def path_patching(
 
 def path_patching_by_head(
     im: InstrumentedModel,
-    clean_ids: Any,
-    corrupt_ids: Any,
+    clean_ids: Ids,
+    corrupt_ids: Ids,
     metric: Metric,
     *,
     receivers: Sequence[Receiver],

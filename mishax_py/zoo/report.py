@@ -3,7 +3,7 @@
 Everything here reads the results dict of :func:`mishax_py.zoo.demo.compute_results` and
 nothing else: no model is run. Every sentence that makes a claim is chosen by comparing
 measured numbers (the ``*_sentence`` functions, each a pure function of the results, tested
-in ``tests/zoo/test_report.py``): an ablation is said to hurt only when it lowers accuracy by
+in ``tests/mishax_py/zoo/test_report.py``): an ablation is said to hurt only when it lowers accuracy by
 more than ``MARGIN``, a head set is called specific only when it beats its control by more
 than ``MARGIN``, and when no induction head was found the report says so and why. Figures
 come from :mod:`mishax_py.zoo.figures`, the page from :mod:`mishax_py.zoo.page`.

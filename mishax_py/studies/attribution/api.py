@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.inputs import Metric, prompt_pair
+from mishax_py.inputs import Ids, Metric, prompt_pair
 from mishax_py.studies.attribution.atp import atp_estimate
 from mishax_py.studies.attribution.gradients import IG_STEPS, check_steps, plain_run, site_gradients
 from mishax_py.studies.attribution.ig import ig_estimate, ig_input_estimate
@@ -118,8 +118,8 @@ def _check_metric(metric: object) -> None:
 
 def attribution_patching(
     im: InstrumentedModel,
-    clean_ids: Any,
-    corrupt_ids: Any,
+    clean_ids: Ids,
+    corrupt_ids: Ids,
     metric: Metric,
     *,
     site: str = "resid_pre",
@@ -240,8 +240,8 @@ def attribution_patching(
 
 def attribution_patching_sites(
     im: InstrumentedModel,
-    clean_ids: Any,
-    corrupt_ids: Any,
+    clean_ids: Ids,
+    corrupt_ids: Ids,
     metric: Metric,
     *,
     sites: Mapping[str, Any] | Sequence[str],

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.inputs import Metric
+from mishax_py.inputs import Ids, Metric
 from mishax_py.studies.activation_patching import activation_patching
 from mishax_py.studies.attribution.result import AttributionResult
 
@@ -100,8 +100,8 @@ class AttributionCheck:
 
 def check_attribution(
     im: InstrumentedModel,
-    clean_ids: Any,
-    corrupt_ids: Any,
+    clean_ids: Ids,
+    corrupt_ids: Ids,
     metric: Metric,
     *,
     result: AttributionResult,

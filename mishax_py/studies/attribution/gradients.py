@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from mishax_py.execution.forward import forward_with, repeat_rows
-from mishax_py.inputs import Metric, as_ids, metric_value
+from mishax_py.inputs import Ids, Metric, as_ids, metric_value
 from mishax_py.progress import progress_bar
 from mishax_py.runtime import Handler, SiteEvent
 
@@ -180,7 +180,7 @@ def check_steps(steps: object) -> int:
 
 def site_gradients(
     im: InstrumentedModel,
-    ids: Any,
+    ids: Ids,
     metric: Metric,
     sites: Sequence[str],
     *,

@@ -1,0 +1,216 @@
+"""The helpers the tests share (not fixtures: those are in the ``conftest.py`` files; not tests).
+
+Test modules import these (``from tests.helpers import make_model``) instead of importing each
+other or a ``conftest``. Sections:
+
+* models: :func:`tiny_config` / :func:`make_model` (a random 2-layer Gemma 2 with every Gemma 2
+  feature on), :data:`BUNDLED` / :data:`needs_model` (the bundled trained ``gemma2-tiny``),
+  :func:`linearise_norm`, :func:`train_transcoder`;
+* activation and path patching references: :func:`two_position_metric`, :func:`loop_reference`,
+  :func:`with_edit`;
+* attribution references: :func:`element_slices`, :func:`exact_patching`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+import saes
+from mishax_py import InstrumentedModel
+from mishax_py.interventions import Hook
+from mishax_py.naming import site_kind
+from mishax_py.studies.attribution.plan import site_layout
+from mishax_py.zoo.models import model_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- models ----------------------------------------------------------------------------------------
+def tiny_config(**overrides: object) -> Gemma2Config:
+    """A 2-layer Gemma 2 with every Gemma 2 feature on: GQA, soft-caps, sliding window < context."""
+    kwargs: dict[str, Any] = dict(  # Gemma2Config's keywords have many types
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    kwargs.update(overrides)
+    return Gemma2Config(**kwargs)
+
+
+def make_model(seed: int = 0, **overrides: object) -> Gemma2ForCausalLM:
+    """A random-weight Gemma 2; norm gains are randomised too so `(1 + w)` is exercised."""
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+BUNDLED = (model_path("gemma2-tiny") / "model.safetensors").is_file()
+needs_model = pytest.mark.skipif(not BUNDLED, reason="bundled gemma2-tiny weights are not in this build")
+
+
+def linearise_norm(norm: Gemma2RMSNorm, gain: float = 1e15) -> None:
+    """Make a Gemma 2 RMSNorm exactly linear: with eps = 1e30, mean(x^2) + eps == eps in float32 (for
+    mean(x^2) < ~6e22), so rsqrt(.) is the constant 1e-15; the gain (1 + w) = 1e15 restores the scale."""
+    norm.eps = 1e30
+    with torch.no_grad():
+        norm.weight.fill_(gain - 1)
+
+
+def train_transcoder(im: InstrumentedModel, layer: int, d_sae: int = 64, steps: int = 400, skip: bool = False,
+                     seed: int = 0, in_kind: str = "ln2_normalized", out_kind: str = "mlp_out") -> saes.Transcoder:
+    """A ReLU transcoder ``blocks.L.{in_kind} -> blocks.L.{out_kind}`` trained for a few hundred Adam steps on
+    random prompts (token ids 4..63, so any model with a vocabulary of 64 or more)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = im.family.dims.vocab
+    ids = torch.randint(min(4, vocab - 1), min(64, vocab), (48, 12), generator=g)
+    x_site, y_site = im.layer_site(layer, in_kind), im.layer_site(layer, out_kind)
+    with torch.no_grad():
+        _, cache = im.run_with_cache(ids, sites=[x_site, y_site])
+    d_model = im.family.dims.d_model
+    x = cache[x_site].reshape(-1, d_model)
+    y = cache[y_site].reshape(-1, d_model)
+    tc = saes.Transcoder(d_model, d_sae, d_out=d_model, site=x_site, output_site=y_site, activation="relu", skip=skip)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        tc.W_enc.normal_(0, d_model ** -0.5)
+        tc.W_dec.normal_(0, 0.1 * d_sae ** -0.5)
+        tc.b_enc.fill_(-0.05)
+    opt = torch.optim.Adam(tc.parameters(), lr=1e-2)
+    for _ in range(steps):
+        f = tc.encode(x)
+        loss = ((tc(x) - y) ** 2).sum(-1).mean() + 3e-3 * f.abs().sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tc.requires_grad_(False)
+    return tc
+
+
+# -- activation and path patching references -------------------------------------------------------
+def two_position_metric(logits: torch.Tensor) -> torch.Tensor:
+    """The patching tests' metric. Reads two positions, so the base run's logits of unpatched positions
+    must be right too."""
+    return (logits[:, -1, 5] - logits[:, -1, 9]).mean() + 0.5 * logits[:, 3, 12].mean()
+
+
+def loop_reference(im, clean, corrupt, site, by, direction="denoise", **hf):
+    """Activation patching as a plain loop of single patched runs (one full forward each, as TransformerLens
+    does), read with :func:`two_position_metric`."""
+    kind = site_kind(site)
+    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    _, cache = im.run_with_cache(source, **hf)
+    n_layers, T = im.n_layers, clean.shape[1]
+    n_heads = cache[f"blocks.0.{kind}"].shape[1 if kind == "attn.pattern" else 2] if kind.startswith("attn.") else 0
+    grids = {"pos": [range(n_layers), range(T)], "layer": [range(n_layers)],
+             "head": [range(n_layers), range(n_heads)], "head_pos": [range(n_layers), range(n_heads), range(T)]}
+    grid = grids[by]
+    out = torch.zeros(*[len(g) for g in grid])
+    for idx in itertools.product(*grid):
+        name = f"blocks.{idx[0]}.{kind}"
+        out[idx] = float(two_position_metric(im.run(base, {name: Hook(_copy(cache[name], kind, by, idx))}, **hf)))
+    return out
+
+
+def _copy(src, kind, by, idx):
+    def hook(value):
+        value = value.clone()
+        if by == "pos":
+            value[:, idx[1]] = src[:, idx[1]]
+        elif by == "layer":
+            value[:] = src
+        elif kind == "attn.pattern":  # [batch, head, q_pos, k_pos]
+            sel = (slice(None), idx[1]) if by == "head" else (slice(None), idx[1], idx[2])
+            value[sel] = src[sel]
+        else:  # [batch, pos, head, d_head]
+            sel = (slice(None), slice(None), idx[1]) if by == "head" else (slice(None), idx[2], idx[1])
+            value[sel] = src[sel]
+        return value
+
+    return hook
+
+
+def with_edit(interventions, site, edit):
+    """``interventions`` plus ``edit`` at ``site`` (after theirs there), written out."""
+    out = {k: (list(v) if isinstance(v, list) else [v]) for k, v in interventions.items()}
+    out[site] = out.get(site, []) + [edit]
+    return out
+
+
+# -- attribution references ------------------------------------------------------------------------
+def element_slices(kind: str, by: str, shape) -> list[list[tuple]]:
+    """The elements of one layer's grid as index tuples into a site value of ``shape`` (batch first),
+    one row of the result per row of the ``by`` grid (``head_pos``: a row per head).
+
+    Spelled out independently of the library's own bookkeeping
+    (``mishax_py.studies.attribution.layer.element_masks``), so the references patch them one by one."""
+    A = slice(None)
+    if by == "layer":
+        return [[(A,)]]
+    if kind == "stream":
+        return [[(A, p)] for p in range(shape[1])]
+    grids: dict[str, list[list[tuple]]]
+    if kind == "head":
+        grids = {"head": [[(A, A, h)] for h in range(shape[2])],
+                 "pos": [[(A, p)] for p in range(shape[1])],
+                 "head_pos": [[(A, p, h) for p in range(shape[1])] for h in range(shape[2])]}
+    else:
+        grids = {"head": [[(A, h)] for h in range(shape[1])],
+                 "pos": [[(A, A, p)] for p in range(shape[2])],
+                 "head_pos": [[(A, h, p) for p in range(shape[2])] for h in range(shape[1])]}
+    return grids[by]
+
+
+def exact_patching(im, source, target, metric, site, by, layers=None):
+    """Reference: exact activation patching, effect = metric(patched) - metric(target) per element.
+
+    Every element is its own patched run; for speed the runs are stacked along the batch
+    (rows of one element never interact), which is exact, not an approximation.
+    """
+    layers = range(im.n_layers) if layers is None else layers
+    names = [f"blocks.{L}.{site}" for L in layers]
+    with torch.no_grad():
+        _, cache = im.run_with_cache(source, sites=names)
+        base = float(metric(im.run(target)))
+    kind = site_layout(im.site_info(names[0]).dims)
+    b = target.shape[0]
+    out = []
+    for n in names:
+        s = cache[n]
+        grid = element_slices(kind, by, s.shape)
+        flat = [ix for row in grid for ix in row]
+
+        def make_hook(s, flat):
+            def hook(v):
+                v = v.clone()
+                for i, ix in enumerate(flat):
+                    v[i * b:(i + 1) * b][ix] = s[ix]
+                return v
+
+            return hook
+
+        with torch.no_grad():
+            logits = im.run(target.repeat(len(flat), 1), interventions={n: make_hook(s, flat)})
+        vals = torch.tensor([float(metric(logits[i * b:(i + 1) * b])) - base for i in range(len(flat))])
+        out.append(vals.view(len(grid), -1) if by == "head_pos" else vals)
+    return torch.stack(out)
