@@ -32,13 +32,16 @@ __all__ = [
     "FeatureEdit",
     "FeatureSteer",
     "IdsLike",
-    "PositionsLike",
+    "EditPositions",
     "ValuesLike",
     "apply_edit",
 ]
 
+#: feature ids an edit touches: one id, a list, one list per row, or a LongTensor.
 IdsLike = int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
-PositionsLike = int | Sequence[int] | slice | torch.Tensor | None
+#: the positions a feature edit applies to (absolute, as in generation): the int / list / slice / LongTensor
+#: forms of the interventions' ``positions=`` (``mishax_py.interventions.PositionsLike``); ``None`` = all.
+EditPositions = int | Sequence[int] | slice | torch.Tensor | None
 #: values a clamp sets or a steer adds: a scalar, one per id ``[k]``, or per row ``[batch, k]``.
 ValuesLike = float | Sequence[float] | torch.Tensor
 
@@ -67,7 +70,7 @@ class FeatureEdit:
             count from the end of the sequence so far); ``None`` = all.
     """
 
-    def __init__(self, ids: IdsLike, *, positions: PositionsLike = None) -> None:
+    def __init__(self, ids: IdsLike, *, positions: EditPositions = None) -> None:
         self.ids = _norm_ids(ids)
         self.positions = positions
 
@@ -139,7 +142,7 @@ class FeatureAblate(FeatureEdit):
 class FeatureClamp(FeatureEdit):
     """Set features ``ids`` to ``value`` (a scalar, one value per id, or ``[batch, k]`` per row)."""
 
-    def __init__(self, ids: IdsLike, value: ValuesLike, *, positions: PositionsLike = None) -> None:
+    def __init__(self, ids: IdsLike, value: ValuesLike, *, positions: EditPositions = None) -> None:
         super().__init__(ids, positions=positions)
         self.value = value
 
@@ -161,7 +164,7 @@ class FeatureSteer(FeatureEdit):
         ids: IdsLike,
         scale: ValuesLike = 1.0,
         *,
-        positions: PositionsLike = None,
+        positions: EditPositions = None,
     ) -> None:
         super().__init__(ids, positions=positions)
         self.scale = scale
@@ -255,7 +258,7 @@ def _rowwise(t: torch.Tensor, batch: int, scope: EditScope, what: str) -> torch.
     raise ValueError(f"{what} have {r} rows but the features have batch {batch}; expected 1 or {batch}{full}")
 
 
-def _position_mask(positions: PositionsLike, n: int, offset: int, device: torch.device) -> torch.Tensor:
+def _position_mask(positions: EditPositions, n: int, offset: int, device: torch.device) -> torch.Tensor:
     """Bool ``[n]`` mask of this forward's positions that are selected (absolute positions)."""
     total = offset + n
     if isinstance(positions, slice):
