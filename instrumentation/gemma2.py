@@ -10,11 +10,27 @@ model instance to its canonical name and TransformerLens alias.
 Verified against the transformers versions in ``VERIFIED_TRANSFORMERS``; on another
 version the patches either match (and the tests hold) or ``install()`` raises
 :class:`~mishax_py.ast_patcher.PatchError` showing the code that changed.
+
+Threads: ``install()`` and ``uninstall()`` are atomic and idempotent from any number of threads
+(one lock; the original code objects are recorded once, from the unpatched functions). A forward
+already running when another thread uninstalls finishes with the same result: the frames running
+patched code keep the names they call (``tag``, ``begin_forward``, ``skip_layer`` stay in
+``modeling_gemma2``'s namespace; they do nothing when no run is active), and the layers it enters
+afterwards run the original code (so an instrumented run racing an ``uninstall()`` in another thread
+sees no sites in those layers: uninstall when no run of yours is in flight).
+
+After ``uninstall()`` nothing installs the patches again behind your back: a run of an
+:class:`~mishax_py.InstrumentedModel` (``run``, ``run_with_cache``, ``intervene``, ``sweep``, ``walk``,
+every study) raises ``RuntimeError`` naming ``install()``, since it would otherwise run unpatched code
+(no site fires) or silently re-patch transformers for the whole process. Call ``install()`` or
+``instrument(model)`` again to resume.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from typing import Any
 
 import torch
 import transformers
@@ -130,44 +146,58 @@ PATCHES: dict[str, list[Replace]] = {
     ],
 }
 
-_PATCHER: ModuleASTPatcher | None = None
+# Built at import (cheap: nothing is read or compiled before the first install), so two threads can never
+# build two patchers of the same functions.
+_PATCHER = ModuleASTPatcher(
+    modeling_gemma2,
+    PATCHES,
+    extra_globals={"tag": tag, "begin_forward": begin_forward, "skip_layer": skip_layer},
+)
+# Serialises install()/uninstall() (the version warning included) across threads.
+_LOCK = threading.RLock()
+_WARNED = False
 
 
 def patcher() -> ModuleASTPatcher:
     """The (single) patcher for ``modeling_gemma2``."""
-    global _PATCHER
-    if _PATCHER is None:
-        _PATCHER = ModuleASTPatcher(
-            modeling_gemma2,
-            PATCHES,
-            extra_globals={"tag": tag, "begin_forward": begin_forward, "skip_layer": skip_layer},
-        )
     return _PATCHER
 
 
 def install() -> None:
-    """Patch transformers' Gemma 2 code (idempotent). Existing model instances are covered too."""
-    if transformers.__version__ not in VERIFIED_TRANSFORMERS and not getattr(install, "_warned", False):
-        warnings.warn(
-            f"mishax-py's Gemma 2 patches are verified against transformers {', '.join(VERIFIED_TRANSFORMERS)}; "
-            f"found {transformers.__version__}. They applied, but run the test suite to be sure.",
-            stacklevel=2,
-        )
-        install._warned = True  # type: ignore[attr-defined]
-    patcher().install()
+    """Patch transformers' Gemma 2 code (idempotent, thread-safe). Existing model instances are covered too."""
+    global _WARNED
+    with _LOCK:
+        if transformers.__version__ not in VERIFIED_TRANSFORMERS and not _WARNED:
+            warnings.warn(
+                f"mishax-py's Gemma 2 patches are verified against transformers {', '.join(VERIFIED_TRANSFORMERS)}; "
+                f"found {transformers.__version__}. They applied, but run the test suite to be sure.",
+                stacklevel=2,
+            )
+            _WARNED = True
+        _PATCHER.install()
 
 
 def uninstall() -> None:
-    """Restore transformers' original Gemma 2 code objects exactly (idempotent)."""
-    patcher().uninstall()
+    """Restore transformers' original Gemma 2 code objects exactly (idempotent, thread-safe).
+
+    Forwards running in other threads finish unharmed (see the module docstring); runs of an
+    ``InstrumentedModel`` started afterwards raise until ``install()`` or ``instrument(model)`` is called.
+    """
+    with _LOCK:
+        _PATCHER.uninstall()
 
 
 def installed() -> bool:
-    return patcher().installed
+    """Whether transformers' Gemma 2 code is patched now."""
+    return _PATCHER.installed
 
 
-def instrument(model: nn.Module, *, switch_to_eager: bool = True) -> InstrumentedModel:
+def instrument(model: nn.Module, *, tokenizer: Any = None, switch_to_eager: bool = True) -> InstrumentedModel:
     """Install the patches and wrap ``model`` (a ``Gemma2ForCausalLM``); idempotent per model.
+
+    ``tokenizer``: what text inputs (``im.run("...")``) are tokenised with, stored as ``im.tokenizer``
+    (set on the existing wrapper when the model is instrumented again). Without one, the tokenizer in
+    the model's own folder is used, loaded offline on first use (:attr:`InstrumentedModel.tokenizer`).
 
     ``scores`` and ``pattern`` exist only under eager attention, so a model loaded with
     another implementation is switched to eager with a warning; pass
@@ -182,6 +212,8 @@ def instrument(model: nn.Module, *, switch_to_eager: bool = True) -> Instrumente
     existing = model.__dict__.get("_mishax_py_instrumented")
     if isinstance(existing, InstrumentedModel):
         install()
+        if tokenizer is not None:
+            existing.tokenizer = tokenizer
         return existing
     impl = model.config._attn_implementation
     if impl != "eager":
@@ -197,7 +229,7 @@ def instrument(model: nn.Module, *, switch_to_eager: bool = True) -> Instrumente
         )
         model.set_attn_implementation("eager")
     install()
-    im = InstrumentedModel(model, build_catalogue(model), Gemma2Family(model.config))
+    im = InstrumentedModel(model, build_catalogue(model), Gemma2Family(model.config), tokenizer=tokenizer)
     model.__dict__["_mishax_py_instrumented"] = im
     return im
 
@@ -244,7 +276,12 @@ class Gemma2Family:
         return self._attention[layer]
 
     def ensure_installed(self) -> None:
-        install()
+        """Raise unless the patches are in place: after ``uninstall()`` runs are refused, never re-patched silently."""
+        if not _PATCHER.installed:
+            raise RuntimeError(
+                "transformers' Gemma 2 code is not instrumented (uninstall() was called); call "
+                "instrumentation.gemma2.install() or instrument(model) again"
+            )
 
     def __repr__(self) -> str:
         return f"Gemma2Family({self.dims})"

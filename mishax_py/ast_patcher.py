@@ -21,6 +21,15 @@ Example::
     )
     with patcher:
         ...  # MLP.forward now calls tag(...)
+
+Threads: ``install()`` and ``uninstall()`` are atomic and idempotent under any interleaving of
+threads (one lock, shared by every patcher: they swap code objects of shared modules). The original
+code objects are recorded once, at the first install, from unpatched functions only (a function
+whose code another patcher compiled is refused with :class:`PatchError`), and kept: every later
+install swaps the same patched code objects in again. A frame already running patched code when
+another thread uninstalls finishes that code, so the names the patched code calls
+(``extra_globals``) stay in the module's namespace after ``uninstall()``; they are the patcher's own,
+inert objects (``tag`` returns its value when no run is active).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import os
 import re
 import tempfile
 import textwrap
+import threading
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,12 +150,14 @@ class ModuleASTPatcher:
     Args:
         module: the imported module whose functions are patched.
         patches: ``{"Class.method" or "function": [Replace(...), ...]}``.
-        extra_globals: names the patched code uses (e.g. ``tag``), added to the
-            module's namespace while installed and removed on uninstall.
+        extra_globals: names the patched code uses (e.g. ``tag``), added to the module's
+            namespace at the first install and left there (see the module docstring: frames
+            still running patched code look them up after ``uninstall()``). A module that
+            already binds one of these names to another object is refused (``PatchError``).
 
     Installing twice is a no-op; ``uninstall()`` restores the original code objects
     exactly. All patches are built (and validated) before any is swapped in, so a
-    failing patch leaves the module untouched.
+    failing patch leaves the module untouched. Thread-safe (see the module docstring).
     """
 
     def __init__(
@@ -157,8 +169,8 @@ class ModuleASTPatcher:
         self.module = module
         self.patches = dict(patches)
         self.extra_globals = dict(extra_globals or {})
-        self._originals: dict[str, tuple[types.FunctionType, types.CodeType]] = {}
-        self._added_globals: list[str] = []
+        # target -> (function, its original code, its patched code): built once, under _LOCK
+        self._built: dict[str, tuple[types.FunctionType, types.CodeType, types.CodeType]] = {}
         self.installed = False
 
     # -- building -------------------------------------------------------------------
@@ -175,11 +187,26 @@ class ModuleASTPatcher:
     def patched_source(self, target: str) -> str:
         """The patched source of ``target`` (normalised), without installing anything."""
         fn = self._resolve(target)
-        code = self._originals[target][1] if target in self._originals else fn.__code__
+        return self._patch_source(target, fn, self._original_code(target, fn))
+
+    def _patch_source(self, target: str, fn: types.FunctionType, code: types.CodeType) -> str:
         source = self._source_of(fn, code, target)
         for rep in self.patches[target]:
             source = _apply_replace(source, rep, target)
         return source
+
+    def _original_code(self, target: str, fn: types.FunctionType) -> types.CodeType:
+        """``fn``'s unpatched code: the one recorded at the first install, else its current code if unpatched."""
+        built = self._built.get(target)
+        if built is not None and built[0] is fn:
+            return built[1]
+        code = fn.__code__
+        if _is_patched(code):
+            raise PatchError(
+                f"{self.module.__name__}.{target} is already patched (its code was compiled from {code.co_filename}) "
+                "by another ModuleASTPatcher: uninstall that one first; its code must not be recorded as the original"
+            )
+        return code
 
     def _source_of(self, fn: types.FunctionType, code: types.CodeType, target: str) -> str:
         try:
@@ -224,33 +251,46 @@ class ModuleASTPatcher:
 
     # -- installing -----------------------------------------------------------------
     def install(self) -> None:
-        """Swap the patched code in (no-op if already installed)."""
-        if self.installed:
-            return
-        built: dict[str, tuple[types.FunctionType, types.CodeType]] = {}
-        for target in self.patches:
-            fn = self._resolve(target)
-            built[target] = (fn, self._compile(target, fn, self.patched_source(target)))
-        for name, value in self.extra_globals.items():
-            if name not in self.module.__dict__:
+        """Swap the patched code in (no-op if already installed). Atomic: see the module docstring."""
+        with _LOCK:
+            if self.installed:
+                return
+            fns = {target: self._resolve(target) for target in self.patches}
+            built = dict(self._built)
+            for target, fn in fns.items():
+                if target in built and built[target][0] is fn:
+                    if fn.__code__ is not built[target][1]:
+                        raise PatchError(
+                            f"{self.module.__name__}.{target}'s code was replaced by someone else since this patcher "
+                            f"recorded its original (now from {fn.__code__.co_filename}); not patching over it"
+                        )
+                    continue
+                original = self._original_code(target, fn)  # unpatched, or PatchError
+                built[target] = (fn, original, self._compile(target, fn, self._patch_source(target, fn, original)))
+            for name, value in self.extra_globals.items():
+                present = self.module.__dict__.get(name, value)
+                if present is not value:
+                    raise PatchError(
+                        f"{self.module.__name__} already defines {name!r} ({present!r}); the patched code would call "
+                        f"it instead of {value!r}"
+                    )
+            # everything is validated: nothing below can fail
+            self._built = built
+            for name, value in self.extra_globals.items():
                 self.module.__dict__[name] = value
-                self._added_globals.append(name)
-        for target, (fn, code) in built.items():
-            self._originals[target] = (fn, fn.__code__)
-            fn.__code__ = code
-        self.installed = True
+            for fn, _, patched in built.values():
+                fn.__code__ = patched
+            self.installed = True
 
     def uninstall(self) -> None:
-        """Restore the original code objects and remove the added globals (no-op if not installed)."""
-        if not self.installed:
-            return
-        for fn, code in self._originals.values():
-            fn.__code__ = code
-        self._originals.clear()
-        for name in self._added_globals:
-            self.module.__dict__.pop(name, None)
-        self._added_globals.clear()
-        self.installed = False
+        """Restore the original code objects (no-op if not installed). The added globals stay: see the module
+        docstring."""
+        with _LOCK:
+            if not self.installed:
+                return
+            for fn, original, _ in self._built.values():
+                fn.__code__ = original
+            self.installed = False
 
     def __enter__(self) -> ModuleASTPatcher:
         self.install()
@@ -260,12 +300,21 @@ class ModuleASTPatcher:
         self.uninstall()
 
 
+# One lock for every patcher's install/uninstall (re-entrant: a family's install() holds it around its own).
+_LOCK = threading.RLock()
+
 _PATCHED_DIR: str | None = None
 
 
 def _patched_dir() -> str:
     """A per-process folder holding the patched sources (real files, for tracebacks)."""
     global _PATCHED_DIR
-    if _PATCHED_DIR is None:
-        _PATCHED_DIR = tempfile.mkdtemp(prefix="mishax_py_patched_")
-    return _PATCHED_DIR
+    with _LOCK:
+        if _PATCHED_DIR is None:
+            _PATCHED_DIR = tempfile.mkdtemp(prefix="mishax_py_patched_")
+        return _PATCHED_DIR
+
+
+def _is_patched(code: types.CodeType) -> bool:
+    """Whether ``code`` was compiled by a patcher of this process (its file is in the patched-sources folder)."""
+    return _PATCHED_DIR is not None and os.path.dirname(code.co_filename) == _PATCHED_DIR

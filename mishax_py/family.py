@@ -110,6 +110,7 @@ class ModelFamily(Protocol):
         ...
 
     def ensure_installed(self) -> None:
-        """Make sure the family's source patches are in place before a run (idempotent)."""
+        """Called before every run: raise a clear error, naming the family's ``install()``, if its source
+        patches are not in place (uninstalled). Never re-installs them silently."""
         ...
 

@@ -23,10 +23,11 @@ from torch import nn
 from mishax_py import memory
 from mishax_py.cache import ActivationCache
 from mishax_py.family import ModelFamily
-from mishax_py.inputs import Ids, as_ids
+from mishax_py.inputs import Ids, local_tokenizer, model_inputs
 from mishax_py.interventions.base import Intervention, Interventions, as_intervention_list
+from mishax_py.interventions.watch import SelectionWatch
 from mishax_py.naming import layer_site
-from mishax_py.runtime import Handler, RunContext, SiteEvent, SiteKey, activate, active_context, recording_table
+from mishax_py.runtime import Handler, RecordingTables, RunContext, SiteEvent, SiteKey, activate, active_context
 from mishax_py.sites import SiteCatalogue, SiteInfo, UnknownSiteError
 
 if TYPE_CHECKING:
@@ -44,14 +45,36 @@ class InstrumentedModel:
         model: the HF model (already patched by its family's ``install()``).
         catalogue: the model's sites in forward order.
         family: the family's facts about this model instance (sizes, attention, norms, ...) and
-            its ``ensure_installed`` (re-installs the patches if they were uninstalled).
+            its ``ensure_installed`` (raises if the patches were uninstalled; nothing re-installs them silently).
+        tokenizer: what text inputs are tokenised with (:attr:`tokenizer`; :mod:`mishax_py.inputs`).
     """
 
-    def __init__(self, model: nn.Module, catalogue: SiteCatalogue, family: ModelFamily) -> None:
+    def __init__(self, model: nn.Module, catalogue: SiteCatalogue, family: ModelFamily, *,
+                 tokenizer: Any = None) -> None:
         self.model = model
         self.catalogue = catalogue
         self.family = family
-        self._recording_tables: dict[tuple[str, ...], dict[SiteKey, Any]] = {}
+        self._tokenizer = tokenizer
+        self._tokenizer_searched = tokenizer is not None
+        self._recording_tables = RecordingTables()  # thread-safe; a deep copy of the model starts it empty
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer text inputs are tokenised with (``im.run("some text")``; :mod:`mishax_py.inputs`).
+
+        The one given to the family's ``instrument(model, tokenizer=...)`` or assigned here; else the one
+        ``AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)`` loads from the model's
+        own folder (looked up once, on first use; never downloaded); else ``None``.
+        """
+        if not self._tokenizer_searched:
+            self._tokenizer_searched = True
+            self._tokenizer = local_tokenizer(self.model)[0]
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._tokenizer_searched = True
 
     # -- the catalogue ------------------------------------------------------------------
     @property
@@ -138,16 +161,32 @@ class InstrumentedModel:
         hf_kwargs.setdefault("use_cache", False)
         return self.model(input_ids=ids, **hf_kwargs).logits
 
-    def run(self, ids: Ids, interventions: Interventions | None = None, **hf_kwargs: Any) -> torch.Tensor:
+    def run(self, ids: Ids, interventions: Interventions | None = None, *, max_memory: int | str | None = None,
+            **hf_kwargs: Any) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]`` of a forward pass with ``interventions`` applied.
 
-        ``ids``: token ids ``[batch, pos]`` (or ``[pos]``, or a list). HF keyword arguments
-        (``attention_mask``, ...) pass through. Autograd follows the caller's grad mode.
+        ``ids``: token ids ``[batch, pos]`` (or ``[pos]``, a list), text or a tokenizer's output
+        (:mod:`mishax_py.inputs`; checked before the forward). HF keyword arguments (``attention_mask``,
+        ...) pass through. Autograd follows the caller's grad mode. The forward's memory is estimated
+        first; an estimate over the budget (``max_memory``: bytes or ``"8GiB"``; default
+        :func:`mishax_py.memory.memory_budget`) raises :class:`~mishax_py.memory.MemoryBudgetError` at
+        once. An edit that selects nothing warns (:mod:`mishax_py.interventions.watch`).
         """
-        ids = as_ids(ids, self.model)
+        ids, hf_kwargs = model_inputs(ids, self, hf_kwargs)
+        self._check_memory("im.run", ids, max_memory, grad=torch.is_grad_enabled())
         ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
-        with activate(ctx):
+        with activate(ctx), SelectionWatch([interventions], "im.run"):
             return self.forward(ids, **hf_kwargs)
+
+    def _check_memory(self, what: str, ids: torch.Tensor, max_memory: int | str | None, *, grad: bool,
+                      sites: Sequence[str] = ()) -> None:
+        """Fail before the forward when its estimate exceeds the budget (:func:`mishax_py.memory.check_budget`)."""
+        rows, pos = ids.shape
+        est = memory.estimate_run(self, rows, pos, grad=grad, sites=sites)
+        cached = f", caching {len(sites)} sites" if sites else ""
+        reduce = "pass fewer rows or positions at a time" + (", or cache fewer sites" if sites else "")
+        memory.check_budget(est, f"{what} (one forward of {rows} rows x {pos} positions{cached})",
+                            device=ids.device, max_memory=max_memory, reduce=reduce)
 
     def run_with_cache(
         self,
@@ -156,6 +195,7 @@ class InstrumentedModel:
         *,
         grad: bool = False,
         interventions: Interventions | None = None,
+        max_memory: int | str | None = None,
         **hf_kwargs: Any,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Logits and an :class:`ActivationCache` of the requested sites (default: all).
@@ -164,10 +204,12 @@ class InstrumentedModel:
         ``"blocks.1.resid_post.sae.features"`` (offered by interventions like SAE
         splices) are accepted too. Values are recorded after the site's interventions.
         With ``grad=False`` cached tensors are detached (no graph kept). With
-        ``grad=True`` they stay in the graph and receive ``.grad`` on ``backward()``.
+        ``grad=True`` they stay in the graph and receive ``.grad`` on ``backward()``. Inputs, the memory
+        check (``max_memory``; the estimate includes the cache) and empty selections as for :meth:`run`.
         """
-        ids = as_ids(ids, self.model)
+        ids, hf_kwargs = model_inputs(ids, self, hf_kwargs)
         names, derived = self._cache_plan(sites)
+        self._check_memory("im.run_with_cache", ids, max_memory, grad=grad or torch.is_grad_enabled(), sites=names)
         ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
         store: dict[str, torch.Tensor] = {}
         if grad:
@@ -177,7 +219,7 @@ class InstrumentedModel:
             ctx.record_into(store, self._recording_table(tuple(names)))
         if derived:
             ctx.derived_sinks.append(_derived_recorder(store, derived, grad))
-        with activate(ctx):
+        with activate(ctx), SelectionWatch([interventions], "im.run_with_cache"):
             logits = self.forward(ids, **hf_kwargs)
         if logits.device.type == "cpu":  # let the next run reuse this cache's memory (see mishax_py.memory)
             memory.reserve_for(sum(v.numel() * v.element_size() for v in store.values()))
@@ -189,24 +231,20 @@ class InstrumentedModel:
         return logits, ActivationCache(store, self.catalogue.canonical, attention_mask=mask)
 
     def _recording_table(self, names: tuple[str, ...]) -> dict[SiteKey, Any]:
-        """The shared recording table of ``names`` (built once per site list; a few are kept)."""
-        table = self._recording_tables.get(names)
-        if table is None:
-            if len(self._recording_tables) >= 8:
-                self._recording_tables.pop(next(iter(self._recording_tables)))
-            specs = [self.catalogue.by_name[name] for name in names]
-            table = self._recording_tables[names] = recording_table((s.key, s.name, s.layer) for s in specs)
-        return table
+        """The shared recording table of ``names`` (built once per site list; the last few are kept)."""
+        by_name = self.catalogue.by_name
+        return self._recording_tables.get(names, lambda: [(by_name[n].key, n, by_name[n].layer) for n in names])
 
     @contextlib.contextmanager
     def intervene(self, interventions: Interventions) -> Iterator[RunContext]:
         """Apply ``interventions`` to every forward in the block, ``model.generate(...)`` included.
 
         During generation with a KV cache, positions are absolute (see the interventions'
-        ``positions=`` docs); nested blocks compose, outer interventions first.
+        ``positions=`` docs); nested blocks compose, outer interventions first. An edit that selects
+        nothing in any forward of the block warns when the block ends (:mod:`mishax_py.interventions.watch`).
         """
         ctx = self.context(interventions)
-        with activate(ctx):
+        with activate(ctx), SelectionWatch([interventions], "im.intervene"):
             yield ctx
 
     def sweep(
@@ -226,7 +264,7 @@ class InstrumentedModel:
         metric returning a tensor of shape ``S``, the logits ``[n_variants, B, pos, vocab]`` without a metric.
         Detached unless ``grad=True`` (then gradients flow to whatever the metric depends on).
         ``batch_size`` in rows; ``progress`` a tqdm bar (``None``: automatic). Other keywords
-        (``share_prefix=``, HF kwargs such as ``attention_mask``) pass through; see
+        (``share_prefix=``, ``max_memory=``, HF kwargs such as ``attention_mask``) pass through; see
         :func:`mishax_py.execution.sweep.stacked_sweep` (and :func:`~mishax_py.execution.sweep.sweep`
         for a list of arbitrary per-variant results).
         """

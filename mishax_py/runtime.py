@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 __all__ = [
     "Handler",
     "PromptTracker",
+    "RecordingTables",
     "RunContext",
     "SiteEvent",
     "SiteKey",
@@ -151,6 +153,44 @@ class _SiteEntry:
 def recording_table(entries: Iterable[tuple[SiteKey, str, int | None]]) -> dict[SiteKey, _SiteEntry]:
     """A reusable table that records ``(key, site, layer)`` entries; see :meth:`RunContext.record_into`."""
     return {key: _SiteEntry(site, layer, [], record=True, shared=True) for key, site, layer in entries}
+
+
+class RecordingTables:
+    """The recording tables of the last ``size`` site lists (:func:`recording_table`), built once and shared.
+
+    Thread-safe: runs in several threads look up, build and evict under one lock (evicting the oldest
+    list). A copy (``copy.deepcopy`` of an instrumented model, pickling) starts empty: a table's keys
+    hold ``id(owner)`` of the original's modules, which the copy's modules do not have.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._tables: dict[Hashable, dict[SiteKey, _SiteEntry]] = {}
+        self._lock = threading.Lock()
+
+    def get(
+        self, key: Hashable, entries: Callable[[], Iterable[tuple[SiteKey, str, int | None]]]
+    ) -> dict[SiteKey, _SiteEntry]:
+        """The table stored under ``key``, else ``recording_table(entries())`` stored under it."""
+        with self._lock:
+            table = self._tables.get(key)
+            if table is None:
+                while len(self._tables) >= self.size:
+                    del self._tables[next(iter(self._tables))]
+                table = self._tables[key] = recording_table(entries())
+            return table
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RecordingTables:
+        return RecordingTables(self.size)
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.size, self._tables, self._lock = state["size"], {}, threading.Lock()
 
 
 class PromptTracker:

@@ -14,10 +14,11 @@ Modules: :mod:`saes.base` (families; ``SAE.save`` writes a SAELens folder), :mod
 names), :mod:`saes.kernels` (encode/decode kernels), :mod:`saes.edits` (feature edits),
 :mod:`saes.splicing` (``Splice``, ``TranscoderSplice``), :mod:`saes.store` (activation store),
 :mod:`saes.train` (JumpReLU/TopK training; re-exports the store and evaluation),
+:mod:`saes.checkpoint` (atomic, pickle-free training checkpoints),
 :mod:`saes.evaluation` (L0, FVU, delta LM loss).
 
-Imports run one way: ``files``, ``sites``, ``kernels``, ``canonical``, ``edits`` import no
-other ``saes`` module (``hub`` only ``canonical`` and ``files``); ``base`` imports ``files``,
+Imports run one way: ``files``, ``sites``, ``kernels``, ``canonical``, ``edits``, ``checkpoint``
+import no other ``saes`` module (``hub`` only ``canonical`` and ``files``); ``base`` imports ``files``,
 ``sites`` and ``kernels``; ``formats``, ``splicing`` and ``store`` sit above ``base``;
 ``evaluation`` above ``splicing`` and ``store``; ``train`` on top.
 """

@@ -139,9 +139,42 @@ class SAE(nn.Module):
         """Family-specific activation: pre-activations -> features (both ``[..., d_sae]``)."""
         raise NotImplementedError
 
+    def activation_spec(self) -> tuple[str, torch.Tensor | None, int | None]:
+        """``(kind, threshold, k)`` of the activation for the kernels: ``("jumprelu", θ, None)``,
+        ``("relu", None, None)`` or ``("topk", None, k)``; families without one raise ``NotImplementedError``
+        (and encode with :meth:`activation` on the torch backend)."""
+        raise NotImplementedError
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``[..., d_sae]`` of ``x`` (``[..., d_in]``, or ``[..., head, d_head]``)."""
+        """Features ``[..., d_sae]`` of ``x`` (``[..., d_in]``, or ``[..., head, d_head]``).
+
+        With the Triton backend (:mod:`saes.kernels`) a JumpReLU or ReLU encode is the fused
+        kernel (:meth:`encode_sparse`) scattered into the dense result; otherwise ``activation(pre_acts(x))``.
+        """
+        if kernels.resolve_backend(self.device) == "triton" and self._fusable():
+            x = self.flatten_input(x)
+            return self.encode_sparse(x).to_dense().reshape(*x.shape[:-1], self.d_sae)
         return self.activation(self.pre_acts(x))
+
+    def encode_sparse(self, x: torch.Tensor) -> kernels.SparseFeatures:
+        """Active features of ``x`` as :class:`saes.kernels.SparseFeatures` over its ``N`` token rows
+        (leading dims flattened), by the current kernel backend."""
+        x = self.flatten_input(x).to(self.dtype)
+        x = x.reshape(-1, self.d_in)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        try:
+            kind, threshold, k = self.activation_spec()
+        except NotImplementedError:
+            return kernels.SparseFeatures.from_dense(self.activation(self.pre_acts(x)))
+        return kernels.encode_sparse(x, self.W_enc, self.b_enc, activation=kind, threshold=threshold, k=k)
+
+    def _fusable(self) -> bool:
+        """A JumpReLU or ReLU activation the Triton encode fuses (TopK and custom ones keep the dense path)."""
+        try:
+            return self.activation_spec()[0] in ("jumprelu", "relu")
+        except NotImplementedError:
+            return False
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[..., d_out]`` from features ``f`` (``[..., d_sae]``)."""
@@ -229,6 +262,9 @@ class JumpReLUSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return kernels.jumprelu(pre, self.threshold)
 
+    def activation_spec(self) -> tuple[str, torch.Tensor | None, int | None]:
+        return "jumprelu", self.threshold, None
+
 
 class ReLUSAE(SAE):
     """ReLU SAE (SAELens ``standard``): ``f = relu(pre)``; optional ``b_dec`` subtraction."""
@@ -237,6 +273,9 @@ class ReLUSAE(SAE):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
+
+    def activation_spec(self) -> tuple[str, torch.Tensor | None, int | None]:
+        return "relu", None, None
 
 
 class TopKSAE(SAE):
@@ -256,6 +295,9 @@ class TopKSAE(SAE):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return kernels.topk_activation(pre, self.k)
+
+    def activation_spec(self) -> tuple[str, torch.Tensor | None, int | None]:
+        return "topk", None, self.k
 
     def config(self) -> dict[str, Any]:
         return {"k": self.k}
@@ -333,6 +375,9 @@ class Transcoder(SAE):
             return kernels.topk_activation(pre, self.k)
         return torch.relu(pre)
 
+    def activation_spec(self) -> tuple[str, torch.Tensor | None, int | None]:
+        return self.activation_kind, self.threshold, self.k
+
     def skip_term(self, x: torch.Tensor) -> torch.Tensor | None:
         """``x @ W_skip`` (``[..., d_out]``) or ``None`` without a skip connection."""
         if self.W_skip is None:
@@ -383,17 +428,12 @@ def fold_to_width(x: torch.Tensor, width: int) -> torch.Tensor | None:
 
 
 def _matmul_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x @ W + b`` as one GEMM; CPU half-precision GEMMs run in fp32 (much faster without
-    native bf16/fp16 matmul units; measured in benchmarks/saes.py) and cast back."""
-    if kernels.is_cpu_half(W):
-        return kernels.encode_pre(x.float(), W.float(), b.float()).to(W.dtype)
-    return kernels.encode_pre(x, W, b)
+    """``x @ W + b`` as one GEMM (:func:`saes.kernels.linear`: CPU half precision runs in fp32)."""
+    return kernels.linear(x, W, b)
 
 
 def _matmul(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    if kernels.is_cpu_half(W):
-        return (x.float() @ W.float()).to(W.dtype)
-    return x @ W
+    return kernels.linear(x, W)
 
 
 def _decode(f: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, mode: str) -> torch.Tensor:

@@ -101,8 +101,35 @@ class FeatureEdit:
             return ids[None]
         return _rowwise(ids, f.shape[0], scope, f"{type(self).__name__} ids")
 
-    def _values_for(self, value: ValuesLike, ids: torch.Tensor, f: torch.Tensor, scope: EditScope) -> torch.Tensor:
-        """``[R, d_sae]`` tensor holding ``value`` (scalar, per-id, or per-row per-id) at ``ids``."""
+    def table(
+        self, shape: tuple[int, ...], scope: EditScope | None = None, *, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This edit as per-row ``(ids [R, k], values [R, k], positions [pos] bool or None)`` for features of
+        ``shape`` ``[batch, (pos,) d_sae]``, without a dense feature tensor (the sparse splice kernels).
+
+        ``R`` is 1 or ``batch``; ids ``-1`` pad; values are what :meth:`_new` sets (ablate 0, clamp) or
+        adds (steer, :attr:`sets` False); the position mask is ``None`` when every position is edited.
+        """
+        probe = torch.zeros((), device=device).expand(shape)  # the shape and device alone
+        scope = scope or EditScope(full_batch=shape[0])
+        ids, v = self._broadcast_values(self._table_value(), self._ids_for(probe, scope), probe, scope)
+        if self.positions is None:
+            return ids, v, None
+        if len(shape) < 3:
+            raise ValueError(f"positions= needs features [batch, pos, d_sae], got {tuple(shape)}")
+        return ids, v, _position_mask(self.positions, shape[1], scope.offset, probe.device)
+
+    #: whether :meth:`table`'s values replace the features (ablate, clamp) or are added to them (steer).
+    sets: bool = True
+
+    def _table_value(self) -> ValuesLike:
+        """The value :meth:`table` gives each id (subclasses without one are applied densely only)."""
+        raise NotImplementedError
+
+    def _broadcast_values(
+        self, value: ValuesLike, ids: torch.Tensor, f: torch.Tensor, scope: EditScope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, values)`` broadcast to one shape ``[R, k]`` (``value``: scalar, per id, or per row per id)."""
         v = torch.as_tensor(value, dtype=f.dtype, device=f.device)
         if v.dim() > 2:
             raise ValueError(
@@ -118,6 +145,11 @@ class FeatureEdit:
             raise ValueError(
                 f"{type(self).__name__}: values of shape {tuple(v.shape)} do not fit ids {tuple(ids.shape)}"
             ) from None
+        return ids, v
+
+    def _values_for(self, value: ValuesLike, ids: torch.Tensor, f: torch.Tensor, scope: EditScope) -> torch.Tensor:
+        """``[R, d_sae]`` tensor holding ``value`` (scalar, per-id, or per-row per-id) at ``ids``."""
+        ids, v = self._broadcast_values(value, ids, f, scope)
         out = torch.zeros(ids.shape[0], f.shape[-1] + 1, dtype=f.dtype, device=f.device)
         out = out.scatter(1, torch.where(ids < 0, f.shape[-1], ids), v)
         return _expand_rows(out[:, :-1], f)
@@ -138,6 +170,9 @@ class FeatureAblate(FeatureEdit):
     def _new(self, f: torch.Tensor, ids: torch.Tensor, scope: EditScope) -> torch.Tensor:
         return torch.zeros((), dtype=f.dtype, device=f.device)
 
+    def _table_value(self) -> ValuesLike:
+        return 0.0
+
 
 class FeatureClamp(FeatureEdit):
     """Set features ``ids`` to ``value`` (a scalar, one value per id, or ``[batch, k]`` per row)."""
@@ -148,6 +183,9 @@ class FeatureClamp(FeatureEdit):
 
     def _new(self, f: torch.Tensor, ids: torch.Tensor, scope: EditScope) -> torch.Tensor:
         return self._values_for(self.value, ids, f, scope)
+
+    def _table_value(self) -> ValuesLike:
+        return self.value
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", value={self.value!r})"
@@ -169,8 +207,13 @@ class FeatureSteer(FeatureEdit):
         super().__init__(ids, positions=positions)
         self.scale = scale
 
+    sets = False
+
     def _new(self, f: torch.Tensor, ids: torch.Tensor, scope: EditScope) -> torch.Tensor:
         return f + self._values_for(self.scale, ids, f, scope)
+
+    def _table_value(self) -> ValuesLike:
+        return self.scale
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", scale={self.scale!r})"

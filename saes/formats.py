@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -72,6 +73,51 @@ class SAEFileError(ValueError):
 
 
 # ------------------------------------------------------------------ validation
+def _check_shapes(
+    shapes: Mapping[str, tuple[int, ...]], required: Sequence[str], source: str, *, allow_d_out: bool = False
+) -> tuple[int, int, int]:
+    """Check that SAE parameter shapes agree with each other; return ``(d_in, d_sae, d_out)``.
+
+    ``W_enc [d_in, d_sae]`` fixes ``d_in`` and ``d_sae``; ``W_dec [d_sae, d_out]`` (``d_out = d_in``
+    unless ``allow_d_out``) ``d_out``; ``b_enc``/``threshold``/``log_threshold [d_sae]``,
+    ``b_dec [d_out]`` and ``W_skip [d_in, d_out]`` must follow. Works on shapes alone, so an npz is
+    checked from its ``.npy`` headers before anything is decompressed.
+
+    Raises:
+        SAEFileError: naming ``source``, the key and the shapes.
+    """
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise SAEFileError(
+            f"{source}: missing key(s) {missing}; found keys {sorted(shapes)}; expected {list(required)}"
+        )
+    W_enc = shapes["W_enc"]
+    if len(W_enc) != 2:
+        raise SAEFileError(f"{source}: key 'W_enc' has shape {W_enc}, expected [d_in, d_sae]")
+    d_in, d_sae = (int(s) for s in W_enc)
+    W_dec = shapes["W_dec"]
+    if len(W_dec) != 2 or W_dec[0] != d_sae or (not allow_d_out and W_dec[1] != d_in):
+        want = f"[{d_sae}, d_out]" if allow_d_out else f"[{d_sae}, {d_in}]"
+        raise SAEFileError(
+            f"{source}: key 'W_dec' has shape {W_dec}, expected {want} (from W_enc {W_enc} = [d_in, d_sae])"
+        )
+    d_out = int(W_dec[1])
+    expected = {
+        "b_enc": (d_sae,),
+        "b_dec": (d_out,),
+        "threshold": (d_sae,),
+        "log_threshold": (d_sae,),
+        "W_skip": (d_in, d_out),
+    }
+    for key, shape in expected.items():
+        if key in shapes and tuple(shapes[key]) != shape:
+            raise SAEFileError(
+                f"{source}: key {key!r} has shape {tuple(shapes[key])}, expected {list(shape)} "
+                f"(d_in={d_in}, d_sae={d_sae}, d_out={d_out} from W_enc {W_enc}, W_dec {W_dec})"
+            )
+    return d_in, d_sae, d_out
+
+
 def _check_tensors(
     tensors: Mapping[str, torch.Tensor],
     required: Sequence[str],
@@ -80,7 +126,8 @@ def _check_tensors(
     optional: Sequence[str] = (),
     allow_d_out: bool = False,
 ) -> tuple[int, int, int]:
-    """Validate SAE parameter tensors; return ``(d_in, d_sae, d_out)``.
+    """Validate SAE parameter tensors (dtypes, :func:`_check_shapes`, finite values); return
+    ``(d_in, d_sae, d_out)``.
 
     Raises:
         SAEFileError: naming ``source``, the key and the shapes on any problem.
@@ -94,32 +141,8 @@ def _check_tensors(
         t = tensors[key]
         if not t.is_floating_point():
             raise SAEFileError(f"{source}: key {key!r} has dtype {t.dtype}, expected a floating-point array")
-    W_enc = tensors["W_enc"]
-    if W_enc.dim() != 2:
-        raise SAEFileError(f"{source}: key 'W_enc' has shape {tuple(W_enc.shape)}, expected [d_in, d_sae]")
-    d_in, d_sae = (int(s) for s in W_enc.shape)
-    W_dec = tensors["W_dec"]
-    if W_dec.dim() != 2 or W_dec.shape[0] != d_sae or (not allow_d_out and W_dec.shape[1] != d_in):
-        want = f"[{d_sae}, d_out]" if allow_d_out else f"[{d_sae}, {d_in}]"
-        raise SAEFileError(
-            f"{source}: key 'W_dec' has shape {tuple(W_dec.shape)}, expected {want} "
-            f"(from W_enc {tuple(W_enc.shape)} = [d_in, d_sae])"
-        )
-    d_out = int(W_dec.shape[1])
-    expected = {
-        "b_enc": (d_sae,),
-        "b_dec": (d_out,),
-        "threshold": (d_sae,),
-        "log_threshold": (d_sae,),
-        "W_skip": (d_in, d_out),
-    }
-    for key, shape in expected.items():
-        if key in tensors and tuple(tensors[key].shape) != shape:
-            raise SAEFileError(
-                f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, expected {list(shape)} "
-                f"(d_in={d_in}, d_sae={d_sae}, d_out={d_out} from W_enc {tuple(W_enc.shape)}, "
-                f"W_dec {tuple(W_dec.shape)})"
-            )
+    shapes = {key: tuple(int(n) for n in t.shape) for key, t in tensors.items()}
+    d_in, d_sae, d_out = _check_shapes(shapes, required, source, allow_d_out=allow_d_out)
     for key in list(required) + [k for k in optional if k in tensors]:
         t = tensors[key]
         if t.numel() and bool(torch.isfinite(t.sum())):
@@ -135,8 +158,101 @@ def _check_tensors(
     return d_in, d_sae, d_out
 
 
-def _read_npz(path: Path) -> dict[str, torch.Tensor]:
-    """Read every array of ``path`` (no pickle) into torch tensors."""
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def _refuse_special(path: Path) -> None:
+    """Raise :class:`SAEFileError` when ``path`` exists (symlinks followed) but is neither a regular file
+    nor a folder: opening a FIFO blocks until a writer comes and a device such as ``/dev/zero`` never
+    ends, so such a path is refused from its ``stat`` alone, before anything opens it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # missing paths get the caller's FileNotFoundError
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "special file")
+    raise SAEFileError(
+        f"{path}: is a {kind}, not a regular file; an SAE is a Gemma Scope .npz file or a SAELens folder "
+        f"({SAELENS_CFG} + {SAELENS_WEIGHTS})"
+    )
+
+
+# Members larger than this that decompress more than _NPZ_MAX_RATIO times are refused: float weights
+# barely compress (random float32 about 1.1x), only a decompression bomb or a mostly-constant array does.
+_NPZ_RATIO_MIN_BYTES = 64 << 20
+_NPZ_MAX_RATIO = 100
+
+
+def _npz_headers(
+    path: Path, zf: zipfile.ZipFile, wanted: Sequence[str]
+) -> tuple[dict[str, tuple[zipfile.ZipInfo, tuple[int, ...], np.dtype[Any]]], list[str]]:
+    """The ``.npy`` headers of an npz's members, read from the zip without decompressing the arrays.
+
+    Returns ``({key: (zip info, shape, dtype)}`` for the ``wanted`` keys present, the other keys).
+    Every member's header is read (a few hundred bytes each): an object array in any member is
+    refused as pickled data, and a ``wanted`` member must be a ``.npy`` array whose header agrees
+    with the member's uncompressed size in the zip directory.
+
+    Raises:
+        SAEFileError: naming the file, the member and the sizes.
+    """
+    headers: dict[str, tuple[zipfile.ZipInfo, tuple[int, ...], np.dtype[Any]]] = {}
+    others: list[str] = []
+    for info in zf.infolist():
+        key = info.filename.removesuffix(".npy")
+        try:
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                header_len = f.tell()
+        except ValueError as e:  # no .npy magic, a bad header: np.load would read such a member as bytes
+            if key in wanted:
+                raise SAEFileError(f"{path}: member {info.filename!r} is not a readable .npy array: {e}") from None
+            others.append(key)
+            continue
+        except Exception as e:  # zlib.error, BadZipFile, EOFError on truncated members
+            raise SAEFileError(
+                f"{path}: key {key!r} could not be read (truncated or corrupt file?): {type(e).__name__}: {e}"
+            ) from None
+        if dtype.hasobject:
+            raise SAEFileError(
+                f"{path}: key {key!r} holds a pickled object array, which is never loaded (allow_pickle=False)"
+            )
+        if key not in wanted:
+            others.append(key)
+            continue
+        size = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if info.file_size != size:
+            raise SAEFileError(
+                f"{path}: member {info.filename!r} declares {info.file_size} bytes uncompressed, but its .npy "
+                f"header (shape {tuple(shape)}, dtype {dtype}) describes {size}"
+            )
+        headers[key] = (info, tuple(int(n) for n in shape), dtype)
+    return headers, others
+
+
+def _read_npz(path: Path, *, allow_d_out: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Read the Gemma Scope arrays of ``path`` (no pickle) into torch tensors; return them and the
+    names of the other members (not read).
+
+    Before decompressing anything the zip directory and the ``.npy`` headers are checked
+    (:func:`_npz_headers`): the shapes must agree with each other (:func:`_check_shapes`), no
+    member over 64 MiB may decompress more than 100x, and the arrays must fit in the RAM available.
+    So a small file that would decompress to gigabytes is refused at once.
+    """
+    from mishax_py.memory import available_ram
+
     try:
         npz = np.load(path, allow_pickle=False)
     except ValueError as e:  # pickled .npy/.pkl content
@@ -151,14 +267,29 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
         )
     out: dict[str, torch.Tensor] = {}
     with npz:
-        for key in npz.files:
+        assert npz.zip is not None  # open until the with block ends
+        headers, others = _npz_headers(path, npz.zip, GEMMA_SCOPE_KEYS)
+        shapes = {key: shape for key, (_, shape, _) in headers.items()}
+        _check_shapes(shapes, GEMMA_SCOPE_KEYS, str(path), allow_d_out=allow_d_out)
+        for info, _, _ in headers.values():
+            if info.file_size > _NPZ_RATIO_MIN_BYTES and info.file_size > _NPZ_MAX_RATIO * max(1, info.compress_size):
+                raise SAEFileError(
+                    f"{path}: member {info.filename!r} would decompress to {info.file_size} bytes from "
+                    f"{info.compress_size} ({info.file_size / max(1, info.compress_size):.0f}x); SAE weights do "
+                    f"not compress more than {_NPZ_MAX_RATIO}x, so this looks like a decompression bomb and is "
+                    "refused before decompressing"
+                )
+        need = sum(info.file_size * (2 if dtype.kind == "f" and dtype.itemsize == 2 else 1)
+                   for info, _, dtype in headers.values())  # fmt: skip
+        budget = available_ram()
+        if need > budget:
+            raise SAEFileError(
+                f"{path}: its arrays need {need / 2**30:.2f} GiB of memory, more than the {budget / 2**30:.2f} GiB "
+                "available; refused before decompressing"
+            )
+        for key in headers:
             try:
                 arr = npz[key]
-            except ValueError as e:
-                raise SAEFileError(
-                    f"{path}: key {key!r} holds a pickled object array, which is never loaded "
-                    f"(allow_pickle=False): {e}"
-                ) from None
             except Exception as e:  # zlib.error, BadZipFile, EOFError on truncated members
                 raise SAEFileError(
                     f"{path}: key {key!r} could not be read (truncated or corrupt file?): "
@@ -169,7 +300,7 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
             if arr.dtype.kind == "f" and arr.dtype.itemsize == 2:
                 arr = arr.astype(np.float32)
             out[key] = torch.from_numpy(np.ascontiguousarray(arr))
-    return out
+    return out, others
 
 
 def _build(cls: type[SAE], params: Mapping[str, torch.Tensor], **kwargs: Any) -> SAE:
@@ -206,19 +337,24 @@ def load_npz(
     Gemma Scope repo; ``site``/``output_site`` override. Transcoder repos give a
     :class:`Transcoder` (JumpReLU activation).
 
+    Only the five Gemma Scope arrays are decompressed (other members are listed in
+    ``metadata["ignored_keys"]``), and only after the zip directory and ``.npy`` headers passed
+    the checks of :func:`_read_npz` (consistent shapes, no decompression bomb, fits in RAM).
+
     Args:
         path: the ``.npz`` file.
         origin: the hub reference the file came from (for site inference and metadata).
     """
     path = Path(path)
+    _refuse_special(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such SAE file: {path}")
-    tensors = _read_npz(path)
-    extra = sorted(set(tensors) - set(GEMMA_SCOPE_KEYS))
     inferred = gemma_scope_sites(origin or "") or gemma_scope_sites(str(path.resolve()))
     is_transcoder = inferred is not None and inferred[0] != inferred[1]
     if output_site is not None and output_site != site:
         is_transcoder = True
+    tensors, extra = _read_npz(path, allow_d_out=is_transcoder)
+    extra = sorted(extra)
     d_in, d_sae, d_out = _check_tensors(tensors, GEMMA_SCOPE_KEYS, str(path), allow_d_out=is_transcoder)
     params = {k: tensors[k].float() for k in GEMMA_SCOPE_KEYS}
     in_site = site if site is not None else (inferred[0] if inferred else None)
@@ -262,6 +398,57 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return cfg
 
 
+_CFG_KINDS = {
+    "bool": "boolean (true or false)",
+    "int": "integer",
+    "posint": "positive integer",
+    "str": "string",
+    "object": "object",
+}
+
+
+def _json_type(value: object) -> str:
+    """The JSON type name of a value ``json.loads`` returned."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _cfg_value(cfg: Mapping[str, Any], key: str, kind: str, path: Path, *, prefix: str = "") -> Any:
+    """``cfg[key]`` checked to be a JSON value of ``kind`` (a key of :data:`_CFG_KINDS`); ``None`` when
+    the key is absent or ``null``. Integers must be JSON integers: not booleans, not ``12.0``.
+
+    Raises:
+        SAEFileError: naming ``path``, the key (``prefix + key`` for nested objects), the expected
+        type and the value, e.g. ``cfg.json: key 'apply_b_dec_to_input' must be a JSON boolean
+        (true or false), got "false" (a JSON string)``.
+    """
+    value = cfg.get(key)
+    if value is None:
+        return None
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": is_int,
+        "posint": is_int and value > 0,
+        "str": isinstance(value, str),
+        "object": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise SAEFileError(
+            f"{path}: key {prefix + key!r} must be a JSON {_CFG_KINDS[kind]}, got {shown} (a JSON {_json_type(value)})"
+        )
+    return value
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -287,27 +474,46 @@ def load_saelens(
 
     Honours ``architecture`` (``jumprelu``, ``standard``, ``topk``; ``batchtopk`` loads as
     TopK; the transcoder architectures written by :func:`save_saelens`),
-    ``apply_b_dec_to_input``, ``hook_name`` (site inference) and ``k`` (also read from
-    ``activation_fn_kwargs``). A ``log_threshold`` tensor is accepted for JumpReLU.
+    ``apply_b_dec_to_input`` (``true`` when not given, as SAELens reads it), ``hook_name`` (site inference)
+    and ``k`` (also read from ``activation_fn_kwargs``). A ``log_threshold`` tensor is accepted for JumpReLU.
+
+    Every ``cfg.json`` key read is checked for its JSON type before use (:func:`_cfg_value`:
+    ``apply_b_dec_to_input`` a boolean, ``k`` a positive integer, ``d_in``/``d_sae``/``d_out``
+    integers that match the weights, names and sites strings, ``metadata`` and
+    ``activation_fn_kwargs`` objects; ``null`` means not given), so ``"false"`` is never read as
+    true nor ``3.7`` as 3.
     """
     folder = Path(folder)
     cfg_path, w_path = folder / SAELENS_CFG, folder / SAELENS_WEIGHTS
     for p in (cfg_path, w_path):
+        _refuse_special(p)
         if not p.is_file():
             raise FileNotFoundError(
                 f"SAELens folder {folder} lacks {p.name} (needs {SAELENS_CFG} + {SAELENS_WEIGHTS})"
             )
     cfg = _read_cfg(cfg_path)
+    arch = (_cfg_value(cfg, "architecture", "str", cfg_path) or "standard").lower()
+    metadata: dict[str, Any] = _cfg_value(cfg, "metadata", "object", cfg_path) or {}
+    hook_name = _cfg_value(cfg, "hook_name", "str", cfg_path) or _cfg_value(
+        metadata, "hook_name", "str", cfg_path, prefix="metadata."
+    )
+    hook_name_out = _cfg_value(cfg, "hook_name_out", "str", cfg_path) or _cfg_value(
+        metadata, "hook_name_out", "str", cfg_path, prefix="metadata."
+    )
+    act_kwargs = _cfg_value(cfg, "activation_fn_kwargs", "object", cfg_path) or {}
+    k = _cfg_value(cfg, "k", "posint", cfg_path)
+    if k is None:
+        k = _cfg_value(act_kwargs, "k", "posint", cfg_path, prefix="activation_fn_kwargs.")
+    apply_b_dec = _cfg_value(cfg, "apply_b_dec_to_input", "bool", cfg_path)
+    if apply_b_dec is None:  # not given: SAELens' default (its loaders setdefault it to True)
+        apply_b_dec = True
+    norm = _cfg_value(cfg, "normalize_activations", "str", cfg_path)
+    sizes = {key: _cfg_value(cfg, key, "int", cfg_path) for key in ("d_in", "d_sae", "d_out")}
+    mishax_site = _cfg_value(cfg, "mishax_site", "str", cfg_path)
+    mishax_output_site = _cfg_value(cfg, "mishax_output_site", "str", cfg_path)
+    activation = _cfg_value(cfg, "activation", "str", cfg_path)
+    names = {key: _cfg_value(cfg, key, "str", cfg_path) for key in ("model_name", "release", "sae_id")}
     tensors = _read_safetensors(w_path)
-    arch = str(cfg.get("architecture", "standard")).lower()
-    meta_cfg = cfg.get("metadata")
-    metadata: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
-    hook_name = cfg.get("hook_name") or metadata.get("hook_name")
-    hook_name_out = cfg.get("hook_name_out") or metadata.get("hook_name_out")
-    act_kwargs = cfg.get("activation_fn_kwargs") or {}
-    k = cfg.get("k", act_kwargs.get("k") if isinstance(act_kwargs, dict) else None)
-    apply_b_dec = bool(cfg.get("apply_b_dec_to_input", False))
-    norm = cfg.get("normalize_activations")
     if norm not in (None, "none", "None"):
         warnings.warn(
             f"{cfg_path}: normalize_activations={norm!r} is not applied by mishax-py SAEs; "
@@ -335,14 +541,14 @@ def load_saelens(
     d_in, d_sae, d_out = _check_tensors(
         tensors, required, str(w_path), optional=("W_skip",), allow_d_out=is_tc
     )
-    for key, val in (("d_in", d_in), ("d_sae", d_sae)):
-        if key in cfg and cfg[key] is not None and int(cfg[key]) != val:
+    for key, val in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
+        if sizes[key] is not None and sizes[key] != val:
             raise SAEFileError(
-                f"{folder}: cfg.json says {key}={cfg[key]} but {SAELENS_WEIGHTS} has W_enc "
-                f"{tuple(tensors['W_enc'].shape)} ({key}={val})"
+                f"{folder}: cfg.json says {key}={sizes[key]} but {SAELENS_WEIGHTS} has W_enc "
+                f"{tuple(tensors['W_enc'].shape)}, W_dec {tuple(tensors['W_dec'].shape)} ({key}={val})"
             )
     if site is None:
-        site = cfg.get("mishax_site") or (site_from_hook_name(hook_name) if hook_name else None)
+        site = mishax_site or (site_from_hook_name(hook_name) if hook_name else None)
     params = {key: tensors[key] for key in required}
     common: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "site": site, "apply_b_dec_to_input": apply_b_dec}
     common_dtype = tensors["W_enc"].dtype
@@ -350,10 +556,8 @@ def load_saelens(
     sae: SAE
     if is_tc:
         if output_site is None:
-            output_site = cfg.get("mishax_output_site") or (
-                site_from_hook_name(hook_name_out) if hook_name_out else None
-            )
-        act = str(cfg.get("activation", _TRANSCODER_ARCHS[arch]))
+            output_site = mishax_output_site or (site_from_hook_name(hook_name_out) if hook_name_out else None)
+        act = activation or _TRANSCODER_ARCHS[arch]
         skip = "W_skip" in tensors
         if skip:
             params["W_skip"] = tensors["W_skip"].to(common_dtype)
@@ -366,7 +570,7 @@ def load_saelens(
             d_out=d_out,
             output_site=output_site,
             activation=act,
-            k=None if k is None else int(k),
+            k=k,
             skip=skip,
             dtype=common_dtype,
         )
@@ -375,7 +579,7 @@ def load_saelens(
     elif arch in ("topk", "batchtopk"):
         if k is None:
             raise SAEFileError(f"{cfg_path}: architecture {arch!r} without 'k' (or activation_fn_kwargs.k)")
-        sae = _build(TopKSAE, params, **common, k=int(k), dtype=common_dtype)
+        sae = _build(TopKSAE, params, **common, k=k, dtype=common_dtype)
     else:
         sae = _build(ReLUSAE, params, **common, dtype=common_dtype)
     sae.metadata.update({"format": "saelens", "path": str(folder), "architecture": arch})
@@ -383,9 +587,9 @@ def load_saelens(
         sae.metadata["hook_name"] = hook_name
     if origin:
         sae.metadata["hub_ref"] = origin
-    for key in ("model_name", "release", "sae_id"):
-        if key in cfg:
-            sae.metadata[key] = cfg[key]
+    for key, name in names.items():
+        if name is not None:
+            sae.metadata[key] = name
     return _finish(sae, device=device, dtype=dtype)
 
 
@@ -456,6 +660,12 @@ def load(
 
 
 def _load_local(path: Path, **kw: Any) -> SAE:
+    """Load from an existing local file or folder. FIFOs and devices (the path itself, or an SAE file
+    the folder names) are refused from ``stat`` before anything opens them."""
+    _refuse_special(path)
+    if path.is_dir():
+        for name in (SAELENS_CFG, SAELENS_WEIGHTS, "params.npz"):
+            _refuse_special(path / name)
     if path.is_file():
         if path.name in (SAELENS_CFG, SAELENS_WEIGHTS):
             return load_saelens(path.parent, **kw)
@@ -470,6 +680,8 @@ def _load_local(path: Path, **kw: Any) -> SAE:
     if (path / "params.npz").is_file():
         return load_npz(path / "params.npz", **kw)
     npzs = sorted(path.glob("*.npz"))
+    for npz in npzs:
+        _refuse_special(npz)
     if len(npzs) == 1:
         return load_npz(npzs[0], **kw)
     listing = sorted(p.name for p in path.iterdir())[:20]

@@ -127,7 +127,7 @@ def fetch(repo_id: str, filename: str, ref: str) -> Path:
         raise SAEFetchError(
             f"could not fetch {filename!r} from the Hugging Face repo {repo_id!r} for {ref!r} ({why}). "
             f"Fetch it on a machine with network access, e.g. "
-            f"`huggingface-cli download {repo_id} {filename}` (it lands in the hub cache), "
+            f"`hf download {repo_id} {filename}` (it lands in the hub cache), "
             "or pass saes.load a local path to the file."
         ) from None
     return Path(local)

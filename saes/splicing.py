@@ -25,6 +25,12 @@ Under a run restricted to ``event.rows`` (sweeps), the splice works on the sub-b
 ``value[rows]`` as if it were the whole run; per-row ids with the full run's row count are
 read at ``ids[rows]``.
 
+Kernels: encode and decode go through :mod:`saes.kernels` (torch or Triton backend). With the
+Triton backend, a splice with ``FeatureAblate``/``FeatureClamp``/``FeatureSteer`` edits (or
+``keep_error=False``), run without autograd and without recording its features, is one fused
+kernel pass over each token's active features (:func:`saes.kernels.splice_rows`); otherwise
+the steps above run, each through the backend.
+
 Transcoders read one site and write another: use :class:`TranscoderSplice` (or
 :func:`splice`, which returns the ``{site: intervention}`` dict for either kind)::
 
@@ -33,6 +39,7 @@ Transcoders read one site and write another: use :class:`TranscoderSplice` (or
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -109,6 +116,9 @@ class Splice(Intervention):
         sae = self.sae
         x_in = self._input(value, event, scope).to(sae.device)
         x_flat = _flatten_to(value, sae.d_out, event.site)  # [..., d_out], value's dtype/device
+        fused = self._fused(value, x_in, x_flat, event, scope)
+        if fused is not None:
+            return fused
         f = sae.encode(x_in)
         f_new = apply_edit(self.edit, f, scope)
         wants = self.record and _has_sinks(event.context)
@@ -130,6 +140,37 @@ class Splice(Intervention):
     def _predict(self, f: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """The SAE's output for features ``f`` (``[..., d_out]``)."""
         return self.sae.decode(f)
+
+    def _skip(self, x_in: torch.Tensor) -> torch.Tensor | None:
+        """What the output adds besides ``decode(f)`` (a transcoder's skip term), ``[..., d_out]``, or ``None``."""
+        return None
+
+    def _fused(
+        self, value: torch.Tensor, x_in: torch.Tensor, x_flat: torch.Tensor, event: SiteEvent, scope: EditScope
+    ) -> torch.Tensor | None:
+        """The splice as one Triton pass over the active features (:func:`saes.kernels.splice_rows`), or ``None``
+        where the general path runs instead: the torch backend, no edit with the error kept (the value
+        itself), recorded features, autograd (something requires gradients under grad mode: the kernel has
+        no backward), or an edit that is not a list of ``FeatureAblate``/``FeatureClamp``/``FeatureSteer``."""
+        sae = self.sae
+        if kernels.resolve_backend(sae.device) != "triton":
+            return None
+        if (self.keep_error and self.edit is None) or (self.record and _has_sinks(event.context)):
+            return None
+        if torch.is_grad_enabled() and (
+            value.requires_grad or x_in.requires_grad or any(p.requires_grad for p in sae.parameters())
+        ):
+            return None
+        table = _edit_table(self.edit, (*x_flat.shape[:-1], sae.d_sae), scope, sae.device)
+        if table is None:
+            return None
+        skip = None if self.keep_error else self._skip(x_in)
+        out, _ = kernels.splice_rows(
+            x_flat.reshape(-1, sae.d_out).to(sae.device), sae.encode_sparse(x_in), sae.W_dec, sae.b_dec, table,
+            keep_error=self.keep_error, skip=None if skip is None else skip.reshape(-1, sae.d_out),
+            out_dtype=value.dtype,
+        )
+        return out.to(value.device).reshape(value.shape)
 
     def __repr__(self) -> str:
         args = [f"{type(self.sae).__name__}(d_sae={self.sae.d_sae}, site={self.sae.site!r})"]
@@ -231,6 +272,9 @@ class TranscoderSplice(Splice):
         skip = self.transcoder.skip_term(x_in)
         return out if skip is None else out + skip
 
+    def _skip(self, x_in: torch.Tensor) -> torch.Tensor | None:
+        return self.transcoder.skip_term(x_in)
+
     def _splice(self, value: torch.Tensor, event: SiteEvent, scope: EditScope) -> torch.Tensor:
         try:
             return super()._splice(value, event, scope)
@@ -273,6 +317,56 @@ def _check_width(width: int, site: str, shape: tuple[int | None, ...] | None, wh
         f"{who}: SAE {what}={width} does not match site {site!r} of shape {tuple(shape)} "
         "(the last dim, or head*d_head for per-head sites, must equal it)"
     )
+
+
+def _edit_table(
+    edit: Edit, shape: tuple[int, ...], scope: EditScope, device: torch.device
+) -> kernels.EditTable | None:
+    """``edit`` as a per-token :class:`saes.kernels.EditTable` for features of ``shape`` ``[batch, ..., d_sae]``
+    (rows: the leading dims flattened), or ``None`` for edits only the dense path applies (callables, edit
+    classes without a table; a ``FeatureSteer`` naming a feature twice in a row, which the dense path adds once)."""
+    edits: list[FeatureEdit] = []
+    stack: list[Any] = [edit]
+    while stack:
+        e = stack.pop(0)
+        if e is None:
+            continue
+        if isinstance(e, FeatureEdit):
+            edits.append(e)
+        elif isinstance(e, (list, tuple)):
+            stack[:0] = list(e)
+        else:
+            return None
+    if not edits:
+        return kernels.EditTable.empty(device)
+    lead = shape[:-1]
+    parts: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    per_token = False
+    for e in edits:
+        try:
+            ids, vals, pos = e.table(shape, scope, device=device)
+        except NotImplementedError:  # a FeatureEdit subclass of the user's, known only densely
+            return None
+        if not e.sets and ids.shape[1] > 1:
+            srt = ids.sort(dim=1).values
+            if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+                return None
+        if ids.shape[0] > 1 or pos is not None:
+            per_token = True
+            k = ids.shape[1]
+            view = (ids.shape[0], *([1] * (len(lead) - 1)), k)
+            ids = ids.reshape(view).expand(*lead, k)
+            vals = vals.reshape(view).expand(*lead, k)
+            if pos is not None:
+                ids = torch.where(pos.view(1, -1, *([1] * (len(lead) - 1))), ids, -1)
+        parts.append((ids, vals, e.sets))
+    rows = math.prod(lead) if per_token else 1
+    flat = [(i.reshape(-1, i.shape[-1]).expand(rows, -1), v.reshape(-1, v.shape[-1]).expand(rows, -1), s)
+            for i, v, s in parts]
+    ids = torch.cat([i for i, _, _ in flat], dim=1)
+    vals = torch.cat([v.float() for _, v, _ in flat], dim=1)
+    sets = torch.cat([torch.full(i.shape, s, dtype=torch.bool, device=device) for i, _, s in flat], dim=1)
+    return kernels.EditTable(ids, vals, sets)
 
 
 def _has_sinks(ctx: RunContext) -> bool:

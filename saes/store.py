@@ -5,12 +5,20 @@ token ids (``im.run_with_cache(ids, sites=[site])``) and writes the site's value
 flattened to ``[tokens, d_in]`` (``attn.z`` head-major), into an :class:`ActivationStore`:
 a folder of safetensors shards (``shard_00000.safetensors`` ...) plus ``meta.json``. A
 shard is written atomically and ``meta.json`` records how many input batches it covers,
-so an interrupted collection resumes where the last shard ended (the batch iterable must
-yield the same batches in the same order). :func:`saes.train.train_sae` trains on a store.
+so an interrupted collection (even one killed with SIGKILL) resumes where the last listed
+shard ended: nothing is lost or stored twice.
+
+A store is resumed only with the settings it was made with. ``meta.json`` records every
+setting that changes what is stored: the ``site``, the storage ``dtype``, ``drop_bos``, the
+``model`` (class, ``name_or_path`` and a SHA-256 of a strided sample of every parameter) and
+the ``batches`` (a SHA-256 of the token ids and masks of the batches it covers). A call that
+differs in any of them raises :class:`StoreError` naming the setting and both values before
+anything is written. :func:`saes.train.train_sae` trains on a store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,11 +29,19 @@ import torch
 from saes.files import write_json_atomic, write_safetensors_atomic
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from mishax_py import InstrumentedModel
 
-__all__ = ["ActivationStore", "collect_activations"]
+__all__ = ["ActivationStore", "StoreError", "collect_activations", "model_identity"]
 
 _META = "meta.json"
+_SETTINGS = ("site", "dtype", "drop_bos", "model", "batches_sha256")  # what meta.json must record to be resumed
+
+
+class StoreError(ValueError):
+    """An activation store that cannot be read, or resumed as asked (names the folder or shard file, the
+    setting and both values)."""
 
 
 class ActivationStore:
@@ -35,7 +51,11 @@ class ActivationStore:
         path: the store's folder (created by :func:`collect_activations`).
 
     Attributes:
-        site, d_in, dtype, n_rows, shards (file names), complete (collection finished).
+        site, d_in, dtype, drop_bos, n_rows, shards (file names), complete (collection finished),
+        meta (``meta.json``: also the ``model`` and ``batches_sha256`` a resumed collection must match).
+
+    Reading a shard that is missing, truncated or of another shape than ``meta.json`` lists raises
+    :class:`StoreError` naming the shard file.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -46,7 +66,9 @@ class ActivationStore:
         try:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: invalid JSON: {e}") from None
+            raise StoreError(f"{meta_path}: invalid JSON: {e}") from None
+        if not isinstance(self.meta, dict) or not isinstance(self.meta.get("shards"), list):
+            raise StoreError(f"{meta_path}: not an activation store's meta.json (no 'shards' list)")
 
     @property
     def site(self) -> str:
@@ -55,6 +77,19 @@ class ActivationStore:
     @property
     def d_in(self) -> int:
         return int(self.meta["d_in"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype (shards hold this dtype)."""
+        dtype = getattr(torch, str(self.meta["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise StoreError(f"{self.path / _META}: unknown dtype {self.meta['dtype']!r}")
+        return dtype
+
+    @property
+    def drop_bos(self) -> bool:
+        """Whether position 0 of every sequence was left out."""
+        return bool(self.meta.get("drop_bos", False))
 
     @property
     def n_rows(self) -> int:
@@ -69,10 +104,28 @@ class ActivationStore:
         return bool(self.meta.get("complete", False))
 
     def load_shard(self, i: int) -> torch.Tensor:
-        """Shard ``i`` as ``[rows, d_in]``."""
+        """Shard ``i`` as ``[rows, d_in]``.
+
+        Raises:
+            StoreError: naming the shard file when it is missing, truncated or corrupt, or holds
+            another shape than ``meta.json`` lists.
+        """
         from safetensors.torch import load_file
 
-        return load_file(str(self.path / self.shards[i]))["activations"]
+        file = self.path / self.shards[i]
+        if not file.is_file():
+            raise StoreError(f"{file}: shard {i} of the activation store {self.path} is missing")
+        try:
+            rows = load_file(str(file))["activations"]
+        except Exception as e:  # SafetensorError, a missing key, header parse errors
+            raise StoreError(
+                f"{file}: shard {i} of the activation store {self.path} cannot be read (truncated or corrupt?): "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        want = [int(self.meta["shards"][i]["rows"]), self.d_in]
+        if list(rows.shape) != want:
+            raise StoreError(f"{file}: holds {list(rows.shape)}, meta.json says {want}")
+        return rows
 
     def load_all(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """All activations ``[n_rows, d_in]`` in memory."""
@@ -83,16 +136,36 @@ class ActivationStore:
         return out if dtype is None else out.to(dtype)
 
     def iter_batches(
-        self, batch_size: int, *, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        start: int = 0,
     ) -> Iterator[torch.Tensor]:
-        """Batches ``[batch_size, d_in]`` over one pass (shards in random order, rows shuffled per shard)."""
+        """Batches ``[batch_size, d_in]`` over one pass (shards in random order, rows shuffled per shard).
+
+        The pass is the shuffled shards concatenated and cut every ``batch_size`` rows (the last
+        batch may be shorter). ``start`` skips its first ``start`` batches without reading the
+        shards that lie wholly inside them (how :func:`saes.train.train_sae` resumes mid-pass).
+        """
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=g).tolist() if shuffle else range(len(self.shards))
         carry: torch.Tensor | None = None
+        to_skip = start * batch_size  # rows of the pass still to skip
         for i in order:
+            n = int(self.meta["shards"][i]["rows"])
+            if to_skip >= n:  # wholly skipped: draw its permutation (the generator moves on) but read nothing
+                if shuffle:
+                    torch.randperm(n, generator=g)
+                to_skip -= n
+                continue
             shard = self.load_shard(i).to(dtype)
             if shuffle:
                 shard = shard[torch.randperm(shard.shape[0], generator=g)]
+            if to_skip:
+                shard, to_skip = shard[to_skip:], 0
             if carry is not None:
                 shard = torch.cat([carry, shard])
             n_full = shard.shape[0] // batch_size * batch_size
@@ -118,6 +191,73 @@ def _flatten_site_value(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def model_identity(model: nn.Module) -> dict[str, str]:
+    """What identifies a model's activations: its class, ``config.name_or_path`` (``""`` when none) and a
+    SHA-256 (hex) over every parameter's name, shape, dtype and 4,096 evenly strided values.
+
+    Two checkpoints of one architecture (another seed, a fine-tune) differ in the hash; the same
+    weights loaded twice (another process, another device) agree. Cheap: a few thousand values
+    per tensor. Parameters on the ``meta`` device (offloaded) add only their name, shape and dtype.
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        if p.device.type == "meta":  # offloaded weights: their names, shapes and dtypes only
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float64).contiguous()
+        h.update(sample.numpy().tobytes())
+    config = getattr(model, "config", None)
+    name_or_path = getattr(config, "name_or_path", "") or ""
+    return {"class": type(model).__name__, "name_or_path": str(name_or_path), "weights_sha256": h.hexdigest()}
+
+
+def _describe_model(ident: Mapping[str, str]) -> str:
+    name = f" {ident.get('name_or_path')!r}" if ident.get("name_or_path") else ""
+    return f"{ident.get('class')}{name} (weights sha256 {str(ident.get('weights_sha256'))[:12]})"
+
+
+def _hash_batch(h: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Add one input batch (token ids and the attention mask, shapes and dtypes included) to ``h``."""
+    for t in (ids, mask):
+        if t is None:
+            h.update(b"|none|")
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.numpy().tobytes())
+
+
+def _check_settings(path: Path, meta: Mapping[str, Any], asked: Mapping[str, Any]) -> None:
+    """Refuse to resume the store at ``path`` (its ``meta``) with other settings than ``asked``.
+
+    Raises:
+        StoreError: naming the setting the store lacks or that differs, with both values.
+    """
+    for key in _SETTINGS:
+        if key not in meta:
+            raise StoreError(
+                f"{path / _META} does not record {key!r} (written by an older mishax-py?), so resuming cannot "
+                "check that new activations match the stored ones; collect into a new folder"
+            )
+    if meta["site"] != asked["site"]:
+        raise StoreError(
+            f"{path}: cannot resume: setting 'site' differs: the store holds activations of {meta['site']!r}, "
+            f"this call asks for {asked['site']!r}"
+        )
+    for key in ("dtype", "drop_bos"):
+        if meta[key] != asked[key]:
+            raise StoreError(
+                f"{path}: cannot resume: setting {key!r} differs: the store has {meta[key]!r}, this call asks for "
+                f"{asked[key]!r}"
+            )
+    if meta["model"] != asked["model"]:
+        raise StoreError(
+            f"{path}: cannot resume: setting 'model' differs: the store has {_describe_model(meta['model'])}, "
+            f"this call's model is {_describe_model(asked['model'])}"
+        )
+
+
 def collect_activations(
     im: InstrumentedModel,
     batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
@@ -132,12 +272,19 @@ def collect_activations(
 ) -> ActivationStore:
     """Record ``site`` over ``batches`` into a sharded, resumable :class:`ActivationStore` at ``path``.
 
+    An existing store at ``path`` is resumed: the batches it already covers are skipped (their
+    token ids hashed and compared with the store's record), and new shards are appended. It is
+    resumed only with the same site, ``dtype``, ``drop_bos``, model weights and batches; any
+    difference raises :class:`StoreError` naming the setting and both values, before anything is
+    written (module docs). ``shard_rows`` may differ between runs (it changes only where shards
+    end). Temporary files left by a killed write (``*.tmp``) are removed on resume.
+
     Args:
         im: the instrumented model.
         batches: token ids ``[batch, pos]``, or dicts with ``input_ids`` and optionally
             ``attention_mask`` (masked positions are skipped). Must be deterministic for resuming.
         site: canonical site (or alias); per-head sites are flattened head-major.
-        path: the store's folder; an existing store for the same site is resumed.
+        path: the store's folder; an existing store is resumed.
         shard_rows: rows per shard (a shard is written once this many rows are buffered).
         dtype: storage dtype.
         drop_bos: skip position 0 (Gemma's BOS token has outlier norms).
@@ -146,24 +293,28 @@ def collect_activations(
 
     Returns:
         The store (``complete=True``).
+
+    Raises:
+        StoreError: resuming with other settings (above), or a ``meta.json`` that records none.
     """
     from tqdm.auto import tqdm
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     (canonical,) = im.resolve(site)
     meta_path = path / _META
-    if meta_path.is_file():
+    asked = {"site": canonical, "dtype": str(dtype).removeprefix("torch."), "drop_bos": drop_bos,
+             "model": model_identity(im.model)}  # fmt: skip
+    resuming = meta_path.is_file()
+    if resuming:
         meta = ActivationStore(path).meta
-        if meta.get("site") != canonical:
-            raise ValueError(f"{path} holds activations of {meta.get('site')!r}, not {canonical!r}")
+        _check_settings(path, meta, asked)
     else:
-        meta = {"site": canonical, "d_in": None, "dtype": str(dtype).removeprefix("torch."), "shards": [],
-                "batches_done": 0, "complete": False, "drop_bos": drop_bos}  # fmt: skip
+        meta = {**asked, "d_in": None, "shards": [], "batches_done": 0, "batches_sha256": None, "complete": False}
     skip = int(meta["batches_done"])
+    hasher = hashlib.sha256()
     buffer: list[torch.Tensor] = []
     buffered = 0
-    done = skip
+    done = 0
 
     def flush() -> None:
         nonlocal buffer, buffered
@@ -174,25 +325,51 @@ def collect_activations(
         write_safetensors_atomic({"activations": rows}, path / name)
         meta["shards"].append({"file": name, "rows": int(rows.shape[0])})
         meta["batches_done"] = done
+        meta["batches_sha256"] = hasher.hexdigest()
         meta["d_in"] = int(rows.shape[1])
         write_json_atomic(meta_path, meta)
         buffer, buffered = [], 0
 
+    def check_skipped() -> None:
+        """Once the store's batches have been skipped: were they the ones it was collected from?"""
+        if done < skip:
+            raise StoreError(
+                f"{path}: cannot resume: the 'batches' differ: the store already holds {skip} batches, this call's "
+                f"batches end after {done}"
+            )
+        if skip and hasher.hexdigest() != meta["batches_sha256"]:
+            raise StoreError(
+                f"{path}: cannot resume: the 'batches' differ: the first {skip} batches of this call (token ids and "
+                "masks, hashed) are not the ones the store was collected from; pass the same batches in the same order"
+            )
+
     bar = tqdm(total=total, initial=skip, desc=f"collect {canonical}", unit="batch", disable=not progress)
     try:
         for i, item in enumerate(batches):
-            if i < skip:
-                continue
             if isinstance(item, Mapping):
                 ids, mask = item["input_ids"], item.get("attention_mask")
             else:
                 ids, mask = item, None
+            if i == skip:
+                check_skipped()
+                if resuming:
+                    for stale in path.glob("*.tmp"):  # a write killed before its rename
+                        stale.unlink(missing_ok=True)
+            _hash_batch(hasher, ids, mask)
+            if i < skip:
+                done = i + 1
+                continue
             with torch.no_grad():
                 if mask is None:
                     _, cache = im.run_with_cache(ids, sites=[canonical])
                 else:
                     _, cache = im.run_with_cache(ids, sites=[canonical], attention_mask=mask)
             value = _flatten_site_value(cache[canonical])
+            if meta["d_in"] is not None and value.shape[-1] != meta["d_in"]:
+                raise StoreError(
+                    f"{path}: cannot resume: setting 'd_in' differs: the store has {meta['d_in']}, this call's "
+                    f"{canonical} has {value.shape[-1]}"
+                )
             keep = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
             if mask is not None:
                 keep &= mask.to(device=value.device).bool()
@@ -203,10 +380,15 @@ def collect_activations(
             buffered += rows.shape[0]
             done = i + 1
             if buffered >= shard_rows:
+                path.mkdir(parents=True, exist_ok=True)
                 flush()
             bar.update(1)
+        if done <= skip:
+            check_skipped()
+        path.mkdir(parents=True, exist_ok=True)
         flush()
         meta["batches_done"] = done
+        meta["batches_sha256"] = hasher.hexdigest()
         meta["complete"] = True
         write_json_atomic(meta_path, meta)
     finally:

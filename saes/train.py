@@ -41,6 +41,20 @@ nothing is subtracted from the input (``pre = s_x x @ W_enc + b_enc``), the loss
 ``target_l0`` (optional, not part of the Gemma Scope recipe): after the λ warm-up, λ is
 nudged multiplicatively each step towards the L0 asked for.
 
+Checkpoints and resuming
+------------------------
+With ``config.checkpoint_dir`` set, :func:`train_sae` writes a checkpoint every
+``config.checkpoint_every`` optimiser steps and at the end (:mod:`saes.checkpoint`: atomic,
+safetensors + JSON, no pickle): the parameters, Adam's state, the step, λ and the L0 average
+that steers it, the scales ``s`` (``s_y``), the data position (pass and batch; the generator
+state that shuffled the current pass), the RNG states (the training generator; torch's CPU
+generator, CUDA's when training on it, Python's :mod:`random`, NumPy's) and the history.
+Started again with the same folder it resumes from the newest checkpoint, and ends with
+exactly the parameters of an uninterrupted run (bit-identical on CPU; tested with a run killed
+by SIGKILL), or returns at once when that checkpoint is the final one. A checkpoint made with
+another config (any field but ``checkpoint_dir``, ``checkpoint_every`` and ``progress``) or other
+data is refused with :class:`~saes.checkpoint.CheckpointError` naming the key and both values.
+
 Collecting activations and evaluating
 -------------------------------------
 :func:`collect_activations` / :class:`ActivationStore` live in :mod:`saes.store`,
@@ -53,6 +67,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,11 +75,22 @@ from torch import nn
 
 from saes import kernels
 from saes.base import SAE, JumpReLUSAE, TopKSAE, Transcoder, init_tied
+from saes.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    restore_rng_states,
+    rng_states,
+    tensor_fingerprint,
+    write_checkpoint,
+)
 from saes.evaluation import evaluate, lm_loss
 from saes.store import ActivationStore, collect_activations
 
 __all__ = [
     "ActivationStore",
+    "CheckpointError",
     "HeavisideFunction",
     "JumpReLUFunction",
     "TrainConfig",
@@ -158,6 +184,9 @@ class TrainConfig:
         output_site: for transcoders, the site ``target`` was read from (stored on the result).
         skip: for transcoders, train a linear skip connection ``W_skip`` too.
         log_every: record metrics every this many steps; progress: tqdm bar.
+        checkpoint_dir: folder for checkpoints; a run started again with the same folder resumes
+            from its newest checkpoint (module docs). ``None``: no checkpoints.
+        checkpoint_every: write a checkpoint every this many steps (and after the last one).
     """
 
     d_sae: int
@@ -183,6 +212,12 @@ class TrainConfig:
     skip: bool = False
     log_every: int = 100
     progress: bool = False
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1000
+
+
+# Fields that do not change what training computes: a checkpoint made with other values of these resumes.
+_RESUMABLE_ACROSS = ("checkpoint_dir", "checkpoint_every", "progress")
 
 
 @dataclass
@@ -190,7 +225,8 @@ class TrainResult:
     """What :func:`train_sae` returns: the SAE (folded, ready for inference) and its history.
 
     ``scale`` is the input scaling ``s`` (``s_x``); ``output_scale`` the target's ``s_y`` for a
-    transcoder (``None`` for an SAE).
+    transcoder (``None`` for an SAE); ``start_step`` the step the run resumed from (0 for a run
+    that started afresh; ``steps`` when a finished run's final checkpoint was found).
     """
 
     sae: SAE
@@ -198,6 +234,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     output_scale: float | None = None
+    start_step: int = 0
 
 
 class _Trainable(nn.Module):
@@ -228,9 +265,10 @@ class _Trainable(nn.Module):
             l0 = HeavisideFunction.apply(pre, theta, self.eps).sum(-1)
         else:
             assert self.k is not None
-            f = kernels.topk_activation(pre, self.k)
+            x_hat, f = kernels.topk_decode(pre, self.k, self.W_dec, self.b_dec)  # Triton: sparse decode
             l0 = (f > 0).sum(-1).to(x.dtype)
-        x_hat = f @ self.W_dec + self.b_dec
+        if self.jump:  # dense: θ's STE needs dL/df at inactive features too (saes.kernels docs)
+            x_hat = f @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             x_hat = x_hat + x @ self.W_skip
         return x_hat, f, l0
@@ -286,24 +324,70 @@ def fold_scaling(
     return out
 
 
-def _batches_forever(
-    data: torch.Tensor | ActivationStore, batch_size: int, generator: torch.Generator, seed: int,
-    target: torch.Tensor | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Shuffled ``(x, y)`` batches, epoch after epoch (``y`` the same rows of ``target``, or ``None``)."""
-    epoch = 0
-    while True:
+class _BatchStream:
+    """Shuffled ``(x, y)`` batches, pass after pass (``y`` the same rows of ``target``, or ``None``),
+    with a position a checkpoint records and :meth:`restore` returns to.
+
+    In-memory data: each pass draws a permutation from ``generator`` and yields its full
+    batches (the whole data, unshuffled, when it has fewer rows than a batch). A store: pass ``e``
+    is ``store.iter_batches(batch_size, seed=seed + e)``.
+    """
+
+    def __init__(self, data: torch.Tensor | ActivationStore, batch_size: int, generator: torch.Generator,
+                 seed: int, target: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.data, self.target, self.batch_size = data, target, batch_size
+        self.generator, self.seed = generator, seed
+        self.epoch = 0  # passes completed
+        self.index = 0  # batches yielded in the current pass
+        self.epoch_state: torch.Tensor | None = None  # generator state before this pass's permutation
+        self._resume = False
+        self._it: Iterator[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def position(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        """The position as JSON (pass, batch) and tensors (the generator state that drew this pass)."""
+        tensors = {} if self.epoch_state is None else {"rng.epoch_generator": self.epoch_state}
+        return {"epoch": self.epoch, "index": self.index}, tensors
+
+    def restore(self, position: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`position` (the caller restores ``generator`` itself)."""
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+        self.epoch_state = tensors.get("rng.epoch_generator")
+        self._resume, self._it = True, None
+
+    def _pass(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        data, target, bs = self.data, self.target, self.batch_size
         if isinstance(data, ActivationStore):
-            for x in data.iter_batches(batch_size, shuffle=True, seed=seed + epoch):
+            for x in data.iter_batches(bs, shuffle=True, seed=self.seed + self.epoch, start=start):
                 yield x, None
+            return
+        if self._resume and self.epoch_state is not None:  # this pass's permutation, drawn again
+            g = torch.Generator().manual_seed(0)
+            g.set_state(self.epoch_state)
+            perm = torch.randperm(data.shape[0], generator=g)
         else:
-            perm = torch.randperm(data.shape[0], generator=generator)
-            for j in range(0, data.shape[0] - batch_size + 1, batch_size):
-                rows = perm[j : j + batch_size]
-                yield data[rows], None if target is None else target[rows]
-            if data.shape[0] < batch_size:
-                yield data, target
-        epoch += 1
+            self.epoch_state = self.generator.get_state()
+            perm = torch.randperm(data.shape[0], generator=self.generator)
+        self._resume = False
+        for j in range(start * bs, data.shape[0] - bs + 1, bs):
+            rows = perm[j : j + bs]
+            yield data[rows], None if target is None else target[rows]
+        if data.shape[0] < bs and start == 0:
+            yield data, target
+
+    def __iter__(self) -> _BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        while True:
+            if self._it is None:
+                self._it = self._pass(self.index)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.index, self._it, self._resume = self.epoch + 1, 0, None, False
+                continue
+            self.index += 1
+            return batch
 
 
 def _mean_sq_scale(sample: list[torch.Tensor], what: str) -> float:
@@ -312,6 +396,49 @@ def _mean_sq_scale(sample: list[torch.Tensor], what: str) -> float:
     if not math.isfinite(sq) or sq <= 0:
         raise ValueError(f"{what} have mean squared norm {sq}; cannot scale")
     return 1.0 / math.sqrt(sq)
+
+
+def _data_identity(data: torch.Tensor | ActivationStore, target: torch.Tensor | None) -> dict[str, Any]:
+    """What a checkpoint records of the data, to refuse resuming on other data: a tensor's shape, dtype and
+    sampled hash (:func:`~saes.checkpoint.tensor_fingerprint`); a store's site, rows, shards and the hash of
+    the model and batches it was collected from."""
+    if isinstance(data, ActivationStore):
+        meta = data.meta
+        what = (f"activation store of {data.site!r}: {data.n_rows} rows x {data.d_in} in {len(data.shards)} shards, "
+                f"model sha256 {str((meta.get('model') or {}).get('weights_sha256'))[:12]}, "
+                f"batches sha256 {str(meta.get('batches_sha256'))[:12]}")  # fmt: skip
+    else:
+        what = tensor_fingerprint(data)
+    return {"data": what, "target": None if target is None else tensor_fingerprint(target)}
+
+
+def _check_resumable(where: Path, state: dict[str, Any], cfg: TrainConfig, data_id: dict[str, Any]) -> None:
+    """Refuse a checkpoint made with another config or other data.
+
+    Raises:
+        CheckpointError: naming the checkpoint, the key and both values.
+    """
+    now = _config_record(cfg)
+    was = state.get("config", {})
+    for key in sorted(set(now) | set(was)):
+        if key in _RESUMABLE_ACROSS:
+            continue
+        if key not in was or key not in now or was[key] != now[key]:
+            raise CheckpointError(
+                f"{where}: checkpoint made with {key}={was.get(key)!r}, this run has {key}={now.get(key)!r}; "
+                "resume with the same config, or use another checkpoint_dir"
+            )
+    for key, value in data_id.items():
+        if state.get("data_identity", {}).get(key) != value:
+            raise CheckpointError(
+                f"{where}: {key!r} differs: the checkpoint was made on {state.get('data_identity', {}).get(key)}, "
+                f"this run has {value}"
+            )
+
+
+def _config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as JSON values (tuples as lists), as a checkpoint stores it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
 def train_sae(
@@ -323,11 +450,18 @@ def train_sae(
     then an in-memory ``[n, d_in]`` tensor) it trains a transcoder ``data -> target`` instead
     (module docs).
 
+    With ``config.checkpoint_dir`` it checkpoints every ``config.checkpoint_every`` steps and
+    resumes from the newest checkpoint there (module docs, "Checkpoints and resuming").
+
     Returns:
         :class:`TrainResult` with the SAE (or :class:`~saes.base.Transcoder`) in the plain
         inference parameterisation (scaling and ``b_dec`` subtraction folded in; works on raw
         activations), the scale(s), and the history (step, loss, mse, l0, lambda, lr every
         ``log_every`` steps).
+
+    Raises:
+        ValueError: a config or data that cannot train.
+        CheckpointError: a checkpoint in ``checkpoint_dir`` made with another config or other data.
     """
     from tqdm.auto import tqdm
 
@@ -336,6 +470,8 @@ def train_sae(
         raise ValueError(f"architecture must be 'jumprelu' or 'topk', got {cfg.architecture!r}")
     if cfg.architecture == "topk" and (cfg.k is None or not 0 < cfg.k <= cfg.d_sae):
         raise ValueError(f"topk training needs 0 < k <= d_sae, got k={cfg.k}")
+    if cfg.checkpoint_dir is not None and (isinstance(cfg.checkpoint_every, bool) or cfg.checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every!r}")
     site: str | None
     if isinstance(data, ActivationStore):
         d_in, n_rows = data.d_in, data.n_rows
@@ -358,32 +494,70 @@ def train_sae(
         d_out = int(target.shape[1])
     elif cfg.skip:
         raise ValueError("skip=True is a transcoder option: pass target=...")
+    if cfg.b_dec_init not in ("zeros", "mean"):
+        raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {cfg.b_dec_init!r}")
     device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.steps if cfg.steps is not None else max(1, n_rows // cfg.batch_size)
     lam_warm = cfg.lambda_warmup_steps if cfg.lambda_warmup_steps is not None else max(1, steps // 10)
 
-    batches = _batches_forever(data, cfg.batch_size, gen, cfg.seed, target)
-    # Scaling: s with E||s x||^2 = 1 (and s_y for a transcoder's target), from the first scale_batches batches.
-    sample = [next(batches) for _ in range(max(1, cfg.scale_batches))]
-    scale = _mean_sq_scale([x for x, _ in sample], "activations")
-    out_scale = None if target is None else _mean_sq_scale([y for _, y in sample if y is not None], "targets")
-    out_sample = [x if y is None else y for x, y in sample]
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    data_id = _data_identity(data, target) if ckpt_dir is not None else {}
+    found = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if found is not None:
+        _check_resumable(found[0], found[2], cfg, data_id)
 
-    model = _Trainable(d_in, cfg, gen, d_out=d_out).to(device)
-    if cfg.b_dec_init == "mean":
-        with torch.no_grad():
-            model.b_dec.copy_(torch.cat(out_sample).float().mean(0).to(device) * (out_scale or scale))
-    elif cfg.b_dec_init != "zeros":
-        raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {cfg.b_dec_init!r}")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])))
-    decay_start = int(steps * (1 - cfg.lr_decay_frac))
+    batches = _BatchStream(data, cfg.batch_size, gen, cfg.seed, target)
     lam = cfg.l0_coefficient
     history: list[dict[str, float]] = []
-    bar = tqdm(total=steps, desc=f"train {cfg.architecture}", unit="step", disable=not cfg.progress)
     l0_ema: float | None = None
+    start = 0
+    if found is None:
+        # Scaling: s with E||s x||^2 = 1 (and s_y for a transcoder's target), from the first scale_batches batches.
+        sample = [next(batches) for _ in range(max(1, cfg.scale_batches))]
+        scale = _mean_sq_scale([x for x, _ in sample], "activations")
+        out_scale = None if target is None else _mean_sq_scale([y for _, y in sample if y is not None], "targets")
+        out_sample = [x if y is None else y for x, y in sample]
+        model = _Trainable(d_in, cfg, gen, d_out=d_out).to(device)
+        if cfg.b_dec_init == "mean":
+            with torch.no_grad():
+                model.b_dec.copy_(torch.cat(out_sample).float().mean(0).to(device) * (out_scale or scale))
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])))
+    else:
+        _, tensors, state = found
+        start = int(state["step"])
+        scale, out_scale = float(state["scale"]), state["output_scale"]
+        lam, l0_ema, history = float(state["lambda"]), state["l0_ema"], list(state["history"])
+        model = _Trainable(d_in, cfg, torch.Generator().manual_seed(0), d_out=d_out).to(device)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(tensors[f"model.{name}"])
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])))
+        load_optimizer_state(opt, tensors, state["optimizer"])
+        gen.set_state(tensors["rng.generator"])
+        batches.restore(state["data_position"], tensors)
+        restore_rng_states(tensors, state["rng"])
+
+    def checkpoint(done: int) -> None:
+        assert ckpt_dir is not None
+        opt_tensors, opt_json = optimizer_state(opt)
+        rng_tensors, rng_json = rng_states((device,))
+        position, position_tensors = batches.position()
+        tensors: dict[str, torch.Tensor] = {f"model.{name}": p for name, p in model.named_parameters()}
+        tensors.update(opt_tensors)
+        tensors.update(rng_tensors)
+        tensors.update(position_tensors)
+        tensors["rng.generator"] = gen.get_state()
+        write_checkpoint(ckpt_dir, done, tensors, {
+            "step": done, "steps": steps, "config": _config_record(cfg), "data_identity": data_id,
+            "scale": scale, "output_scale": out_scale, "lambda": lam, "l0_ema": l0_ema, "history": history,
+            "data_position": position, "optimizer": opt_json, "rng": rng_json,
+        })  # fmt: skip
+
+    decay_start = int(steps * (1 - cfg.lr_decay_frac))
+    bar = tqdm(total=steps, initial=start, desc=f"train {cfg.architecture}", unit="step", disable=not cfg.progress)
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             x, y = next(batches)
             x = x.to(device=device, dtype=torch.float32) * scale
             if y is None:
@@ -415,6 +589,8 @@ def train_sae(
                                 "l0": l0_now, "lambda": warm * lam, "lr": lr})  # fmt: skip
                 bar.set_postfix(mse=f"{float(mse.detach()):.4f}", l0=f"{l0_now:.1f}")
             bar.update(1)
+            if ckpt_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+                checkpoint(step + 1)
     finally:
         bar.close()
 
@@ -438,4 +614,4 @@ def train_sae(
     sae.metadata.update({"trained": True, "input_scale": scale, "steps": steps})
     if out_scale is not None:
         sae.metadata["output_scale"] = out_scale
-    return TrainResult(sae, scale, history, asdict(cfg), output_scale=out_scale)
+    return TrainResult(sae, scale, history, asdict(cfg), output_scale=out_scale, start_step=start)

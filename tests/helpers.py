@@ -5,15 +5,20 @@ other or a ``conftest``. Sections:
 
 * models: :func:`tiny_config` / :func:`make_model` (a random 2-layer Gemma 2 with every Gemma 2
   feature on), :data:`BUNDLED` / :data:`needs_model` (the bundled trained ``gemma2-tiny``),
-  :func:`linearise_norm`, :func:`train_transcoder`;
+  :func:`linearise_norm`, :func:`train_transcoder`, :func:`forbid_forward`;
 * activation and path patching references: :func:`two_position_metric`, :func:`loop_reference`,
   :func:`with_edit`;
-* attribution references: :func:`element_slices`, :func:`exact_patching`.
+* attribution references: :func:`element_slices`, :func:`exact_patching`;
+* attribution graphs without a model: :func:`synthetic_graph`;
+* figures: :func:`text_overlaps` (pairs of drawn texts whose boxes overlap);
+* headless Chromium (browser tests): :func:`chromium`, :func:`run_chromium`.
 """
 
 from __future__ import annotations
 
 import itertools
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +110,15 @@ def train_transcoder(im: InstrumentedModel, layer: int, d_sae: int = 64, steps: 
         opt.step()
     tc.requires_grad_(False)
     return tc
+
+
+def forbid_forward(monkeypatch: pytest.MonkeyPatch, im: InstrumentedModel) -> None:
+    """Make any forward of ``im.model`` fail loudly: for errors that must come before the model runs."""
+
+    def forward(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model's forward ran")
+
+    monkeypatch.setattr(im.model, "forward", forward)
 
 
 # -- activation and path patching references -------------------------------------------------------
@@ -214,3 +228,123 @@ def exact_patching(im, source, target, metric, site, by, layers=None):
         vals = torch.tensor([float(metric(logits[i * b:(i + 1) * b])) - base for i in range(len(flat))])
         out.append(vals.view(len(grid), -1) if by == "head_pos" else vals)
     return torch.stack(out)
+
+
+# -- attribution graphs without a model -------------------------------------------------------------
+def synthetic_graph(seed: int = 0, n_layers: int = 3, n_pos: int = 6, per_cell: int = 2, n_logits: int = 3,
+                    tokens: list[str] | None = None):
+    """A random acyclic :class:`~mishax_py.circuits.AttributionGraph` (no model), for the viewer and the picture.
+
+    Up to ``per_cell`` active features per (layer, position) with random indices; every feature,
+    error and token node feeds the features of later layers at the same or later positions and
+    the logits (about 60% of those edges, Gaussian weights, tokens twice as strong); ``n_logits``
+    logits with decreasing probabilities. Only what pruning, export and drawing read is
+    meaningful (the biases and values are not consistent with the edges).
+    """
+    from mishax_py.circuits import AttributionGraph
+
+    g = torch.Generator().manual_seed(seed)
+    feats = sorted({(layer, p, int(torch.randint(0, 500, (1,), generator=g)))
+                    for layer in range(n_layers) for p in range(n_pos)
+                    for _ in range(int(torch.randint(0, per_cell + 1, (1,), generator=g)))})  # fmt: skip
+    nf, n_err = len(feats), n_layers * n_pos
+    n = nf + n_err + n_pos + n_logits
+
+    def layer_pos(i: int) -> tuple[int, int]:
+        if i < nf:
+            return feats[i][0], feats[i][1]
+        if i < nf + n_err:
+            return divmod(i - nf, n_pos)
+        if i < nf + n_err + n_pos:
+            return -1, i - nf - n_err
+        return n_layers + 1, n_pos - 1
+
+    A = torch.zeros(n, n)
+    for t in [*range(nf), *range(n - n_logits, n)]:
+        lt, pt = layer_pos(t)
+        for src in range(nf + n_err + n_pos):
+            ls, ps = layer_pos(src)
+            if ls < lt and ps <= pt and float(torch.rand((), generator=g)) < 0.6:
+                A[t, src] = torch.randn((), generator=g) * (2.0 if src >= nf + n_err else 1.0)
+    probs = torch.softmax(torch.randn(n_logits, generator=g) * 2, 0).sort(descending=True).values
+    logit_tokens = torch.arange(n_logits) * 3 + 1
+    return AttributionGraph(
+        input_ids=torch.arange(10, 10 + n_pos), tokens=tokens or [f"t{i}" for i in range(n_pos)], n_layers=n_layers,
+        features=torch.tensor(feats, dtype=torch.long).reshape(-1, 3), activations=torch.rand(nf, generator=g) + 0.1,
+        pre_activations=torch.rand(nf, generator=g), logit_tokens=logit_tokens, logit_probabilities=probs,
+        logit_values=torch.randn(n_logits, generator=g), adjacency=A, bias=torch.zeros(n),
+        visited=torch.ones(n, dtype=torch.bool), transcoder_layers=list(range(n_layers)),
+        error_norms=torch.ones(n_layers, n_pos),
+        settings={"logit_strings": {int(t): f"out{int(t)}" for t in logit_tokens}},
+    )  # fmt: skip
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def text_overlaps(fig: Any, pad: float = 0.5) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts of a matplotlib figure that overlap (Agg renderer, pixels): tick labels,
+    titles, annotations, legend entries, colourbar labels.
+
+    A rotated text is its rotated rectangle (the unrotated box's size, centred where its axis-aligned
+    box is centred), so 45-degree labels side by side do not count as overlapping; each box is shrunk
+    by ``pad`` pixels; overlap is tested by separating axes.
+    """
+    import math
+
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    quads = []
+    for t in fig.findobj(Text):
+        if not (t.get_visible() and t.get_text().strip()):
+            continue
+        box = t.get_window_extent(renderer)
+        if box.width <= 0 or box.height <= 0:
+            continue
+        angle = t.get_rotation()
+        t.set_rotation(0)
+        flat = t.get_window_extent(renderer)
+        t.set_rotation(angle)
+        w, h = flat.width / 2 - pad, flat.height / 2 - pad
+        cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+        c, s_ = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        quads.append((t.get_text(), [(cx + c * dx - s_ * dy, cy + s_ * dx + c * dy)
+                                     for dx, dy in ((-w, -h), (w, -h), (w, h), (-w, h))]))  # fmt: skip
+
+    def separated(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> bool:
+        for poly in (a, b):
+            for i in range(4):
+                (x0, y0), (x1, y1) = poly[i], poly[(i + 1) % 4]
+                nx, ny = y0 - y1, x1 - x0
+                pa = [nx * x + ny * y for x, y in a]
+                pb = [nx * x + ny * y for x, y in b]
+                if max(pa) <= min(pb) or max(pb) <= min(pa):
+                    return True
+        return False
+
+    return [(ta, tb) for i, (ta, a) in enumerate(quads) for tb, b in quads[i + 1:] if not separated(a, b)]
+
+
+# -- headless Chromium -----------------------------------------------------------------------------
+def chromium() -> str | None:
+    """The path of a Chromium/Chrome executable, or ``None`` (browser tests skip; ``.ci/run`` installs one)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def run_chromium(args: list[str], profile: Path, *, console: bool = False) -> subprocess.CompletedProcess:
+    """Run headless Chromium with ``args`` (e.g. ``["--dump-dom", url]``) and a fresh profile folder.
+
+    ``console``: log the page's console to stderr (lines ``...:INFO:CONSOLE...] "message", source: ...``,
+    uncaught exceptions as ``"Uncaught ..."``), for tests that require a page to log nothing.
+    """
+    exe = chromium()
+    assert exe is not None
+    base = [exe, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--no-first-run",
+            f"--user-data-dir={profile}", "--virtual-time-budget=5000"]  # fmt: skip
+    if console:
+        base += ["--enable-logging=stderr", "--v=0"]
+    return subprocess.run(base + args, capture_output=True, text=True, timeout=120)

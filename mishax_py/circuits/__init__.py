@@ -12,6 +12,7 @@ JSON and a matplotlib rendering. Modules, one job each:
 * :mod:`~mishax_py.circuits.prune`: node influence and influence pruning;
 * :mod:`~mishax_py.circuits.json_format`: circuit-tracer's graph-file format, export and :func:`load_graph_json`;
 * :mod:`~mishax_py.circuits.render`: :func:`render_graph`, the static picture;
+* :mod:`~mishax_py.circuits.viewer`: ``AttributionGraph.to_html``, the interactive viewer (one offline HTML file);
 * :mod:`~mishax_py.circuits.transcoders`: which layer a transcoder replaces, its features and output;
 * :mod:`~mishax_py.circuits.replacement`: :func:`replacement_interventions`, runs of a prompt's local
   replacement model (with feature clamps), to check a graph's claims in the model it describes.
@@ -36,6 +37,7 @@ from mishax_py.circuits.graph import AttributionGraph
 from mishax_py.circuits.json_format import load_graph_json
 from mishax_py.circuits.render import render_graph
 from mishax_py.circuits.replacement import replacement_interventions
+from mishax_py.circuits.viewer import graph_to_html
 
 __all__ = [
     "AttributionGraph",
@@ -45,6 +47,7 @@ __all__ = [
     "ablate_complement",
     "attribution_graph",
     "feature_circuit",
+    "graph_to_html",
     "load_graph_json",
     "render_graph",
     "replacement_interventions",

@@ -38,6 +38,18 @@ sites ``x`` and ``y`` of a pair in ``im.family.frozen_norms`` is replaced for au
 scale; exact in value). Attention patterns are detached at ``attn.pattern``. A layer without a
 transcoder keeps its MLP output as a single error node per position.
 
+The ``<bos>`` position (``zero_bos``): circuit-tracer zeroes every feature and error vector at
+position 0 (it makes position 0 a special token, prepending one when the prompt has none), because
+the first position carries outsized norms and many features that explain nothing about the prompt.
+Zeroed, position 0 has no feature nodes and its error nodes have no edges; only its token node
+stays, and what the zeroed nodes wrote there moves into the targets' ``bias`` (a constant, as in
+the frozen replacement model nothing upstream changes it), so completeness still holds and every
+other edge is unchanged. By default (``zero_bos=None``) the graph does this exactly when the prompt
+starts with the BOS id, read from ``bos_token_id=`` or else the tokenizer's ``bos_token_id``
+(this package reads no model config), so a ``<bos>`` prompt gives circuit-tracer's graph;
+``zero_bos=False`` keeps position 0's features and error nodes (every node of the local
+replacement model), ``zero_bos=True`` zeroes position 0 whatever token it holds.
+
 Checking claims: :meth:`AttributionGraph.clamp_effect` is exact in the replacement model
 (:func:`mishax_py.circuits.replacement.replacement_interventions` runs it, with clamps) up to
 features switching on or off. The real model can disagree where the frozen parts matter: on
@@ -76,8 +88,9 @@ __all__ = ["TokenDecoder", "attribution_graph", "norm_scale"]
 
 
 class TokenDecoder(Protocol):
-    """What the graph uses of a tokenizer: the string of a token id (a Hugging Face tokenizer is one; its
-    ``decode`` is typed to return a list of strings for a batch of sequences, joined here if it does)."""
+    """What the graph uses of a tokenizer: the string of a token id or of the whole prompt (a Hugging Face
+    tokenizer is one; its ``decode`` is typed to return a list of strings for a batch of sequences, joined
+    here if it does). Its ``bos_token_id``, where it has one, decides the default ``zero_bos``."""
 
     def decode(self, token_ids: list[int], /) -> str | list[str]: ...
 
@@ -125,6 +138,26 @@ def _prompt_state(im: InstrumentedModel, ids: torch.Tensor, tcs: TranscoderMap) 
         errors[layer] = y - transcoder_output(tc, f, x)
         feats[layer] = (pre, f)
     return _PromptState(logits[0, -1].float(), cache["embed"][0].float(), cache["ln_final"][0], feats, errors)
+
+
+def _zero_position_0(st: _PromptState, tcs: TranscoderMap, n_layers: int) -> torch.Tensor:
+    """Zero the feature activations and error vectors at position 0 in ``st`` (circuit-tracer's ``<bos>`` rule).
+
+    Returns ``[n_layers, d_model]``: what they wrote to each layer's MLP output at position 0
+    (the activations times their decoder rows, plus the error vector), which the graph keeps as
+    a constant of its targets.
+    """
+    out = torch.stack([st.errors[layer][0].clone() for layer in range(n_layers)])
+    for layer in range(n_layers):
+        if layer in st.feats:
+            pre, f = st.feats[layer]
+            out[layer] += f[0] @ tcs[layer][0].W_dec.detach().float()
+            f = f.clone()
+            f[0] = 0
+            st.feats[layer] = (pre, f)
+        st.errors[layer] = st.errors[layer].clone()
+        st.errors[layer][0] = 0
+    return out
 
 
 # -- the handlers of the frozen forward --------------------------------------------------------
@@ -223,6 +256,8 @@ def attribution_graph(
     max_feature_nodes: int | None = None,
     batch_size: int = 64,
     progress: bool | None = None,
+    zero_bos: bool | None = None,
+    bos_token_id: int | None = None,
 ) -> AttributionGraph:
     """Build the attribution graph of one prompt (see the module docs).
 
@@ -236,7 +271,8 @@ def attribution_graph(
             input kind of the family, e.g. ``blocks.L.ln2_normalized``) and ``output_site``
             (its MLP output, ``blocks.L.mlp_out``). Layers without one keep their whole MLP
             output as error nodes.
-        tokenizer: optional, for token strings.
+        tokenizer: optional, for token strings, the prompt string (its ``decode`` of the whole
+            prompt) and the BOS id (its ``bos_token_id``).
         max_n_logits, desired_logit_prob: logit nodes are the most probable next tokens
             until their probabilities add up to ``desired_logit_prob`` (at most ``max_n_logits``).
         logit_tokens: explicit logit-node tokens instead (the first is the target logit).
@@ -245,12 +281,17 @@ def attribution_graph(
         batch_size: targets per backward pass (rows of the replicated forward).
         progress: a bar over the adjacency rows (``None``: on a terminal, for long work; see
             :mod:`mishax_py.progress`).
+        zero_bos: zero the features and error vectors at position 0, as circuit-tracer does
+            (module docs). ``None`` (default): when the prompt starts with the BOS id; ``True``:
+            always; ``False``: never. The choice is ``graph.settings["zero_bos"]``.
+        bos_token_id: the BOS id for ``zero_bos=None`` (default: ``tokenizer.bos_token_id``;
+            with neither, nothing is zeroed).
 
     Raises:
         ValueError: a batch of prompts, ``batch_size < 1``, transcoders that do not fit the
             model's MLPs, ``logit_tokens`` outside the vocabulary.
     """
-    ids = as_ids(ids, im.model)
+    ids = as_ids(ids, im)
     if ids.shape[0] != 1:
         raise ValueError(f"attribution_graph takes one prompt, got a batch of {ids.shape[0]}")
     if batch_size < 1:
@@ -261,6 +302,10 @@ def attribution_graph(
     tcs = transcoder_map(im, transcoders)
     n_layers, T = im.n_layers, ids.shape[1]
     st = _prompt_state(im, ids, tcs)
+    bos = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    zero = bool(zero_bos) if zero_bos is not None else bos is not None and int(ids[0, 0]) == int(bos)
+    # [n_layers, d_model]: what the features and error node of each layer wrote at position 0 (zeroed nodes)
+    bos_out = _zero_position_0(st, tcs, n_layers) if zero else None
 
     # -- nodes --------------------------------------------------------------------------
     feat_rows, acts, pres = [], [], []
@@ -342,6 +387,8 @@ def attribution_graph(
                 continue
             g = g[:k].float()  # [k, T, d]
             rows[:, n_f + layer * T: n_f + (layer + 1) * T] = (g * err[layer]).sum(-1)
+            if bos_out is not None:  # the zeroed nodes' output is a constant of every target
+                const += g[:, 0] @ bos_out[layer]
             if layer in by_layer:
                 sel, pos_sel, W, b_dec = by_layer[layer]
                 if sel.numel():
@@ -394,12 +441,17 @@ def attribution_graph(
         return out if isinstance(out, str) else "".join(out)
 
     toks = [text(int(t)) for t in ids[0]]
+    if tokenizer is None:
+        prompt = " ".join(toks)
+    else:
+        decoded = tokenizer.decode([int(t) for t in ids[0]])
+        prompt = decoded if isinstance(decoded, str) else "".join(decoded)
     logit_strings = {int(t): text(int(t)) for t in ltoks}
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
-                "max_feature_nodes": max_feature_nodes, "logit_strings": logit_strings}
+                "max_feature_nodes": max_feature_nodes, "zero_bos": zero, "logit_strings": logit_strings}
     return AttributionGraph(
         input_ids=ids[0].cpu(), tokens=toks, n_layers=n_layers, features=features, activations=activations,
         pre_activations=pre_acts, logit_tokens=ltoks.cpu(), logit_probabilities=lprobs.cpu(),
         logit_values=logit_values.cpu(), adjacency=A, bias=bias, visited=visited,
-        transcoder_layers=sorted(tcs), error_norms=err.norm(dim=-1), settings=settings,
+        transcoder_layers=sorted(tcs), error_norms=err.norm(dim=-1), settings=settings, prompt=prompt,
     )

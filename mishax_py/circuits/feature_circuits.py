@@ -140,7 +140,7 @@ class FeatureCircuit:
         Returns ``{"faithfulness", "completeness", "m_full", "m_circuit", "m_complement",
         "m_empty", "n_nodes"}``.
         """
-        ids = self.clean_ids if ids is None else as_ids(ids, im.model)
+        ids = self.clean_ids if ids is None else as_ids(ids, im)
         if ids is None:
             raise ValueError("this circuit keeps no clean_ids: pass the ids it was found on")
         keep = set(self.nodes if nodes is None else nodes)
@@ -283,7 +283,7 @@ def feature_circuit(
     if corrupt_ids is None:
         if direction == "denoise":
             raise ValueError("direction='denoise' needs corrupt_ids (the run the clean values are patched into)")
-        run, source = as_ids(clean_ids, im.model), None
+        run, source = as_ids(clean_ids, im), None
     else:
         clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
         # the run the effects are measured in, and the run whose node values are the patch

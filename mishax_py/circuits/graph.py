@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mishax_py.circuits.json_format import graph_to_json
+from mishax_py.circuits.json_format import ErrorIds, graph_to_json
 from mishax_py.circuits.prune import PrunedGraph, compute_influence, normalise_rows, prune
 from mishax_py.circuits.render import render_graph
 
@@ -51,7 +51,10 @@ class AttributionGraph:
             ``max_feature_nodes`` limited them).
         transcoder_layers: the layers whose MLP was replaced.
         error_norms: ``[n_layers, n_pos]`` L2 norm of each error vector.
-        settings: generation settings (for the JSON metadata).
+        settings: generation settings (for the JSON metadata; ``zero_bos``: whether position 0's
+            features and error vectors were zeroed, see :func:`~mishax_py.circuits.build.attribution_graph`).
+        prompt: the prompt as one string, the tokenizer's ``decode`` of ``input_ids`` (``None``:
+            ``tokens`` joined by spaces); circuit-tracer's ``metadata.prompt``.
     """
 
     input_ids: torch.Tensor
@@ -69,6 +72,7 @@ class AttributionGraph:
     transcoder_layers: list[int]
     error_norms: torch.Tensor
     settings: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
 
     # -- node bookkeeping -----------------------------------------------------------------
     @property
@@ -114,7 +118,9 @@ class AttributionGraph:
         return "logit"
 
     def node_id(self, index: int) -> str:
-        """circuit-tracer's node id of node ``index``."""
+        """The node id of node ``index``: circuit-tracer's for features, tokens and logits; ``{layer}_-1_{pos}`` for
+        error nodes, which never equals a feature's (circuit-tracer 0.5.0's files write ``0_{layer}_{pos}``, the
+        id of feature ``layer`` of layer 0 too; :meth:`to_json` writes that by default, see ``error_ids``)."""
         kind = self.node_kind(index)
         if kind == "feature":
             layer, pos, feat = (int(v) for v in self.features[index])
@@ -220,18 +226,44 @@ class AttributionGraph:
         slug: str = "mishax-py-graph",
         scan: str = "mishax-py",
         clerps: Mapping[str, str] | None = None,
+        error_ids: ErrorIds = "circuit-tracer",
     ) -> dict[str, Any]:
-        """The pruned graph in circuit-tracer's JSON format (see the module docs); written to ``path`` if given.
+        """The pruned graph in circuit-tracer's JSON format (see :mod:`~mishax_py.circuits.json_format`); written
+        to ``path`` if given.
 
-        ``clerps``: optional ``{node_id: label}`` descriptions shown by the viewer.
+        ``clerps``: optional ``{node_id: label}`` descriptions shown by the viewer. ``error_ids``:
+        ``"circuit-tracer"`` (its files' ``0_{layer}_{pos}``) or ``"unique"`` (``{layer}_-1_{pos}``).
         """
         return graph_to_json(self, path, node_threshold=node_threshold, edge_threshold=edge_threshold, slug=slug,
-                             scan=scan, clerps=clerps)
+                             scan=scan, clerps=clerps, error_ids=error_ids)
 
     def render(self, path: str | os.PathLike[str], **kwargs: Any) -> str:
         """Draw the pruned graph to ``path`` (PNG or SVG by extension); see
         :func:`~mishax_py.circuits.render.render_graph`."""
         return render_graph(self, path, **kwargs)
+
+    def to_html(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        node_threshold: float = 0.8,
+        edge_threshold: float = 0.98,
+        labels: Mapping[str, str] | None = None,
+        contexts: Mapping[Any, Any] | None = None,
+        tokenizer: Any = None,
+        title: str | None = None,
+    ) -> str:
+        """Write the interactive viewer of the graph pruned at the thresholds to ``path`` (one self-contained HTML
+        file: hover a node, click to trace its strongest paths, threshold sliders); returns the path.
+
+        ``labels``: ``{node_id: text}``; ``contexts``: top-activating contexts, ``{node_id: [text, ...]}`` or
+        ``{(layer, feature index): [text, ...]}``; ``tokenizer``: decodes the logit tokens. See
+        :func:`~mishax_py.circuits.viewer.graph_to_html` and the module docs for what the sliders recompute.
+        """
+        from mishax_py.circuits.viewer import graph_to_html
+
+        return graph_to_html(self, path, node_threshold=node_threshold, edge_threshold=edge_threshold, labels=labels,
+                             contexts=contexts, tokenizer=tokenizer, title=title)
 
     def __repr__(self) -> str:
         return (f"AttributionGraph({self.n_pos} tokens, {self.n_features} active features, "

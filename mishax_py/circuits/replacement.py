@@ -77,7 +77,7 @@ def replacement_interventions(
     Returns:
         ``{site: [Hook, ...]}`` for ``im.run(ids, interventions=...)``.
     """
-    ids = as_ids(ids, im.model)
+    ids = as_ids(ids, im)
     tcs = transcoder_map(im, transcoders)
     n_layers, n_pos = im.n_layers, ids.shape[1]
     checked = [_check_clamp(c, tcs, n_pos) for c in clamps]

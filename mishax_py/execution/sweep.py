@@ -53,9 +53,10 @@ import torch
 
 from mishax_py.execution.forward import repeat_rows
 from mishax_py.hf_compat import CACHE_KWARG, output_cache
-from mishax_py.inputs import Ids, as_ids
+from mishax_py.inputs import Ids, model_inputs
 from mishax_py.interventions.base import Intervention, Interventions
-from mishax_py.memory import available_ram
+from mishax_py.interventions.watch import SelectionWatch
+from mishax_py.memory import available_ram, check_budget, estimate_run, get_max_memory, memory_budget
 from mishax_py.naming import layer_site
 from mishax_py.progress import progress_bar
 from mishax_py.runtime import Handler, RunContext, SiteEvent, activate, active_context
@@ -93,6 +94,7 @@ def sweep(
     *,
     share_prefix: bool = True,
     share_positions: bool = True,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> list[Any]:
     """Run every variant on ``ids`` batched; one result per variant, in order.
@@ -109,15 +111,22 @@ def sweep(
         share_prefix: start chunks from the clean run's ``resid_pre`` of their earliest layer.
         share_positions: run only positions from a chunk's earliest edited one, on a KV cache of the
             clean prefix (no-grad runs of families with ``supports_kv_prefix`` only; see the module docs).
+        max_memory: the memory budget of one chunk (bytes or ``"8GiB"``; default
+            :func:`mishax_py.memory.memory_budget`). The largest chunk's memory is estimated before any
+            forward (:func:`mishax_py.memory.estimate_run`, plus the clean run's logits and prefixes and, without a
+            metric, every variant's logits); over the budget, :class:`~mishax_py.memory.MemoryBudgetError`
+            names both. It also caps the default ``batch_size``.
         **hf_kwargs: passed to the model (``attention_mask`` ...); per-row tensors are repeated per variant.
 
     Autograd follows the caller's grad mode (wrap big sweeps in ``torch.no_grad()``); with grad on,
     the shared prefix stays in the graph, so gradients reach every layer.
 
+    ``ids`` may also be text or a tokenizer's output (:mod:`mishax_py.inputs`; its attention mask is passed on).
     Raises the first variant's validation error (naming the variant, site and shapes) before any
-    forward pass.
+    forward pass. Variants whose edits select nothing warn once for the whole sweep
+    (:mod:`mishax_py.interventions.watch`).
     """
-    ids = as_ids(ids, im.model)
+    ids, hf_kwargs = model_inputs(ids, im, hf_kwargs)
     B, P = ids.shape
     n_layers = im.n_layers
     outer = active_context()
@@ -160,14 +169,17 @@ def sweep(
     empty = [v for v in plans if not v.sites]
 
     # One clean run: logits for empty variants, resid_pre of every start layer the chunks need.
-    rows_per_chunk = batch_size if batch_size is not None else default_batch_size(im, B, P, metric is None)
+    rows_per_chunk = (batch_size if batch_size is not None
+                      else default_batch_size(im, B, P, metric is None, max_memory=max_memory))
     if rows_per_chunk < 1:
         raise ValueError(f"batch_size must be >= 1, got {rows_per_chunk}")
     per_chunk = max(1, rows_per_chunk // B)
+    _check_chunk_memory(im, B, P, min(per_chunk, max(len(active), 1)), len(plans), metric is None, max_memory,
+                        batch_size)
     # stable sort: equal keys keep the caller's order
     active.sort(key=lambda v: (v.start, v.first_pos), reverse=True)
     chunks = [_make_chunk(active[i : i + per_chunk]) for i in range(0, len(active), per_chunk)]
-    prefix_layers = sorted({c.start for c in chunks if 0 < c.start < n_layers})
+    prefix_layers = sorted({c.start for c in chunks if 0 < c.start})
     prefix: dict[int, torch.Tensor] = {}
     clean: torch.Tensor | None = None
     if empty or prefix_layers or any(c.first_pos for c in chunks):
@@ -179,19 +191,20 @@ def sweep(
 
     bar = progress_bar(len(chunks), "sweep", progress, unit="chunk")
     try:
-        for chunk in chunks:
-            p0 = chunk.first_pos
-            if p0 and p0 not in kv_prefixes:
-                kv_prefixes[p0] = _kv_prefix(im, ids, p0, hf_kwargs)
-            logits = _run_chunk(im, ids, chunk, prefix.get(chunk.start), kv_prefixes.get(p0), outer, hf_kwargs)
-            for slot, v in enumerate(chunk.variants):
-                block = logits[slot * B : (slot + 1) * B]
-                if p0:
-                    assert clean is not None
-                    block = torch.cat([clean[:, :p0], block], 1)
-                results[v.index] = metric(block) if metric is not None else block
-            del logits
-            bar.update(1)
+        with SelectionWatch(variants, "sweep"):
+            for chunk in chunks:
+                p0 = chunk.first_pos
+                if p0 and p0 not in kv_prefixes:
+                    kv_prefixes[p0] = _kv_prefix(im, ids, p0, hf_kwargs)
+                logits = _run_chunk(im, ids, chunk, prefix.get(chunk.start), kv_prefixes.get(p0), outer, hf_kwargs)
+                for slot, v in enumerate(chunk.variants):
+                    block = logits[slot * B : (slot + 1) * B]
+                    if p0:
+                        assert clean is not None
+                        block = torch.cat([clean[:, :p0], block], 1)
+                    results[v.index] = metric(block) if metric is not None else block
+                del logits
+                bar.update(1)
     finally:
         bar.close()
     return results
@@ -223,7 +236,7 @@ def stacked_sweep(
     keywords as for :func:`sweep`. A metric returning ``None`` or results of different shapes are
     errors: use :func:`sweep` for arbitrary per-variant outputs.
     """
-    ids = as_ids(ids, im.model)
+    ids, kwargs = model_inputs(ids, im, kwargs)
     with torch.enable_grad() if grad else torch.no_grad():
         results = sweep(im, ids, variants, metric=metric, batch_size=batch_size, progress=progress, **kwargs)
         if not results:
@@ -256,14 +269,33 @@ def _as_tensors(results: list[Any]) -> list[torch.Tensor]:
 
 
 def _start_layer(im: InstrumentedModel, sites: Mapping[str, list[Intervention]], n_layers: int, first: int) -> int:
-    """The first decoder layer whose computation a variant changes (``n_layers`` if none)."""
+    """The first decoder layer whose computation a variant changes: ``n_layers`` when every edit sits after
+    the blocks (``ln_final``, ``logits``: no decoder layer runs for it, see ``_entry_site``)."""
     start = n_layers
     for name in sites:
         layer = im.catalogue.by_name[name].layer
         if layer is None:
-            layer = 0 if im.catalogue.order(name) < first else max(n_layers - 1, 0)
+            after = im.catalogue.order(name) >= first
+            layer = (n_layers if _entry_site(im, n_layers) else max(n_layers - 1, 0)) if after else 0
         start = min(start, layer)
     return start
+
+
+def _entry_site(im: InstrumentedModel, layer: int) -> str | None:
+    """The site whose value a run that starts at ``layer`` takes from the clean run.
+
+    Layer ``l < n_layers``: its ``resid_pre``. ``l = n_layers`` (every edit after the blocks): the first
+    site after the last decoder layer in forward order (``ln_final``), whose value determines everything
+    after it; ``None`` when the family has no site there (such variants then start at the last layer).
+    """
+    n_layers = im.n_layers
+    if layer < n_layers:
+        return layer_site(layer, "resid_pre")
+    if n_layers == 0:
+        return None
+    last = max(i for i, spec in enumerate(im.catalogue.specs) if spec.layer == n_layers - 1)
+    after = [spec.name for spec in im.catalogue.specs[last + 1:] if spec.layer is None]
+    return after[0] if after else None
 
 
 def _first_position(im: InstrumentedModel, sites: Mapping[str, list[Intervention]], B: int, P: int) -> int:
@@ -290,7 +322,8 @@ def _make_chunk(variants: list[_Variant]) -> _Chunk:
 def _clean_run(
     im: InstrumentedModel, ids: torch.Tensor, layers: list[int], store: dict[int, torch.Tensor], hf_kwargs: dict
 ) -> torch.Tensor:
-    """The unpatched forward of the base batch; records layer ``l``'s ``resid_pre`` for ``l`` in ``layers``."""
+    """The unpatched forward of the base batch; records the entry value of each start layer in ``layers``
+    (its ``resid_pre``, or for ``n_layers`` the first site after the blocks: ``_entry_site``)."""
     ctx = im.context(None, batch=ids.shape[0], pos=ids.shape[1])
     for layer in layers:
 
@@ -298,9 +331,15 @@ def _clean_run(
             store[layer] = value  # kept in the graph when grad is on
             return value
 
-        im.add_handler(ctx, layer_site(layer, "resid_pre"), record)
+        im.add_handler(ctx, _entry(im, layer), record)
     with activate(ctx):
         return im.forward(ids, **hf_kwargs)
+
+
+def _entry(im: InstrumentedModel, layer: int) -> str:
+    site = _entry_site(im, layer)
+    assert site is not None, "start layers past the blocks are only chosen when an entry site exists"
+    return site
 
 
 def _kv_prefix(im: InstrumentedModel, ids: torch.Tensor, p0: int, hf_kwargs: dict) -> Any:
@@ -339,7 +378,7 @@ def _run_chunk(
         def start_here(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
             return repeated
 
-        im.add_handler(ctx, layer_site(chunk.start, "resid_pre"), start_here)  # before the variants' edits there
+        im.add_handler(ctx, _entry(im, chunk.start), start_here)  # before the variants' edits there
     for site, entries in chunk.sites.items():
         im.add_handler(ctx, site, _block_handler(entries, B, n))
     with activate(ctx):
@@ -370,33 +409,48 @@ def _block_handler(entries: list[tuple[int, list[Intervention]]], B: int, n: int
     return handle
 
 
-def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool = True) -> int:
+def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool = True, *,
+                       max_memory: int | str | None = None) -> int:
     """Rows per forward pass for a sweep, from a memory estimate.
 
-    Per row (``P`` positions, element size ``e`` of the model's dtype, fp32 where models compute
-    in fp32: soft-capped logits, attention maps), the peak working memory of a forward is about
-    the largest of: the logits and their soft-cap temporaries ``3·P·vocab·4``, the MLP
-    ``3·P·d_mlp·e``, and eager attention maps ``3·heads·P²·4`` -- plus ``4·P·d_model·e`` of
-    residual copies. With grad enabled, every layer's activations are kept:
-    ``n_layers·P·(10·d_model + 4·d_mlp + 3·heads·P)·e`` more. Returned logits (``keep_logits``)
-    add ``P·vocab·e``. Sizes come from ``im.family.dims``. The budget is half of the free
-    accelerator memory on CUDA, or a quarter of the available RAM (at most 4 GiB) on CPU. The
-    result is a multiple of ``B`` in ``[B, 4096]`` rows (``[B, 256]`` on CPU, where bigger batches
-    do not run faster).
+    Per row: :func:`mishax_py.memory.estimate_run` of one row of ``P`` positions (the formula is
+    :func:`mishax_py.memory.estimate_forward_bytes`'s), with autograd's share when grad is enabled
+    and the returned logits (``keep_logits``) held after the forward. The budget is half of the free
+    accelerator memory on CUDA, or a quarter of the available RAM (at most 4 GiB) on CPU, and at
+    most ``max_memory`` (or the process-wide :func:`mishax_py.memory.set_max_memory`). The result is a
+    multiple of ``B`` in ``[B, 4096]`` rows (``[B, 256]`` on CPU, where bigger batches do not run
+    faster).
     """
-    dims = im.family.dims
+    per_row = estimate_run(im, 1, P, grad=torch.is_grad_enabled(), keep_logits=keep_logits).total
     param = next(im.model.parameters())
-    e = param.element_size()
-    d, d_mlp, heads, vocab = dims.d_model, dims.d_mlp, dims.n_heads, dims.vocab
-    per_row = max(3 * P * vocab * 4, 3 * P * d_mlp * e, 3 * heads * P * P * 4) + 4 * P * d * e
-    if torch.is_grad_enabled():
-        per_row += dims.n_layers * P * (10 * d + 4 * d_mlp + 3 * heads * P) * e
-    if keep_logits:
-        per_row += P * vocab * e
     if param.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(param.device)
         budget, cap = free // 2, 4096
     else:
         budget, cap = min(available_ram() // 4, 4 << 30), 256
+    if max_memory is not None or get_max_memory() is not None:
+        budget = min(budget, memory_budget(param.device, max_memory))
     rows = min(max(budget // max(per_row, 1), 1), cap)
     return max(B, rows // B * B)
+
+
+def _check_chunk_memory(im: InstrumentedModel, B: int, P: int, n: int, n_variants: int, keep_logits: bool,
+                        max_memory: int | str | None, batch_size: int | None) -> None:
+    """Fail before any forward when the largest chunk (``n`` variants of ``B`` rows) cannot fit the budget.
+
+    The estimate: one forward of ``n * B`` rows (with autograd's share when grad is on), the clean run's
+    logits, and without a metric every variant's logits (the results, and their stacked copy).
+    """
+    grad = torch.is_grad_enabled()
+    est = estimate_run(im, n * B, P, grad=grad)
+    per_logits = estimate_run(im, B, P, keep_logits=True).parts["logits"]
+    est = est.plus(clean_logits=per_logits)
+    if keep_logits:
+        est = est.plus(results=2 * n_variants * per_logits)
+    if n > 1:
+        fewer = f"a smaller batch_size (now {n} variants of {B} rows per forward)"
+    else:
+        fewer = f"fewer rows in ids (B = {B}: one variant per forward already)"
+    reduce = f"pass {fewer}, fewer positions (P = {P})" + (", a metric (to keep fewer logits)" if keep_logits else "")
+    check_budget(est, f"sweep (a chunk of {n} variant(s) x {B} rows x {P} positions, {n_variants} variants)",
+                 device=next(im.model.parameters()).device, max_memory=max_memory, reduce=reduce)

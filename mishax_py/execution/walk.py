@@ -83,7 +83,8 @@ class Walker:
 
     Args:
         im: the instrumented model.
-        ids: token ids ``[batch, pos]`` (or ``[pos]``, or a list).
+        ids: token ids ``[batch, pos]`` (or ``[pos]``, or a list), text or a tokenizer's output
+            (:mod:`mishax_py.inputs`).
         sites: names, TransformerLens aliases or globs of the sites to visit (default: every site).
         **hf_kwargs: passed to the model's forward (``attention_mask``, ...).
 
@@ -92,10 +93,10 @@ class Walker:
 
     def __init__(self, im: InstrumentedModel, ids: Any, *, sites: str | Iterable[str] | None = None,
                  **hf_kwargs: Any) -> None:
-        from mishax_py.inputs import as_ids
+        from mishax_py.inputs import model_inputs
 
         self.im = im
-        self.ids = as_ids(ids, im.model)
+        self.ids, hf_kwargs = model_inputs(ids, im, hf_kwargs)  # text and tokenizer output too; checked
         self.sites: list[str] = im.site_names() if sites is None else im.resolve(sites)
         self.hf_kwargs = hf_kwargs
         self._state = _State.NEW

@@ -2,7 +2,8 @@
 
 Layout: :mod:`.base` (the ``Intervention`` base, ``Hook``, the ``{site: intervention}`` mapping),
 :mod:`.selection` (selectors and the masks built from them), :mod:`.fitting` (values and sources
-against a selection), :mod:`.edits` (``Ablate``, ``Clamp``, ``Patch``, ``Steer``).
+against a selection), :mod:`.edits` (``Ablate``, ``Clamp``, ``Patch``, ``Steer``), :mod:`.watch`
+(edits that select nothing).
 
 An intervention is a callable ``(value, event) -> Tensor`` registered on a site; it
 receives the site's value in the site's canonical layout (see the site catalogue)
@@ -32,7 +33,7 @@ attention maps (``attn.scores`` / ``attn.pattern``) ``[batch, head, q_pos, k_pos
                 * a list of per-row lists (ragged allowed) or a 2-D LongTensor ``[batch, k]`` -- row ``b``
                   gets its own positions (row count ``batch``, or 1 to broadcast);
                 * ``"new"`` / ``Positions.NEW`` -- every position at or after the prompt length (the tokens
-                  that ``model.generate`` produces; in a plain run it selects nothing).
+                  that ``model.generate`` produces; in a plain run it selects nothing, and the run warns: below).
 
                 Positions are **absolute**: the index in the full sequence seen so far, prompt (and left
                 padding) included. During KV-cache generation each forward covers absolute positions
@@ -74,15 +75,28 @@ differentiable); other rows pass through unchanged. So inside the edit, row ``j`
 ``len(rows)`` rows, and resampling all work on the sub-batch (resampling never reads another
 variant's rows). A per-row source whose batch is the *full* run's batch (and not ``len(rows)``)
 is read at ``source[rows]``.
+
+Selections that select nothing
+------------------------------
+An edit whose selection is empty in **every** forward of a run changed nothing, and the run says so:
+one :class:`EmptySelectionWarning` per run (``im.run``, ``run_with_cache``, an ``im.intervene`` block,
+a sweep: one warning for all its variants), naming the site and the edit with its selectors. The
+common case is ``Steer(v, positions="new")`` in a plain ``im.run``: ``"new"`` selects only tokens that
+``model.generate`` adds inside ``im.intervene``; there it selects nothing in the prompt's forward and
+the new tokens afterwards, so generation does not warn. A warning, not an error, because emptiness is
+only known while the run runs and its results are valid; make it an error with
+``warnings.simplefilter("error", EmptySelectionWarning)``. See :mod:`.watch`.
 """
 
 from mishax_py.interventions.base import Hook, Intervention, InterventionLike, Interventions, as_intervention_list
 from mishax_py.interventions.edits import Ablate, Clamp, Patch, SelectiveEdit, Steer
 from mishax_py.interventions.selection import IndexLike, Positions, PositionsLike
+from mishax_py.interventions.watch import EmptySelectionWarning
 
 __all__ = [
     "Ablate",
     "Clamp",
+    "EmptySelectionWarning",
     "Hook",
     "IndexLike",
     "Intervention",

@@ -43,7 +43,9 @@ class Hook(Intervention):
     ``fn`` gets the :class:`~mishax_py.runtime.SiteEvent` when it takes two positional
     parameters without defaults (or ``*args``); parameters with defaults do not count.
     ``fn`` returns the replacement value, or ``None`` to leave the value unchanged
-    (useful for reading values, or for in-place edits you take responsibility for).
+    (useful for reading values, or for in-place edits you take responsibility for). The replacement
+    must have the value's dtype and shape: another dtype is a ``TypeError`` naming the site and both
+    dtypes (the model would otherwise fail later in an unrelated matmul, or silently compute in it).
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor | None]) -> None:
@@ -52,7 +54,13 @@ class Hook(Intervention):
 
     def apply(self, value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         out = self.fn(value, event) if self._wants_event else self.fn(value)
-        return value if out is None else out
+        if out is None:
+            return value
+        if isinstance(out, torch.Tensor) and out.dtype != value.dtype:
+            raise TypeError(
+                f"{self!r} at site {event.site!r} returned dtype {out.dtype}, but the site's value has dtype "
+                f"{value.dtype} (shape {tuple(value.shape)}); return the site's dtype, e.g. out.to(value.dtype)")
+        return out
 
     def __repr__(self) -> str:
         return f"Hook({getattr(self.fn, '__qualname__', self.fn)!r})"

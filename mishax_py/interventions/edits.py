@@ -25,6 +25,7 @@ from mishax_py.interventions.selection import (
     format_shape,
     site_layout,
 )
+from mishax_py.interventions.watch import note_selection
 from mishax_py.runtime import SiteEvent
 
 __all__ = ["Ablate", "Clamp", "Patch", "SelectiveEdit", "Steer"]
@@ -71,6 +72,7 @@ class SelectiveEdit(Intervention):
 
     def _apply_local(self, value: torch.Tensor, scope: Scope) -> torch.Tensor:
         sel = self.selector.build(value, scope)
+        note_selection(self, scope.site, sel)  # an edit that selects nothing in a whole run warns (watch.py)
         new = self.edited(value, scope, sel)
         if sel.mask is not None:
             return torch.where(sel.mask, new, value)

@@ -90,6 +90,8 @@ def normalize_index(x: IndexLike | None, what: str) -> torch.Tensor | slice | No
     if isinstance(x, int):
         return torch.tensor([x], dtype=torch.long)
     t = torch.as_tensor(x)
+    if t.numel() == 0 and not isinstance(x, torch.Tensor):  # [] selects nothing (and is no float)
+        t = t.long()
     if t.dtype == torch.bool:
         if t.ndim != 1:
             raise ValueError(f"a boolean {what}= mask must be 1-D, got shape {tuple(t.shape)}")

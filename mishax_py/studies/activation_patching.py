@@ -48,6 +48,7 @@ import torch
 from mishax_py.execution.sweep import sweep
 from mishax_py.inputs import Ids, Metric, metric_float, prompt_pair
 from mishax_py.interventions import Patch
+from mishax_py.memory import cache_bytes, check_budget, estimate_run, model_device
 from mishax_py.naming import site_kind
 from mishax_py.runtime import active_context
 from mishax_py.studies.conventions import (
@@ -92,6 +93,7 @@ def activation_patching(
     method: str = "exact",
     engine: str = "auto",
     pos_labels: Sequence[str] | None = None,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> PatchingResult:
     """Patch each activation of ``site`` from the source run into the base run; see the module docs.
@@ -117,6 +119,11 @@ def activation_patching(
         method: the estimator: ``"exact"`` (the only one; see ``attribution_patching`` for estimates).
         engine: ``"auto"`` | ``"packed"`` | ``"rows"``: how the exact runs are made (module docs).
         pos_labels: tick labels for the position axis (e.g. the tokens), one per patched position.
+        max_memory: the memory budget (bytes or ``"8GiB"``; default :func:`mishax_py.memory.memory_budget`).
+            Before any forward, the base and source runs (with their caches) and the smallest pass of the
+            engine (one patch of every prompt row, with those caches held) are estimated; over the budget,
+            :class:`~mishax_py.memory.MemoryBudgetError` names the estimate and the budget at once. It also
+            caps the default ``batch_size``.
         **hf_kwargs: passed to the model (``attention_mask``, ...); they select the rows engine.
 
     Returns a :class:`PatchingResult` (a tensor of the grid's shape, with ``clean``/``corrupt`` metrics).
@@ -145,11 +152,12 @@ def activation_patching(
     base_ids, source_ids = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     names = [im.layer_site(layer, kind) for layer in layer_list]
     base_sites = names + packed_sites(im, kind, layer_list) if packed else names
+    _check_memory(im, base_sites, names, clean.shape[0], T, packed, max_memory)
     with torch.no_grad():
         base_logits, base_cache = im.run_with_cache(base_ids, sites=base_sites, interventions=interventions,
-                                                    **hf_kwargs)
+                                                    max_memory=max_memory, **hf_kwargs)
         source_logits, source_cache = im.run_with_cache(source_ids, sites=names, interventions=interventions,
-                                                        **hf_kwargs)
+                                                        max_memory=max_memory, **hf_kwargs)
         base_metric = metric_float(metric(base_logits), "metric(base logits)")
         source_metric = metric_float(metric(source_logits), "metric(source logits)")
         del source_logits
@@ -165,14 +173,37 @@ def activation_patching(
         if todo:
             if packed:
                 run_packed(im, kind, todo, values, metric, base_ids, base_logits, base_cache, source_cache,
-                           batch_size, progress)
+                           batch_size, progress, max_memory=max_memory)
             else:
                 _run_rows(im, kind, todo, values, metric, base_ids, source_cache, interventions, batch_size, progress,
-                          hf_kwargs)
+                          dict(hf_kwargs, max_memory=max_memory))
 
     clean_metric, corrupt_metric = ((source_metric, base_metric) if direction == "denoise"
                                     else (base_metric, source_metric))
     return PatchingResult(values, axes, labels, kind, direction, clean_metric, corrupt_metric)
+
+
+def _check_memory(im: InstrumentedModel, base_sites: list[str], names: list[str], B: int, T: int, packed: bool,
+                  max_memory: int | str | None) -> None:
+    """Fail before any forward when the base and source runs, or the smallest pass after them, cannot fit.
+
+    Estimates (:func:`mishax_py.memory.estimate_run`): the two caching runs -- one forward of the ``B``
+    prompt rows, the base cache (``base_sites``), the source cache (``names``) and both runs' logits
+    held -- and then the smallest pass of the engine with those held: one packed template of ``B`` rows
+    of ``T + 1`` tokens over a key/value prefix of ``T`` (packed), or one full-length variant of ``B``
+    rows (rows engine, with the clean run's logits).
+    """
+    device = model_device(im)
+    held = estimate_run(im, B, T, keep_logits=True).parts["logits"] * 2
+    held += cache_bytes(im, base_sites, B, T) + cache_bytes(im, names, B, T)
+    runs = estimate_run(im, B, T).plus(caches_and_logits=held)
+    step = (estimate_run(im, B, T + 1, kv_len=T) if packed else estimate_run(im, B, T, keep_logits=True))
+    step = step.plus(caches_and_logits=held)
+    worst = step if step.total > runs.total else runs
+    what = "its smallest patching pass" if worst is step else "its base and source runs"
+    check_budget(worst, f"activation_patching ({what}: {B} prompt rows x {T} positions, caching "
+                 f"{len(set(base_sites) | set(names))} sites)", device=device, max_memory=max_memory,
+                 reduce=f"patch fewer prompt rows at a time (clean_ids has {B}), fewer positions, or fewer layers")
 
 
 def _check_site(site: str) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.inputs import Metric, metric_float
-from mishax_py.memory import available_ram
+from mishax_py.memory import available_ram, estimate_run, get_max_memory, memory_budget
 from mishax_py.progress import progress_bar
 from mishax_py.runtime import RunContext, SiteEvent, activate
 
@@ -130,30 +130,32 @@ def _pack(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
     return rows
 
 
-def default_rows(im: InstrumentedModel, row_len: int, cache_len: int) -> int:
-    """Rows per packed forward from a memory estimate (``im.family.dims``; budget as the sweep's default).
+def default_rows(im: InstrumentedModel, row_len: int, cache_len: int, *, max_memory: int | str | None = None) -> int:
+    """Rows per packed forward from a memory estimate.
 
-    Per token: fp32 logits and their soft-cap temporaries (``4 * vocab`` floats), the MLP's
-    activations (``3 * d_mlp``), residual-sized temporaries (``8 * d_model``) and fp32 attention
-    scores over ``cache_len + row_len`` keys per head. The budget is half the free GPU memory, or
-    a quarter of the available RAM (at most 2 GiB) on the CPU.
+    Per row: :func:`mishax_py.memory.estimate_run` of one row of ``row_len`` tokens over a key/value
+    prefix of ``cache_len`` positions (the formula is :func:`mishax_py.memory.estimate_forward_bytes`'s:
+    fp32 logits and soft-cap temporaries, the MLP, eager attention over ``cache_len + row_len`` keys,
+    the 4-D masks, the prefix's keys and values). The budget is half the free GPU memory, or a quarter
+    of the available RAM (at most 2 GiB) on the CPU, and at most ``max_memory`` (or the process-wide
+    :func:`mishax_py.memory.set_max_memory`).
     """
-    dims = im.family.dims
+    per_row = estimate_run(im, 1, row_len, kv_len=cache_len).total
     param = next(im.model.parameters())
-    e = param.element_size()
-    per_token = (4 * dims.vocab * 4 + 3 * dims.d_mlp * e + 8 * dims.d_model * e
-                 + 3 * dims.n_heads * (cache_len + row_len) * 4)
     if param.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(param.device)
         budget = free // 2
     else:
         budget = min(available_ram() // 4, 2 << 30)
-    return max(1, int(budget // (per_token * row_len)))
+    if max_memory is not None or get_max_memory() is not None:
+        budget = min(budget, memory_budget(param.device, max_memory))
+    return max(1, int(budget // per_row))
 
 
 def run_packed(im: InstrumentedModel, kind: str, todo: list[GridPatch], values: torch.Tensor, metric: Metric,
                base_ids: torch.Tensor, base_logits: torch.Tensor, base_cache: ActivationCache,
-               source_cache: ActivationCache, batch_size: int | None, progress: bool | None) -> None:
+               source_cache: ActivationCache, batch_size: int | None, progress: bool | None, *,
+               max_memory: int | str | None = None) -> None:
     """Run every patch of ``todo`` at site ``kind`` and write its metric into ``values[patch.index]``.
 
     ``base_cache`` holds the base run's :func:`packed_sites`, ``source_cache`` the source run's
@@ -169,7 +171,7 @@ def run_packed(im: InstrumentedModel, kind: str, todo: list[GridPatch], values: 
     vals = {i: base_cache[im.layer_site(i, "attn.v")].transpose(1, 2) for i in range(lo, n_layers)}
 
     capacity = T + 1
-    rows_per_pass = batch_size if batch_size is not None else default_rows(im, capacity, T)
+    rows_per_pass = batch_size if batch_size is not None else default_rows(im, capacity, T, max_memory=max_memory)
     if rows_per_pass < 1:
         raise ValueError(f"batch_size must be >= 1, got {rows_per_pass}")
     per_pass = max(1, rows_per_pass // B)  # templates per pass (a pass holds all B rows of a template)

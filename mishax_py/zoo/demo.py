@@ -555,6 +555,7 @@ def _attribution_graph(subject: Subject, seed: int) -> tuple[Results, dict[str, 
                               batch_size=64, progress=False)  # fmt: skip
     names = [subject.token_name(i) for i in range(int(subject.model.config.vocab_size))]
     srcs = [(_node_name(node, names), float(w)) for node, w in graph.top_sources(graph.logit_index(0), k=6)]
+    data = graph.to_json()
     return {
         "available": True, "prompt": [names[int(t)] for t in ids[0]], "answer": names[int(b.input_ids[0, -1])],
         "predicted": names[predicted], "n_features": int(graph.n_features),
@@ -562,7 +563,29 @@ def _attribution_graph(subject: Subject, seed: int) -> tuple[Results, dict[str, 
         "completeness_error": float(graph.completeness_error()),
         "logit_tokens": [names[int(t)] for t in graph.logit_tokens],
         "top_sources_of_top_logit": [[s, w] for s, w in srcs],
-    }, graph.to_json()  # fmt: skip
+        "feature_contexts": _graph_feature_contexts(subject, data, list(found.values()), seed),
+    }, data  # fmt: skip
+
+
+def _graph_feature_contexts(subject: Subject, data: dict[str, Any], transcoders: list[Any], seed: int) -> list[Results]:
+    """Top-activating contexts of the pruned graph's features (for the viewer): ``[{layer, feature, contexts}]``,
+    the 3 highest activations of each over 128 fresh prompts shaped like the graph's."""
+    from mishax_py.circuits.transcoders import transcoder_map
+
+    wanted: dict[int, list[int]] = {}
+    for n in data["nodes"]:
+        if n["feature_type"] == "cross layer transcoder":
+            layer, index = (int(x) for x in str(n["node_id"]).split("_")[:2])
+            if index not in wanted.setdefault(layer, []):
+                wanted[layer].append(index)
+    ids = tasks.induction_batch(128, seq_len=5, seed=16_000 + seed).input_ids
+    by_layer = transcoder_map(subject.im, transcoders)
+    out: list[Results] = []
+    for layer, feats in sorted(wanted.items()):
+        found = A.top_activating_contexts(subject.im, by_layer[layer][0], ids, feats, k=3)  # type: ignore[arg-type]
+        out.extend({"layer": layer, "feature": f, "contexts": _contexts(subject, ids, ctx, "induction")}
+                   for f, ctx in zip(feats, found, strict=True))  # fmt: skip
+    return out
 
 
 def _node_name(node_id: str, names: list[str]) -> str:

@@ -175,7 +175,7 @@ def load_checkpoint(
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a bundled model ({', '.join(MODELS)}) nor a local folder. Download a "
-            "checkpoint first (e.g. `huggingface-cli download google/gemma-2-2b --local-dir DIR`) and pass DIR."
+            "checkpoint first (e.g. `hf download google/gemma-2-2b --local-dir DIR`) and pass DIR."
         )
     from transformers import Gemma2ForCausalLM
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mishax_py.zoo.figures import attention_figure, bar_figure, heatmap_figure
+from mishax_py.zoo.figures import attention_figure, bar_figure, heatmap_figure, looks_constant
 from mishax_py.zoo.page import Cell, Section, Table, render_html, text_table
 
 __all__ = [
@@ -34,8 +34,11 @@ __all__ = [
     "build_sections",
     "carrier_ablation_sentence",
     "clamp_sentence",
+    "flat_grid_sentence",
+    "graph_sentence",
     "head_ablation_sentence",
     "induction_heads_sentence",
+    "omitted_figures",
     "prefix_matching_sentence",
     "previous_token_sentence",
     "sae_site_sentence",
@@ -311,8 +314,10 @@ def _patching_section(r: Results) -> Section:
             induction_heads_sentence(ih),
             attribution_patching_sentence(r["attribution_patching"], ih),
         ],
-        figures=[("patching_resid_pre.png", "resid_pre patched per (layer, position)"),
-                 ("patching_attn_z.png", "attn.z patched per (layer, head); outlined: the named induction heads")],
+        figures=[("patching_resid_pre.png", "resid_pre patched per (layer, position): the exact grid, then the "
+                  "attribution patching (AtP) and atp-layer estimates of it, on one colour scale"),
+                 ("patching_attn_z.png", "attn.z patched per (layer, head): exact (left) and the AtP estimate (right); "
+                  "outlined: the named induction heads")],
         anchor="patching",
     )  # fmt: skip
 
@@ -420,46 +425,142 @@ def _feature_edit_section(r: Results) -> Section:
     )  # fmt: skip
 
 
-def _graph_section(r: Results, has_figure: bool) -> Section:
+def _graph_section(r: Results, has_figure: bool, has_viewer: bool) -> Section:
     title, anchor = "Attribution graph", "attribution-graph"
     ag = r["attribution_graph"]
     if not ag["available"]:
         return _skipped(title, anchor, ag["reason"])
-    figs = [("attribution_graph.png", "pruned attribution graph (red: positive, blue: negative edges)")]
-    return Section(title, [graph_sentence(ag)], figures=figs if has_figure else [], anchor=anchor)
+    paragraphs = [graph_sentence(ag)]
+    if has_viewer:
+        paragraphs.append('<a href="graph.html"><b>Open the interactive graph viewer</b></a> (one self-contained '
+                          "file: hover a node for its layer, position, activation and top-activating contexts; click "
+                          "it to trace its strongest paths; sliders tighten the pruning).")
+    figs = [("attribution_graph.png", "pruned attribution graph (red: positive, blue: negative edges; "
+             "width: |weight|)")]
+    return Section(title, paragraphs, figures=figs if has_figure else [], anchor=anchor)
 
 
-def build_sections(results: Results, *, graph_figure: bool = True) -> list[Section]:
-    """The report's sections, from the results alone (``graph_figure``: the graph's PNG is drawn)."""
-    return [_accuracy_section(results), _patching_section(results), _ground_truth_section(results),
-            _attention_section(results), _sae_section(results), _feature_edit_section(results),
-            _graph_section(results, graph_figure)]  # fmt: skip
+def _grids(r: Results) -> list[tuple[str, str, list[torch.Tensor], tuple[float, float] | None, float]]:
+    """The report's heatmaps: ``(figure name, what it shows, grids, colour range, atol)`` (:func:`omitted_figures`)."""
+    gt = r["ground_truth"]
+    return [("patching_resid_pre.png", "Patching resid_pre (fraction of the gap recovered)",
+            [g for _, g in _patching_panels(r, "resid_pre")], None, 1e-3),
+           ("patching_attn_z.png", "Patching attn.z per head (fraction of the gap recovered)",
+            [g for _, g in _patching_panels(r, "attn_z")], None, 1e-3),
+           ("prefix_matching.png", "The prefix-matching score of every head", [torch.tensor(gt["prefix_matching"])],
+            (0.0, 1.0), 0.0),
+           ("single_head_ablation.png", "Induction accuracy with any one head ablated",
+            [torch.tensor(gt["single_head_ablation"])], (0.0, 1.0), 0.0)]  # fmt: skip
+
+
+def flat_grid_sentence(what: str, grids: list[torch.Tensor], vrange: tuple[float, float] | None = None,
+                       atol: float = 0.0) -> str | None:
+    """The sentence said instead of a heatmap whose cells would all be one colour (:func:`looks_constant` on the
+    common colour scale of ``grids``), or ``None`` when the figure shows something."""
+    values = torch.cat([g.double().flatten() for g in grids])
+    scale = vrange
+    if scale is None:
+        m = float(values[torch.isfinite(values)].abs().max()) if bool(torch.isfinite(values).any()) else 1.0
+        scale = (-m, m)
+    if not all(looks_constant(g, scale, atol=atol) for g in grids):
+        return None
+    finite = values[torch.isfinite(values)]
+    if finite.numel() == 0:
+        return f"{what}: no cell has a value, so there is no figure."
+    lo, hi = float(finite.min()), float(finite.max())
+    same = f"{lo:.3g}" == f"{hi:.3g}"
+    cells = f"every cell is {lo:.3g}" if same else f"every cell lies between {lo:.3g} and {hi:.3g}"
+    return f"{what}: {cells}, so the grid is not drawn (it would be a single colour)."
+
+
+def omitted_figures(results: Results) -> dict[str, str]:
+    """``{figure name: sentence}`` for the heatmaps that would be one colour: the report says the sentence instead."""
+    out = {}
+    for name, what, grids, vrange, atol in _grids(results):
+        sentence = flat_grid_sentence(what, grids, vrange, atol)
+        if sentence is not None:
+            out[name] = sentence
+    return out
+
+
+def build_sections(results: Results, *, graph_figure: bool = True, graph_viewer: bool = False) -> list[Section]:
+    """The report's sections, from the results alone (``graph_figure``: the graph's PNG is drawn;
+    ``graph_viewer``: ``graph.html`` is written). A heatmap that would be one colour is replaced by
+    a sentence (:func:`omitted_figures`)."""
+    sections = [_accuracy_section(results), _patching_section(results), _ground_truth_section(results),
+                _attention_section(results), _sae_section(results), _feature_edit_section(results),
+                _graph_section(results, graph_figure, graph_viewer)]  # fmt: skip
+    omitted = omitted_figures(results)
+    for s in sections:
+        s.paragraphs.extend(omitted[name] for name, _ in s.figures if name in omitted)
+        s.figures = [(name, cap) for name, cap in s.figures if name not in omitted]
+    return sections
 
 
 # ------------------------------------------------------------------------------- output
+def _patching_panels(r: Results, key: str) -> list[tuple[str, torch.Tensor]]:
+    """The exact patching grid ``key`` (``"resid_pre"``/``"attn_z"``) and the attribution estimates of it, each as
+    ``(panel title, fraction of the clean-corrupt gap recovered)``; estimates missing from the results are left out."""
+    p, ap = r["patching"], r["attribution_patching"]
+    gap = float(p["clean_metric"]) - float(p["corrupt_metric"])
+
+    def recovered(values: Any) -> torch.Tensor:
+        v = torch.tensor(values, dtype=torch.float64)
+        return (v - float(p["corrupt_metric"])) / gap if gap != 0 else v * float("nan")
+
+    panels = [("exact (activation patching)", torch.tensor(p[key]["normalized"], dtype=torch.float64))]
+    estimates = {"resid_pre": [("resid_pre_values", "pearson_resid_pre", "AtP"),
+                               ("atp_layer_resid_pre_values", "pearson_atp_layer_resid_pre", "atp-layer")],
+                 "attn_z": [("attn_z_values", "pearson_attn_z", "AtP")]}[key]  # fmt: skip
+    for values, pearson, name in estimates:
+        if values in ap:
+            panels.append((f"{name} estimate (Pearson r = {float(ap[pearson]):.2f})", recovered(ap[values])))
+    return panels
+
+
+def _feature_contexts(ag: Results) -> dict[str | tuple[int, int], list[str]]:
+    """``{(layer, feature): ["previous [token] -> next (activation)", ...]}`` from the graph's results."""
+    return {(int(e["layer"]), int(e["feature"])): [f"{_context(c)}  ({c['activation']:.2f})" for c in e["contexts"]]
+            for e in ag.get("feature_contexts", [])}  # fmt: skip
+
+
 def write_figures(out_dir: Path, results: Results, graph: dict[str, Any] | None = None) -> list[str]:
-    """Draw the report's PNG figures into ``out_dir`` from the results (and the graph's JSON); returns their names."""
+    """Draw the report's PNG figures into ``out_dir`` from the results (and the graph's JSON); returns their names.
+
+    Heatmaps that would be one colour (:func:`omitted_figures`) are not drawn. With a graph, the
+    interactive viewer ``graph.html`` is written too (not in the returned list).
+    """
     p, ih, gt, att = results["patching"], results["induction_heads"], results["ground_truth"], results["attention"]
     n_layers, n_heads = results["model"]["n_layers"], results["model"]["n_heads"]
     layers, head_cols = [f"layer {i}" for i in range(n_layers)], [f"H{h}" for h in range(n_heads)]
     named = [(int(a), int(b)) for a, b in ih["heads"]]
-    heatmap_figure(torch.tensor(p["resid_pre"]["normalized"]), out_dir / "patching_resid_pre.png",
-                   title="Activation patching, resid_pre (fraction of clean log-prob recovered)", row_labels=layers,
-                   col_labels=p["resid_pre"]["pos_labels"], xlabel="position (s' = repeat)", ylabel="layer",
-                   colorbar_label="normalised recovery")  # fmt: skip
-    heatmap_figure(torch.tensor(p["attn_z"]["normalized"]), out_dir / "patching_attn_z.png",
-                   title="Activation patching, attn.z per head (all positions)", row_labels=layers,
-                   col_labels=head_cols, xlabel="head", ylabel="layer", annotate=True,
-                   colorbar_label="normalised recovery", highlight=named)  # fmt: skip
-    heatmap_figure(torch.tensor(gt["prefix_matching"]), out_dir / "prefix_matching.png",
-                   title="Prefix-matching score (ground truth)", row_labels=layers, col_labels=head_cols,
-                   xlabel="head", ylabel="layer", cmap="Greens", vrange=(0.0, 1.0), annotate=True, highlight=named,
-                   colorbar_label="attention to the token after the first occurrence")  # fmt: skip
+    omitted = omitted_figures(results)
+    names: list[str] = []
+
+    def heatmap(name: str, panels: list[tuple[str, torch.Tensor]], **kwargs: Any) -> None:
+        if name not in omitted:
+            (first_title, first), rest = panels[0], panels[1:]
+            heatmap_figure(first, out_dir / name, panel_title=first_title if rest else "",
+                           panels=[(v, t) for t, v in rest], **kwargs)  # fmt: skip
+            names.append(name)
+
+    recovery = "fraction of the clean-corrupt gap recovered"
+    heatmap("patching_resid_pre.png", _patching_panels(results, "resid_pre"),
+            title="Patching resid_pre per (layer, position): exact, and the attribution estimates of it",
+            row_labels=layers, col_labels=p["resid_pre"]["pos_labels"], xlabel="position (s' = repeat)",
+            colorbar_label=recovery)  # fmt: skip
+    heatmap("patching_attn_z.png", _patching_panels(results, "attn_z"),
+            title="Patching attn.z per head (all positions): exact, and the AtP estimate", row_labels=layers,
+            col_labels=head_cols, xlabel="head", annotate=True, colorbar_label=recovery, highlight=named)  # fmt: skip
+    heatmap("prefix_matching.png", [("", torch.tensor(gt["prefix_matching"]))],
+            title="Prefix-matching score (ground truth)", row_labels=layers, col_labels=head_cols, xlabel="head",
+            cmap="Greens", vrange=(0.0, 1.0), annotate=True, highlight=named,
+            colorbar_label="attention to the token after\nthe first occurrence")  # fmt: skip
     base = gt["accuracy_clean"]
-    heatmap_figure(torch.tensor(gt["single_head_ablation"]), out_dir / "single_head_ablation.png",
-                   title="Induction accuracy with one head zero-ablated", row_labels=layers, col_labels=head_cols,
-                   xlabel="head", ylabel="layer", cmap="viridis", vrange=(0.0, 1.0), annotate=True, highlight=named,
-                   colorbar_label=f"accuracy (clean {base:.2f})")  # fmt: skip
+    heatmap("single_head_ablation.png", [("", torch.tensor(gt["single_head_ablation"]))],
+            title="Induction accuracy with one head zero-ablated", row_labels=layers, col_labels=head_cols,
+            xlabel="head", cmap="viridis", vrange=(0.0, 1.0), annotate=True, highlight=named,
+            colorbar_label=f"accuracy (clean {base:.2f})")  # fmt: skip
     k, sets = len(named), gt["other_sets"]
     groups = ["none"] + (["named: " + "+".join(_label(h) for h in named)] if named else [])
     groups += ["+".join(_label(h) for h in d) for d in sets]
@@ -467,29 +568,35 @@ def write_figures(out_dir: Path, results: Results, graph: dict[str, Any] | None 
     bar_figure(groups, {"induction accuracy": vals}, out_dir / "head_ablation.png",
                title=(f"Zero-ablating the {k} named head(s) vs {len(sets)} sets of {k} other head(s)" if named else
                       "No heads named: nothing ablated"), ylabel="accuracy", hline=0.5, ylim=(0, 1.05))  # fmt: skip
+    names.append("head_ablation.png")
     roles = att["roles"]
+    off, half = int(att["offset"]), int(att["half_len"])
     attention_figure([torch.tensor(x) for x in att["patterns"]],
                      [f"{_label(h)} ({role})" for h, role in zip(att["heads"], roles, strict=True)],
                      att["prompt_tokens"], out_dir / "attention_patterns.png",
-                     suptitle="Attention patterns on a clean induction prompt")  # fmt: skip
-    names = ["patching_resid_pre.png", "patching_attn_z.png", "prefix_matching.png", "single_head_ablation.png",
-             "head_ablation.png", "attention_patterns.png"]  # fmt: skip
+                     suptitle="Attention patterns on a clean induction prompt (dashed: where the repeat starts)",
+                     boundaries=[off + half])  # fmt: skip
+    names.append("attention_patterns.png")
     ag = results["attribution_graph"]
     if graph is not None and ag.get("available"):
         from mishax_py.circuits import render_graph
+        from mishax_py.circuits.viewer import graph_to_html
 
-        render_graph(graph, out_dir / "attribution_graph.png",
-                     title=f"Attribution graph: {' '.join(ag['prompt'])} → {ag['answer']}")  # fmt: skip
+        title = f"Attribution graph: {' '.join(ag['prompt'])} → {ag['answer']}"
+        render_graph(graph, out_dir / "attribution_graph.png", title=title)
         names.append("attribution_graph.png")
+        graph_to_html(graph, out_dir / "graph.html", contexts=_feature_contexts(ag), title=title)
     return names
 
 
 def write_report(out_dir: str | os.PathLike[str], results: Results, *, graph: dict[str, Any] | None = None) -> Path:
-    """Write ``index.html`` and its figures into ``out_dir`` (created); returns the page's path."""
+    """Write ``index.html``, its figures and (with a graph) the viewer ``graph.html`` into ``out_dir`` (created);
+    returns the page's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(out, results, graph)
-    sections = build_sections(results, graph_figure="attribution_graph.png" in figures)
+    has_graph = "attribution_graph.png" in figures  # drawn together with graph.html
+    sections = build_sections(results, graph_figure=has_graph, graph_viewer=has_graph)
     path = out / "index.html"
     render_html(path, title="mishax-py demo report", subtitle=subtitle(results), sections=sections,
                 footer="Generated by <code>mishax-py demo</code> (mishax_py.zoo.demo).")  # fmt: skip

@@ -18,6 +18,7 @@ import instrumentation.gemma2 as g2
 from mishax_py import InstrumentedModel, PatchError, UnknownSiteError
 from mishax_py.ast_patcher import ModuleASTPatcher
 from mishax_py.interventions import Hook
+from mishax_py.runtime import active_context
 from tests.helpers import REPO_ROOT, make_model
 
 TARGETS = list(g2.PATCHES)
@@ -54,12 +55,38 @@ def test_idle_is_bit_identical_across_install_cycles(ids: torch.Tensor) -> None:
         assert torch.equal(logits, ref) and len(cache) == len(im.site_names())
 
 
-def test_instrument_is_idempotent_and_reinstalls(tiny_model, ids: torch.Tensor) -> None:
+def test_instrument_is_idempotent_and_runs_after_uninstall_are_refused(tiny_model, ids: torch.Tensor) -> None:
+    """Issue 13 B3: after ``uninstall()`` no run re-patches transformers behind the user's back; each raises,
+    naming ``install()``, leaves nothing installed and no run active; ``install()``/``instrument()`` resume."""
     im = g2.instrument(tiny_model)
     assert g2.instrument(tiny_model) is im
+    with torch.no_grad():
+        ref = tiny_model(ids).logits
     g2.uninstall()
-    _, cache = im.run_with_cache(ids, sites="blocks.0.resid_post")  # re-installs the patches
+    attempts = {
+        "run": lambda: im.run(ids),
+        "run_with_cache": lambda: im.run_with_cache(ids, sites="blocks.0.resid_post"),
+        "intervene": lambda: im.intervene({}).__enter__(),
+        "sweep": lambda: im.sweep(ids, [{}]),
+        "walk": lambda: list(im.walk(ids)),
+    }
+    try:
+        for name, attempt in attempts.items():
+            with pytest.raises(RuntimeError, match=r"uninstall\(\) was called.*instrumentation\.gemma2\.install\(\) "
+                                                   r"or instrument\(model\)"):
+                attempt()
+            assert not g2.installed(), name
+            assert active_context() is None, name
+        with torch.no_grad():
+            assert torch.equal(tiny_model(ids).logits, ref)  # the plain model is clean
+    finally:
+        assert g2.instrument(tiny_model) is im  # instrument() installs again, explicitly
+    assert g2.installed()
+    _, cache = im.run_with_cache(ids, sites="blocks.0.resid_post")
     assert "blocks.0.resid_post" in cache
+    g2.uninstall()
+    g2.install()
+    assert torch.equal(im.run(ids), ref)
 
 
 def test_every_site_fires_once_in_catalogue_order(tiny_im: InstrumentedModel, ids: torch.Tensor) -> None:

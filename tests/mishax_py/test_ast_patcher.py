@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
+import threading
 import traceback
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,17 +53,23 @@ class Child(Base):
 '''
 
 
-@pytest.fixture
-def toy(tmp_path: Path) -> types.ModuleType:
-    path = tmp_path / "toy_module_for_patching.py"
+def _load_toy(folder: Path, name: str = "toy_module_for_patching") -> types.ModuleType:
+    """A freshly imported copy of TOY_SOURCE (nothing patched yet), registered in ``sys.modules``."""
+    path = folder / f"{name}.py"
     path.write_text(TOY_SOURCE)
-    spec = importlib.util.spec_from_file_location("toy_module_for_patching", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Iterator[types.ModuleType]:
+    module = _load_toy(tmp_path)
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 def test_match_ignores_formatting_and_comments(toy: types.ModuleType) -> None:
@@ -81,7 +90,8 @@ def test_uninstall_restores_exact_code_objects_and_install_is_idempotent(toy: ty
     assert toy.double is original_fn  # same function object, new code
     p.uninstall()
     assert toy.double.__code__ is original_code
-    assert not hasattr(toy, "EXTRA")
+    # the added global stays (inert): a frame still running patched code may look it up after uninstall()
+    assert toy.EXTRA == 1
     p.uninstall()  # no-op
     assert toy.double(1) == 2
 
@@ -155,3 +165,105 @@ def test_patched_code_lives_in_a_real_file_for_tracebacks(toy: types.ModuleType)
 
 def test_normalize_source() -> None:
     assert normalize_source("a  =  f( 1,2 )  # c") == normalize_source("a = f(1, 2)")
+
+
+# -- threads ---------------------------------------------------------------------------------------
+def _churn(patcher: ModuleASTPatcher, n_threads: int, calls: int, seed: int) -> list[BaseException]:
+    """``n_threads`` threads, released together, each calling install/uninstall ``calls`` times in random order."""
+    barrier = threading.Barrier(n_threads)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        try:
+            barrier.wait(timeout=30)
+            for _ in range(calls):
+                patcher.install() if rng.random() < 0.5 else patcher.uninstall()
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_concurrent_install_and_uninstall_record_the_originals_once(tmp_path: Path) -> None:
+    """8 threads installing and uninstalling at once, 20 times on a freshly imported module each: the
+    originals are recorded from the unpatched functions only, so ``uninstall()`` restores them exactly and
+    ``install()`` works again (before the lock, a second thread recorded already-patched code as original)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: widens every race window
+    try:
+        for round_ in range(20):
+            toy = _load_toy(tmp_path, f"toy_module_for_threads_{round_}")
+            originals = {name: fn.__code__ for name, fn in (("double", toy.double), ("steps", toy.Child.steps))}
+            p = ModuleASTPatcher(toy, {"double": [Replace("x * 2", "x * 4")],
+                                       "Child.steps": [Replace("x = x + 1", "x = x + 5", count=2)]},
+                                 extra_globals={"EXTRA": 1})
+            errors = _churn(p, n_threads=8, calls=30, seed=round_)
+            assert not errors, errors
+            p.uninstall()
+            assert toy.double.__code__ is originals["double"] and toy.Child.steps.__code__ is originals["steps"]
+            assert toy.double(1) == 2 and toy.Child().steps(0) == 2
+            with p:
+                assert toy.double(1) == 4 and toy.Child().steps(0) == 10
+            assert toy.double.__code__ is originals["double"] and toy.Child.steps.__code__ is originals["steps"]
+            sys.modules.pop(toy.__name__, None)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def test_uninstall_while_patched_code_runs_keeps_the_names_it_calls(toy: types.ModuleType) -> None:
+    """A frame already running patched code finishes it after another thread's ``uninstall()``: the
+    injected globals it looks up later (here ``helper``, after waiting in ``gate``) are still there."""
+    inside, release = threading.Event(), threading.Event()
+
+    def gate() -> None:
+        inside.set()
+        assert release.wait(timeout=30)
+
+    p = ModuleASTPatcher(toy, {"double": [Replace("y = x * 2", "gate()\ny = helper(x) * 2")]},
+                         extra_globals={"gate": gate, "helper": lambda x: x + 1})
+    p.install()
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(toy.double(3))
+        except BaseException as e:  # noqa: BLE001 - checked below
+            results.append(e)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert inside.wait(timeout=30)
+    p.uninstall()  # the other thread is inside the patched double(), before `helper` is looked up
+    release.set()
+    thread.join()
+    assert results == [8]  # the patched code ran to its end
+    assert toy.double(3) == 6  # new calls run the original
+
+
+def test_a_module_name_that_differs_from_an_injected_global_is_refused(toy: types.ModuleType) -> None:
+    """The patched code would call the module's own object instead of ours: refused, naming the name."""
+    toy.EXTRA = "the module's own"
+    before = toy.double.__code__
+    p = ModuleASTPatcher(toy, {"double": [Replace("x * 2", "x * EXTRA")]}, extra_globals={"EXTRA": 4})
+    with pytest.raises(PatchError, match="EXTRA"):
+        p.install()
+    assert toy.double.__code__ is before and not p.installed and toy.EXTRA == "the module's own"
+
+
+def test_a_second_patcher_never_records_patched_code_as_original(toy: types.ModuleType) -> None:
+    """Another patcher of the same function while the first is installed: refused, so uninstalling
+    the first still restores the original exactly."""
+    original = toy.double.__code__
+    first = ModuleASTPatcher(toy, {"double": [Replace("x * 2", "x * 4")]})
+    second = ModuleASTPatcher(toy, {"double": [Replace("x * 4", "x * 8")]})
+    first.install()
+    with pytest.raises(PatchError, match="double.*already patched"):
+        second.install()
+    first.uninstall()
+    assert toy.double.__code__ is original and not second.installed

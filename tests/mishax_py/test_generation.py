@@ -7,13 +7,14 @@ expressed with the positions a full re-run sees.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from mishax_py import InstrumentedModel
-from mishax_py.interventions import Ablate, Clamp, Patch, Positions, Steer
+from mishax_py.interventions import Ablate, Clamp, EmptySelectionWarning, Patch, Positions, Steer
 
 N_NEW = 8
 PROMPT = torch.tensor([[2, 5, 9, 13, 7], [2, 8, 31, 17, 40]])
@@ -35,9 +36,14 @@ def greedy(
     prompt: torch.Tensor = PROMPT,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full re-run of the growing sequence each step; ``make(seq_len)`` gives that step's edit."""
+    """Full re-run of the growing sequence each step; ``make(seq_len)`` gives that step's edit.
+
+    The first step's sequence is the prompt, where an edit of the new positions selects nothing, as it
+    should (and warns: EmptySelectionWarning, silenced here).
+    """
     seq = prompt
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptySelectionWarning)
         for _ in range(N_NEW):
             kw = {} if attention_mask is None else {"attention_mask": attention_mask}
             nxt = im.run(seq, interventions=make(seq.shape[1]), **kw)[:, -1].argmax(-1, keepdim=True)

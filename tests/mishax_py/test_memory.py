@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import weakref
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from mishax_py import memory
 from mishax_py.interventions import Ablate, Hook
 from mishax_py.studies import activation_patching, attribution_patching
+from tests.helpers import forbid_forward
 
 
 def test_cache_tensors_are_freed_without_the_garbage_collector(tiny_im, ids):
@@ -135,3 +137,174 @@ def test_repeated_caches_reuse_memory_instead_of_faulting():
 def test_reserve_for_is_a_noop_when_disabled(monkeypatch):
     monkeypatch.setattr(memory, "_enabled", False)
     assert memory.reserve_for(10**9) is False
+
+
+# -- estimates and budgets: hopeless runs fail at once, before allocating -----------------------------------
+def _big_ids(rows: int, pos: int = 11) -> torch.Tensor:
+    """``[rows, pos]`` valid ids that take no memory (an expanded view)."""
+    return (torch.arange(pos) % 60 + 4)[None].expand(rows, pos)
+
+
+def _hopeless_calls(im):
+    big, other = _big_ids(20_000), _big_ids(20_000).flip(1)
+
+    def metric(logits):
+        return logits[:, -1, 5].sum()
+
+    return {
+        "run": lambda mm: im.run(big, max_memory=mm),
+        "run_with_cache": lambda mm: im.run_with_cache(big, max_memory=mm),
+        "sweep": lambda mm: im.sweep(big, [{"blocks.0.mlp_out": Ablate()}] * 3, metric, max_memory=mm),
+        "activation_patching": lambda mm: activation_patching(im, big, other, metric, max_memory=mm),
+        "activation_patching(rows)": lambda mm: activation_patching(im, big, other, metric, engine="rows",
+                                                                    max_memory=mm),
+    }
+
+
+@pytest.mark.parametrize("call", list(_hopeless_calls(None)))
+def test_a_chunk_that_cannot_fit_fails_at_once_naming_estimate_and_budget(tiny_im, monkeypatch, call):
+    forbid_forward(monkeypatch, tiny_im)
+    start = time.perf_counter()
+    with pytest.raises(memory.MemoryBudgetError) as err:
+        _hopeless_calls(tiny_im)[call]("16MiB")
+    elapsed = time.perf_counter() - start
+    msg = str(err.value)
+    assert isinstance(err.value, MemoryError)
+    assert "16.0 MiB" in msg and "max_memory=" in msg, msg  # the budget and where it came from
+    assert memory.format_bytes(err.value.estimate.total) in msg and err.value.estimate.total > 16 << 20, msg
+    assert "20000" in msg and "fewer" in msg, msg  # what to reduce
+    print(f"{call}: refused in {elapsed * 1000:.1f} ms: {msg}")
+
+
+def test_the_process_wide_budget_applies_and_an_argument_overrides_it(tiny_im, ids, monkeypatch):
+    forbid_forward(monkeypatch, tiny_im)
+    big = _big_ids(20_000)
+    monkeypatch.setattr(memory, "_max_memory", None)
+    memory.set_max_memory("16MiB")
+    try:
+        assert memory.get_max_memory() == 16 << 20
+        with pytest.raises(memory.MemoryBudgetError, match="set_max_memory"):
+            tiny_im.run(big)
+    finally:
+        memory.set_max_memory(None)
+    with pytest.raises(memory.MemoryBudgetError, match=r"available RAM"):
+        memory.check_budget(memory.MemoryEstimate({"working": 1 << 60}), "a test step")
+
+
+def test_normal_runs_are_unaffected(tiny_im, ids):
+    corrupt = ids.flip(0)
+
+    def metric(logits):
+        return logits[:, -1, 5].sum()
+
+    with torch.no_grad():
+        plain = tiny_im.run(ids)
+        torch.testing.assert_close(tiny_im.run(ids, max_memory="1GiB"), plain, rtol=0, atol=0)
+        torch.testing.assert_close(tiny_im.run_with_cache(ids, max_memory=1 << 30)[0], plain, rtol=0, atol=0)
+        variants = [{"blocks.0.mlp_out": Ablate()}, {"blocks.1.attn_out": Ablate()}]
+        torch.testing.assert_close(tiny_im.sweep(ids, variants, metric, max_memory="1GiB"),
+                                   tiny_im.sweep(ids, variants, metric), rtol=0, atol=0)
+        res = activation_patching(tiny_im, ids, corrupt, metric, max_memory="1GiB")
+        torch.testing.assert_close(res.values, activation_patching(tiny_im, ids, corrupt, metric).values,
+                                   rtol=0, atol=0)
+    # a small run does not even read the budget: its estimate is below the floor
+    assert memory.estimate_run(tiny_im, *ids.shape, grad=True, sites=tiny_im.site_names()).total < memory.CHECK_FLOOR
+
+
+def test_the_automatic_budget_refuses_a_run_bigger_than_the_machine(tiny_im, monkeypatch):
+    rows = 4_000_000
+    est = memory.estimate_run(tiny_im, rows, 64, grad=False)
+    if est.total < 2 * memory.available_ram():
+        pytest.skip("this machine has room for the test's hopeless run")
+    forbid_forward(monkeypatch, tiny_im)
+    with torch.no_grad(), pytest.raises(memory.MemoryBudgetError, match="available RAM"):
+        tiny_im.run(_big_ids(rows, 64))
+
+
+def test_estimates_compose_and_the_budget_parses_sizes():
+    est = memory.MemoryEstimate({"working": 3 << 20}).plus(cache=1 << 20, working=1 << 20)
+    assert est.parts == {"working": 4 << 20, "cache": 1 << 20} and int(est) == 5 << 20
+    assert est.describe() == "5.0 MiB (working 4.0 MiB, cache 1.0 MiB)"
+    assert memory.parse_bytes("8GiB") == 8 << 30 and memory.parse_bytes("2.5 GB") == 2_500_000_000
+    assert memory.parse_bytes(1e9) == 10**9 and memory.memory_budget(max_memory="1MiB") == 1 << 20
+    for bad in ("lots", "-1GiB", "0", True):
+        with pytest.raises((ValueError, TypeError)):
+            memory.parse_bytes(bad)
+    with pytest.raises(memory.MemoryBudgetError, match=r"my step needs an estimated 5.0 MiB .*budget of 1.0 MiB"):
+        memory.check_fits(est, 1 << 20, "my step", reduce="pass less")
+    memory.check_fits(est, 5 << 20, "my step")  # equal fits
+
+
+def test_cache_bytes_is_the_size_of_the_cache(tiny_im, ids):
+    with torch.no_grad():
+        for sites in (None, ["blocks.0.attn.pattern", "logits", "blocks.1.ln2_normalized"]):
+            _, cache = tiny_im.run_with_cache(ids, sites=sites)
+            names = list(cache.keys())
+            assert memory.cache_bytes(tiny_im, names, *ids.shape) == sum(
+                v.numel() * v.element_size() for v in cache.values())
+
+
+_PEAK_SCRIPT = r"""
+import ctypes, gc, json, torch
+libc = ctypes.CDLL("libc.so.6")
+torch.set_num_threads(1)
+from transformers import Gemma2Config, Gemma2ForCausalLM
+import instrumentation.gemma2 as g2
+from mishax_py import memory
+
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+out = []
+for name, c, mode in [("attention", dict(V=256, d=128, dm=512, H=8, L=2, R=8, P=384), "nograd"),
+                      ("residual", dict(V=256, d=1024, dm=1024, H=4, L=2, R=8, P=256), "nograd"),
+                      ("vocab", dict(V=16384, d=128, dm=512, H=4, L=2, R=8, P=128), "nograd"),
+                      ("mlp", dict(V=256, d=128, dm=4096, H=4, L=2, R=8, P=256), "grad"),
+                      ("attention", dict(V=256, d=128, dm=512, H=8, L=2, R=4, P=256), "cache")]:
+    cfg = Gemma2Config(vocab_size=c["V"], hidden_size=c["d"], intermediate_size=c["dm"], num_hidden_layers=c["L"],
+                       num_attention_heads=c["H"], num_key_value_heads=c["H"] // 2, head_dim=c["d"] // c["H"],
+                       sliding_window=64, max_position_embeddings=1024, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    model.requires_grad_(mode == "grad")
+    im = g2.instrument(model)
+    ids = torch.randint(4, c["V"], (c["R"], c["P"]))
+    im.run(ids[:1, :4])
+    gc.collect()
+    libc.malloc_trim(0)  # hand the earlier cases' freed memory back, so this case's allocations show
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident size (VmHWM)
+    base = rss("VmRSS:")
+    if mode == "nograd":
+        with torch.no_grad():
+            res = im.run(ids)
+        est = memory.estimate_run(im, c["R"], c["P"])
+    elif mode == "grad":
+        res = im.run(ids)
+        res[:, -1].sum().backward()
+        est = memory.estimate_run(im, c["R"], c["P"], grad=True)
+    else:
+        with torch.no_grad():
+            res = im.run_with_cache(ids)
+        est = memory.estimate_run(im, c["R"], c["P"], sites=im.site_names())
+    out.append({"case": f"{name}/{mode}", "measured": rss("VmHWM:") - base, "estimate": est.total})
+    del res, model, im
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs") or not memory.is_supported(),
+                    reason="needs Linux's peak-RSS reset and glibc's malloc_trim")
+def test_the_forward_estimate_is_an_honest_upper_bound_of_the_measured_peak():
+    env = dict(os.environ, MISHAX_PY_KEEP_FREED_MEMORY="0", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, check=True)
+    cases = json.loads(out.stdout.strip().splitlines()[-1])
+    for c in cases:
+        ratio = c["estimate"] / c["measured"]
+        print(f"{c['case']}: measured {c['measured'] / 2**20:.0f} MiB, estimate {c['estimate'] / 2**20:.0f} MiB, "
+              f"ratio {ratio:.2f}")
+        # above the measurement (a 10% allowance for the allocator's noise), and not absurdly so
+        assert 0.9 <= ratio <= 4.0, c

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import huggingface_hub
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import saes
-from saes.formats import SAEFileError
+from saes.formats import SAEFileError, load_npz, load_saelens
 from saes.hub import SAEFetchError, parse_hub_ref
 from saes.sites import gemma_scope_sites, hook_name_from_site, site_from_hook_name
 
@@ -183,7 +185,7 @@ def test_saelens_cfg_honoured(tmp_path: Path) -> None:
     assert isinstance(topk, saes.TopKSAE) and topk.k == 3 and topk.site == "blocks.2.attn.z"
     f = topk.encode(x)
     assert ((f != 0).sum(-1) <= 3).all()
-    pre = x @ W_enc + b_enc
+    pre = (x - b_dec) @ W_enc + b_enc  # no apply_b_dec_to_input in its cfg.json: SAELens' default, true
     top = pre.topk(3, dim=-1).indices
     assert torch.allclose(f.gather(-1, top), pre.gather(-1, top).relu())
 
@@ -220,6 +222,42 @@ def test_saelens_cfg_honoured(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------- sites
+def test_saelens_apply_b_dec_to_input_default_is_saelens_own(tmp_path: Path) -> None:
+    """A second check of the ``apply_b_dec_to_input`` default, against SAELens' own rule rather than a formula
+    of ours: SAELens loads a ``cfg.json`` without the key as ``apply_b_dec_to_input=True``
+    (``handle_config_defaulting``/``handle_pre_6_0_config`` call ``setdefault("apply_b_dec_to_input", True)``,
+    and ``SAEConfig`` of 6.x defaults it to True), so ``b_dec`` is subtracted before encoding; an explicit
+    ``false`` is honoured. Standard and JumpReLU folders (the other test's default case is TopK); our own
+    ``save`` always writes the key, so its files never depend on the default."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    W_enc, W_dec = torch.randn(6, 10, generator=g), torch.randn(10, 6, generator=g)
+    b_enc, b_dec = torch.randn(10, generator=g), 3 * torch.randn(6, generator=g)
+    threshold = torch.rand(10, generator=g)
+    x = torch.randn(5, 6, generator=g)
+    pre = {True: (x - b_dec) @ W_enc + b_enc, False: x @ W_enc + b_enc}
+    arches = {"standard": (lambda p: torch.relu(p), {}),
+              "jumprelu": (lambda p: (p > threshold) * torch.relu(p), {"threshold": threshold})}
+    for arch, (act, extra) in arches.items():
+        for given in (None, True, False):
+            cfg = {"architecture": arch, "d_in": 6, "d_sae": 10, "hook_name": "blocks.1.hook_resid_post"}
+            if given is not None:
+                cfg["apply_b_dec_to_input"] = given
+            d = tmp_path / f"{arch}-{given}"
+            d.mkdir()
+            (d / "cfg.json").write_text(json.dumps(cfg))
+            save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, **extra},
+                      str(d / "sae_weights.safetensors"))
+            sae = saes.load(d)
+            want = True if given is None else given
+            assert sae.apply_b_dec_to_input is want, (arch, given)
+            torch.testing.assert_close(sae.encode(x), act(pre[want]), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(act(pre[True]), act(pre[False]), atol=1e-3)  # the setting matters here
+            saved = json.loads((sae.save(tmp_path / f"saved-{arch}-{given}") / "cfg.json").read_text())
+            assert saved["apply_b_dec_to_input"] is want
+
+
 def test_site_aliases() -> None:
     cases = {
         "blocks.20.hook_resid_post": "blocks.20.resid_post",
@@ -400,7 +438,7 @@ def test_offline_hub_reference_names_repo_and_file(tmp_path: Path, monkeypatch: 
     msg = str(e.value)
     assert "'google/gemma-scope-2b-pt-res'" in msg
     assert "layer_20/width_16k/average_l0_71/params.npz" in msg
-    assert "offline" in msg and "huggingface-cli download" in msg
+    assert "offline" in msg and "hf download" in msg and "huggingface-cli" not in msg
     with pytest.raises(FileNotFoundError, match="no such SAE file"):
         saes.load(tmp_path / "does-not-exist.npz")
     with pytest.raises(FileNotFoundError, match="neither an existing local path nor a hub reference"):
@@ -501,3 +539,242 @@ def test_bad_saelens_files(tmp_path: Path) -> None:
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     with pytest.raises(SAEFileError, match=r"neither a SAELens pair .* contains \['notes.txt'\]"):
         saes.load(tmp_path / "empty")
+
+
+# ------------------------------------------------------- cfg.json value types
+def _topk_folder(tmp_path: Path, name: str, **cfg_changes: object) -> Path:
+    """A TopK SAELens folder (d_in 8, d_sae 12, k 3) whose cfg.json gets ``cfg_changes``
+    (``None`` deletes a key)."""
+    folder = saes.TopKSAE(8, 12, k=3, site="blocks.0.resid_post").save(tmp_path / name)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in cfg_changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected", "shown"),
+    [
+        ("apply_b_dec_to_input", "false", "boolean", '"false"'),
+        ("apply_b_dec_to_input", 0, "boolean", "0"),
+        ("k", 3.7, "positive integer", "3.7"),
+        ("k", True, "positive integer", "true"),
+        ("k", "3", "positive integer", '"3"'),
+        ("k", 0, "positive integer", "0"),
+        ("hook_name", 123, "string", "123"),
+        ("mishax_site", ["blocks.0.resid_post"], "string", r'\["blocks.0.resid_post"\]'),
+        ("d_in", "abc", "integer", '"abc"'),
+        ("d_sae", 12.0, "integer", "12.0"),
+        ("d_in", False, "integer", "false"),
+        ("architecture", 5, "string", "5"),
+        ("normalize_activations", 1, "string", "1"),
+        ("metadata", "x", "object", '"x"'),
+        ("activation_fn_kwargs", [3], "object", r"\[3\]"),
+        ("model_name", 7, "string", "7"),
+    ],
+)
+def test_saelens_cfg_values_of_the_wrong_type(
+    tmp_path: Path, key: str, value: object, expected: str, shown: str
+) -> None:
+    """A cfg.json value of the wrong JSON type is a SAEFileError naming the file, the key, the expected
+    type and the value (before: ``"false"`` loaded as True, ``3.7`` as 3, others raised bare
+    TypeError/ValueError without the file)."""
+    folder = _topk_folder(tmp_path, "bad", **{key: value})
+    with pytest.raises(SAEFileError, match=rf"bad/cfg\.json: key '{key}' must be a JSON {expected}.*got {shown}"):
+        saes.load(folder)
+
+
+def test_saelens_cfg_nested_values_of_the_wrong_type(tmp_path: Path) -> None:
+    folder = _topk_folder(tmp_path, "nested", k=None, activation_fn_kwargs={"k": 2.5})
+    with pytest.raises(SAEFileError, match=r"key 'activation_fn_kwargs\.k' must be a JSON positive integer.*got 2\.5"):
+        saes.load(folder)
+    folder = _topk_folder(tmp_path, "meta", hook_name=None, mishax_site=None, metadata={"hook_name": 4})
+    with pytest.raises(SAEFileError, match=r"key 'metadata\.hook_name' must be a JSON string.*got 4"):
+        saes.load(folder)
+    tc = saes.Transcoder(8, 12, site="blocks.0.ln2_normalized", output_site="blocks.0.mlp_out")
+    tc_folder = tc.save(tmp_path / "tc")
+    for key, value in (("d_out", "8"), ("activation", 1), ("mishax_output_site", 2), ("hook_name_out", False)):
+        cfg = json.loads((tc_folder / "cfg.json").read_text())
+        (tc_folder / "cfg.json").write_text(json.dumps(dict(cfg, **{key: value})))
+        with pytest.raises(SAEFileError, match=rf"tc/cfg\.json: key '{key}' must be a JSON"):
+            saes.load(tc_folder)
+        (tc_folder / "cfg.json").write_text(json.dumps(cfg))
+    # null means "not given"; JSON values of the right type load as before
+    ok = saes.load(_topk_folder(tmp_path, "nulls", apply_b_dec_to_input=None, normalize_activations=None))
+    assert isinstance(ok, saes.TopKSAE) and ok.k == 3 and ok.apply_b_dec_to_input is True  # SAELens' default
+
+
+# ---------------------------------------------------------------- npz bombs
+def write_zero_bomb(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """An ``.npz`` of float32 zero arrays of ``shapes``, written without ever holding one in memory.
+
+    Each member is a raw-deflate stream built from one compressed 16 MiB block of zeros repeated
+    (each block ends in a full flush, so copies concatenate into a valid stream); the zip file is
+    written by hand (members under 4 GiB, no zip64). A GiB of zeros takes about 1 MB on disk.
+    """
+    import struct
+    import zlib
+
+    chunk = 16 << 20
+    zeros = bytes(chunk)
+    out = bytearray()
+    central = bytearray()
+    for name, shape in shapes.items():
+        header = _npy_header(shape)
+        payload = int(np.prod(shape)) * 4
+        comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+        data = bytearray(comp.compress(header) + comp.flush(zlib.Z_FULL_FLUSH))
+        block = comp.compress(zeros) + comp.flush(zlib.Z_FULL_FLUSH)
+        crc = zlib.crc32(header)
+        n_full, rest = divmod(payload, chunk)
+        data += block * n_full
+        for _ in range(n_full):
+            crc = zlib.crc32(zeros, crc)
+        data += comp.compress(bytes(rest)) + comp.flush()
+        crc = zlib.crc32(bytes(rest), crc)
+        size = len(header) + payload
+        fname = (name + ".npy").encode()
+        offset = len(out)
+        out += struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, 8, 0, 33, crc, len(data), size, len(fname), 0)
+        out += fname + data
+        central += struct.pack(
+            "<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 8, 0, 33, crc, len(data), size, len(fname),
+            0, 0, 0, 0, 0o644 << 16, offset,
+        )  # fmt: skip
+        central += fname
+    out += central + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(shapes), len(shapes), len(central),
+                                 len(out), 0)  # fmt: skip
+    path.write_bytes(out)
+    return path
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` (version 1.0) header of a little-endian float32 C-order array of ``shape``."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_zero_bomb_helper_writes_a_valid_npz(tmp_path: Path) -> None:
+    path = write_zero_bomb(tmp_path / "small.npz", {"a": (3, 5), "b": ((1 << 22) + 7,)})
+    with np.load(path) as npz:
+        assert npz["a"].shape == (3, 5) and not npz["a"].any()
+        assert npz["b"].shape == ((1 << 22) + 7,) and not npz["b"].any()
+
+
+_BOMB_CHILD = """
+import resource, sys
+import saes
+from saes.formats import SAEFileError
+for path in sys.argv[1:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        saes.load(path)
+        print("LOADED")
+    except SAEFileError as e:
+        print("SAEFileError:", e)
+    except Exception as e:
+        print("OTHER:", type(e).__name__, e)
+    print("RSS_DELTA_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, flush=True)
+"""
+
+# One member far larger than the others say it can be: refused from the .npy headers.
+_INCONSISTENT_BOMB = (
+    {"W_enc": (8, 12), "W_dec": (12, 8), "b_enc": (12,), "b_dec": (8,), "threshold": (1 << 28,)},
+    r"bomb0\.npz: key 'threshold' has shape \(268435456,\), expected \[12\]",
+)
+# Every member consistent, but 2.25 GiB of zeros in 2.3 MB: refused from the zip headers.
+_CONSISTENT_BOMB = (
+    {"W_enc": (8, 1 << 25), "W_dec": (1 << 25, 8), "b_enc": (1 << 25,), "b_dec": (8,), "threshold": (1 << 25,)},
+    r"bomb1\.npz: member 'W_enc\.npy' would decompress to 1073741952 bytes from \d+",
+)
+
+
+def test_npz_bombs_are_refused_before_decompressing(tmp_path: Path) -> None:
+    """An npz whose members decompress to gigabytes is refused from its headers: the error names the
+    file, member and size, and the loading process's peak RSS grows by less than 100 MB (before: it
+    decompressed 0.8-2 GiB before a shape check failed, or loaded the 2.25 GiB)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    bombs = [_INCONSISTENT_BOMB, _CONSISTENT_BOMB]
+    paths = [str(write_zero_bomb(tmp_path / f"bomb{i}.npz", shapes)) for i, (shapes, _) in enumerate(bombs)]
+    assert all(Path(p).stat().st_size < 4 << 20 for p in paths)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BOMB_CHILD, *paths], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    print(proc.stdout.strip())
+    reports = proc.stdout.strip().split("RSS_DELTA_KB")
+    for (_, message), report, tail in zip(bombs, reports, reports[1:], strict=False):
+        delta_mb = int(tail.split()[0]) / 1024
+        assert "SAEFileError:" in report and re.search(message, report), report
+        assert delta_mb < 100, f"peak RSS grew by {delta_mb:.0f} MB while refusing {message}"
+
+
+# ------------------------------------------------------ FIFOs and devices
+def _within(seconds: float, fn: Callable[[], object], unblock: Sequence[Path] = ()) -> object:
+    """``fn()``'s exception (or result) within ``seconds``; a hang fails the test (FIFOs in ``unblock`` are
+    then opened for writing so the stuck thread can finish)."""
+    import os
+    import threading
+
+    box: list[object] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        for fifo in unblock:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        pytest.fail(f"{fn} hung for {seconds} s")
+    return box[0]
+
+
+def test_fifo_and_device_paths_are_refused_at_once(tmp_path: Path) -> None:
+    """An SAE path that is a FIFO or a device (directly, or as a file inside an SAE folder, or through a
+    symlink) is a SAEFileError naming the path and what it is, without opening it (before:
+    NotADirectoryError or a FileNotFoundError for a path that exists)."""
+    import os
+
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    npz_dir = tmp_path / "npzdir"
+    npz_dir.mkdir()
+    os.mkfifo(npz_dir / "params.npz")
+    lens_dir = saes.JumpReLUSAE(8, 12).save(tmp_path / "lens")
+    (lens_dir / "cfg.json").unlink()
+    os.mkfifo(lens_dir / "cfg.json")
+    link_dir = tmp_path / "linkdir"
+    link_dir.mkdir()
+    (link_dir / "params.npz").symlink_to("/dev/zero")
+    fifos = [fifo, npz_dir / "params.npz", lens_dir / "cfg.json"]
+    cases = [
+        (fifo, r"pipe\.npz: is a FIFO"),
+        (npz_dir, r"npzdir/params\.npz: is a FIFO"),
+        (lens_dir, r"lens/cfg\.json: is a FIFO"),
+        (lens_dir / "sae_weights.safetensors", r"lens/cfg\.json: is a FIFO"),
+        (Path("/dev/zero"), r"/dev/zero: is a character device"),
+        (link_dir, r"linkdir/params\.npz: is a character device"),
+    ]
+    for ref, message in cases:
+        err = _within(20, lambda ref=ref: saes.load(ref), unblock=fifos)
+        assert isinstance(err, SAEFileError) and re.search(message, str(err)), (ref, err)
+        assert "not a regular file" in str(err)
+    for err in (_within(20, lambda: load_npz(fifo), fifos), _within(20, lambda: load_saelens(lens_dir), fifos)):
+        assert isinstance(err, SAEFileError), err

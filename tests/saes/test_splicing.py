@@ -285,3 +285,36 @@ def _event() -> object:
     from mishax_py.runtime import RunContext, SiteEvent
 
     return SiteEvent("blocks.1.resid_post", 1, RunContext())
+
+
+def test_recorded_error_is_the_unedited_reconstruction_error(tiny_im: InstrumentedModel, ids: torch.Tensor) -> None:
+    """Under a feature edit, ``{site}.sae.error`` is ``x - decode(encode(x))`` of the site's value before the
+    splice (the error the edit keeps), not of the edited features; ``{site}.sae.features`` are the edited ones.
+    The oracle reads ``x`` from a run without the splice and encodes it here."""
+    sae = make_sae()
+    site = sae.site
+    tc = make_sae(saes.Transcoder, site="blocks.0.ln2_normalized", output_site="blocks.0.mlp_out", skip=True)
+    with torch.no_grad():
+        tc.W_skip.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        _, plain = tiny_im.run_with_cache(ids, sites=[site, tc.site, tc.output_site])
+        x = plain[site]
+        want = x - sae.decode(sae.encode(x))
+        top = (sae.encode(x) > 0).sum((0, 1)).topk(3).indices.tolist()  # often-active features
+        edits = [saes.FeatureAblate(top), saes.FeatureClamp(top, 5.0), saes.FeatureSteer(top, 3.0),
+                 lambda f: f * 0]
+        names = [f"{site}.sae.error", f"{site}.sae.features"]
+        for edit in edits:
+            for detach in (False, True):
+                _, c = tiny_im.run_with_cache(ids, sites=names,
+                                              interventions={site: saes.Splice(sae, edit=edit, detach_error=detach)})
+                torch.testing.assert_close(c[names[0]], want, rtol=0, atol=1e-6)
+                f_edited = saes.edits.apply_edit(edit, sae.encode(x), saes.edits.EditScope(0, None, x.shape[0]))
+                torch.testing.assert_close(c[names[1]], f_edited, rtol=0, atol=1e-6)
+                # the edit moved the reconstruction: an error taken from it would differ
+                assert (sae.decode(f_edited) - sae.decode(sae.encode(x))).abs().max() > 1e-2
+        # a transcoder: error = y - (decode(encode(x_in)) + skip(x_in)), of its unedited features
+        x_in, y = plain[tc.site], plain[tc.output_site]
+        want_tc = y - tc(x_in)
+        _, c = tiny_im.run_with_cache(ids, sites=[f"{tc.output_site}.sae.error"],
+                                      interventions=saes.splice(tc, edit=saes.FeatureClamp([0, 1, 2], 4.0)))
+        torch.testing.assert_close(c[f"{tc.output_site}.sae.error"], want_tc, rtol=0, atol=1e-6)

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +20,16 @@ import saes
 from mishax_py import InstrumentedModel
 from saes.evaluation import evaluate
 from saes.store import ActivationStore, collect_activations
-from saes.train import HeavisideFunction, JumpReLUFunction, TrainConfig, fold_scaling, train_sae
+from saes.train import (
+    CheckpointError,
+    HeavisideFunction,
+    JumpReLUFunction,
+    TrainConfig,
+    TrainResult,
+    fold_scaling,
+    train_sae,
+)
+from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: see conftest.one_thread
 
@@ -286,3 +300,160 @@ def test_transcoder_on_a_model_splices_and_saves(tiny_im: InstrumentedModel, tmp
     loaded = saes.load(folder)
     assert isinstance(loaded, saes.Transcoder) and loaded.output_site == y_site
     assert torch.allclose(loaded(x[held]), tc(x[held]), atol=1e-6)
+
+
+# ------------------------------------------------------------------ checkpoints
+_TRAIN_CHILD = """
+import json, os, random, signal, sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from safetensors.torch import load_file
+from saes.store import ActivationStore
+from saes.train import TrainConfig, train_sae
+
+args = json.loads(sys.argv[1])
+tensors = load_file(args["data"]) if args.get("data") else {}
+data = ActivationStore(args["store"]) if args.get("store") else tensors["x"]
+torch.manual_seed(123); random.seed(1); np.random.seed(2)
+steps = [0]
+def kill_after_steps(opt, a, kw):
+    steps[0] += 1
+    if steps[0] == args["kill_after"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_post_hook(kill_after_steps)
+if args.get("kill_in_write"):  # SIGKILL while the checkpoint of this step is written, before its rename
+    replace = os.replace
+    def replace_or_die(src, dst):
+        if str(dst).endswith("step_%08d" % args["kill_in_write"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+    os.replace = replace_or_die
+train_sae(data, TrainConfig(**args["config"]), target=tensors.get("y"))
+print("FINISHED")
+"""
+
+
+def _kill_and_resume(tmp_path: Path, data: torch.Tensor | ActivationStore, cfg: TrainConfig, *, kill_after: int,
+                     target: torch.Tensor | None = None, kill_in_write: int | None = None) -> TrainResult:  # fmt: skip
+    """Train in a subprocess that SIGKILLs itself after ``kill_after`` optimiser steps (or inside the
+    checkpoint write of step ``kill_in_write``), then resume here; return the resumed result."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    args: dict = {"config": asdict(cfg), "kill_after": kill_after, "kill_in_write": kill_in_write}
+    if isinstance(data, ActivationStore):
+        args["store"] = str(data.path)
+    else:
+        tensors = {"x": data} if target is None else {"x": data, "y": target}
+        save_file(tensors, str(tmp_path / "data.safetensors"))
+        args["data"] = str(tmp_path / "data.safetensors")
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, json.dumps(args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9 and "FINISHED" not in proc.stdout, proc.stderr[-3000:]
+    assert cfg.checkpoint_dir is not None and any(Path(cfg.checkpoint_dir).glob("step_*")), "no checkpoint"
+    torch.manual_seed(999), random.seed(9), np.random.seed(9)  # the checkpoint's RNG states replace these
+    return train_sae(data, cfg, target=target)
+
+
+def _assert_same_training(resumed: TrainResult, whole: TrainResult) -> None:
+    for name, p in whole.sae.named_parameters():
+        assert torch.equal(getattr(resumed.sae, name), p), name
+    assert resumed.scale == whole.scale and resumed.output_scale == whole.output_scale
+    assert resumed.history == whole.history
+    assert resumed.sae.metadata == whole.sae.metadata
+
+
+def _train_cfg(tmp_path: Path, **kw: object) -> TrainConfig:
+    base: dict = dict(d_sae=32, lr=1e-2, steps=40, batch_size=64, scale_batches=4, lr_warmup_steps=5,
+                      lr_decay_frac=0.2, log_every=5, b_dec_init="mean", checkpoint_dir=str(tmp_path / "ckpt"),
+                      checkpoint_every=10)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("case", "kill_after", "kill_in_write", "resumed_from"),
+    [
+        ("jumprelu", 25, None, 20),  # resumes in the first pass over the data (2048 rows, 32 batches)
+        ("topk", 35, None, 30),  # resumes in the second pass
+        ("jumprelu", 40, 20, 10),  # killed inside the 2nd checkpoint's write: resumes from the 1st
+        ("transcoder", 25, None, 20),
+    ],
+)
+def test_training_killed_with_sigkill_and_resumed_is_bit_identical(
+    tmp_path: Path, case: str, kill_after: int, kill_in_write: int | None, resumed_from: int
+) -> None:
+    """A run killed with SIGKILL after at least one checkpoint and started again with the same checkpoint_dir
+    ends with exactly (torch.equal, CPU) the parameters, scales and history of an uninterrupted run, and the
+    global RNGs (torch, random, numpy) continue as after the uninterrupted run."""
+    x, _, _ = synthetic(2048, d_in=16, n_dirs=32, k=3, seed=7)
+    target = None
+    kw: dict = {"target_l0": 3.0}
+    if case == "topk":
+        kw = {"architecture": "topk", "k": 4}
+    elif case == "transcoder":
+        w = torch.randn(16, 24, generator=torch.Generator().manual_seed(1))
+        target, kw = torch.relu(x @ w), {"skip": True, "l0_coefficient": 0.01}
+    cfg = _train_cfg(tmp_path, **kw)
+    torch.manual_seed(123), random.seed(1), np.random.seed(2)
+    whole = train_sae(x, replace(cfg, checkpoint_dir=None), target=target)
+    after_whole = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+    resumed = _kill_and_resume(tmp_path, x, cfg, kill_after=kill_after, target=target, kill_in_write=kill_in_write)
+    assert resumed.start_step == resumed_from
+    _assert_same_training(resumed, whole)
+    assert (torch.rand(3).tolist(), random.random(), float(np.random.rand())) == after_whole
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000040"]  # older and .tmp removed
+
+
+def test_training_on_a_store_killed_and_resumed_is_bit_identical(tiny_im: InstrumentedModel, tmp_path: Path) -> None:
+    """The same for a 4-shard activation store: the resumed run skips to its place in the pass without
+    reading the shards before it."""
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(4, 64, (8, 9), generator=g) for _ in range(16)]
+    store = collect_activations(tiny_im, data, "blocks.1.resid_post", tmp_path / "acts", shard_rows=300,
+                                progress=False)  # fmt: skip
+    assert len(store.shards) == 4 and store.n_rows == 1024  # 16 batches of 64 rows per pass
+    cfg = _train_cfg(tmp_path, target_l0=3.0)
+    torch.manual_seed(123), random.seed(1), np.random.seed(2)
+    whole = train_sae(store, replace(cfg, checkpoint_dir=None))
+    resumed = _kill_and_resume(tmp_path, store, cfg, kill_after=25)  # checkpoint 20: pass 2, batch 8
+    assert resumed.start_step == 20
+    _assert_same_training(resumed, whole)
+
+
+def test_checkpoints_are_safetensors_and_json_and_refuse_another_config(tmp_path: Path) -> None:
+    """A checkpoint holds only safetensors and JSON (no pickle); a finished run started again returns its
+    result without training; another config or other data is refused, naming the key and both values."""
+    x, _, _ = synthetic(1024, d_in=16, n_dirs=32, k=3, seed=8)
+    cfg = _train_cfg(tmp_path, steps=20)
+    first = train_sae(x, cfg)
+    (step_dir,) = (tmp_path / "ckpt").iterdir()
+    assert step_dir.name == "step_00000020"
+    names = sorted(p.name for p in step_dir.iterdir())
+    assert names == ["state.json", "tensors.safetensors"]
+    state = json.loads((step_dir / "state.json").read_text())
+    assert state["step"] == 20 and state["config"]["lr"] == 0.01 and "data_position" in state
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(step_dir / "tensors.safetensors")))
+    assert {"model.W_enc", "model.log_theta", "rng.torch_cpu", "rng.generator"} <= keys
+    assert any(k.startswith("optimizer.") and k.endswith(".exp_avg_sq") for k in keys)
+
+    again = train_sae(x, cfg)
+    assert again.start_step == 20
+    _assert_same_training(again, first)
+
+    with pytest.raises(CheckpointError, match=r"made with lr=0\.01, this run has lr=0\.02"):
+        train_sae(x, replace(cfg, lr=0.02))
+    with pytest.raises(CheckpointError, match=r"made with architecture='jumprelu', this run has architecture='topk'"):
+        train_sae(x, replace(cfg, architecture="topk", k=3))
+    with pytest.raises(CheckpointError, match=r"'data' differs"):
+        train_sae(x + 1, cfg)
+    with pytest.raises(CheckpointError, match=r"'target' differs"):
+        train_sae(x, replace(cfg, skip=False), target=x)
+    assert train_sae(x, replace(cfg, progress=True, checkpoint_every=7)).start_step == 20  # neither changes results
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive"):
+        train_sae(x, replace(cfg, checkpoint_every=0))

@@ -212,7 +212,7 @@ def site_gradients(
     Returns:
         :class:`SiteGradients` ``(values, grads, metric)``.
     """
-    ids = as_ids(ids, im.model)
+    ids = as_ids(ids, im)
     names = im.resolve(list(sites))
     if method not in ("atp", "ig"):
         raise ValueError(f"method must be 'atp' or 'ig', got {method!r}")

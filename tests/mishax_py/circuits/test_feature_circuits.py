@@ -236,3 +236,55 @@ def test_bad_input(setup):
     with pytest.raises(TypeError, match="positional"):  # the SAEs are keyword-only now
         feature_circuit(im, clean, corrupt, metric, sae_map)
     assert active_context() is None
+
+
+def test_evaluate_against_runs_written_out(setup):
+    """``evaluate`` against runs that share none of its ablation code: with ``ablation="patch"``, m(empty)
+    is the clean run with every SAE site -- features and error nodes, i.e. the whole site value -- patched
+    from the corrupted run by a plain ``Patch``; m(full) is the plain clean run; m(circuit) is the clean run
+    with a hand-written splice at each site that keeps the circuit's nodes and takes every other feature and
+    error node from the corrupted run (features re-encoded in the run, as ablations upstream change them)."""
+    from mishax_py.interventions import Patch
+
+    im, sae_map, clean, corrupt, metric = setup
+    c = feature_circuit(im, clean, corrupt, metric, saes=sae_map, top_k=4, edges=False)
+    assert c.ablation == "patch" and any(n[2] < 0 for n in c.all_nodes())
+    res = c.evaluate(im, metric)
+    with torch.no_grad():
+        _, src = im.run_with_cache(corrupt, sites=SITES)
+        m_patched = float(metric(im.run(clean, {s: Patch(src) for s in SITES})))
+        m_clean = float(metric(im.run(clean)))
+        m_corrupt = float(metric(im.run(corrupt)))
+    assert abs(m_patched - m_clean) > 1e-2  # the patch moves the metric
+    assert res["m_empty"] == pytest.approx(m_patched, abs=1e-5)
+    assert c.metric_patch == pytest.approx(m_patched, abs=1e-5)
+    assert res["m_full"] == pytest.approx(m_clean, abs=1e-5)
+    # the last SAE site is the whole residual stream: patching it entirely is the corrupted run
+    assert m_patched == pytest.approx(m_corrupt, abs=1e-5)
+
+    def keep_nodes(site):
+        sae = sae_map[site]
+        keep_f = torch.zeros(clean.shape[1], sae.d_sae, dtype=torch.bool)
+        keep_e = torch.zeros(clean.shape[1], dtype=torch.bool)
+        for s, pos, feat in c.nodes:
+            if s == site and feat < 0:
+                keep_e[pos] = True
+            elif s == site:
+                keep_f[pos, feat] = True
+        x_src = src[site]
+        f_src = sae.encode(x_src)
+        e_src = x_src - sae.decode(f_src)
+
+        def hook(x):
+            f = sae.encode(x)
+            e = x - sae.decode(f)
+            f = torch.where(keep_f, f, f_src)
+            e = torch.where(keep_e[:, None], e, e_src)
+            return sae.decode(f) + e
+
+        return hook
+
+    with torch.no_grad():
+        m_circ = float(metric(im.run(clean, {s: keep_nodes(s) for s in SITES})))
+    assert res["m_circuit"] == pytest.approx(m_circ, abs=1e-5)
+    assert abs(m_circ - m_patched) > 1e-3 and abs(m_circ - m_clean) > 1e-3

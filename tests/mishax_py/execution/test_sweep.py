@@ -355,3 +355,25 @@ def test_bad_variants_fail_before_any_forward_and_name_variant_site_shape(setup:
     with torch.no_grad():
         assert torch.equal(im.model(ids).logits, ref)
         assert torch.equal(im.run(ids), ref)
+
+
+def test_variants_after_the_blocks_run_no_decoder_layer() -> None:
+    """Variants at ``ln_final``/``logits`` change no decoder layer, so no layer runs for them: with a clean
+    run (an empty variant), every layer runs exactly once, on the base batch; the chunks start after the
+    blocks from the clean run's ``ln_final``. Counted with forward pre-hooks on the decoder layers of a
+    3-layer model."""
+    im = g2.instrument(make_model(seed=2, num_hidden_layers=3))
+    ids = torch.randint(4, 64, (B, P), generator=torch.Generator().manual_seed(4))
+    rows: dict[int, list[int]] = {i: [] for i in range(3)}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: rows[i].append(a[0].shape[0]))
+             for i, layer in enumerate(im.model.model.layers)]
+    variants = [{"ln_final": Steer(0.5)}, {"logits": Clamp(0.0, index=3)}, {"ln_final": Ablate(positions=[2])},
+                {"logits": Hook(lambda v: v * 2)}, {}]
+    try:
+        with torch.no_grad():
+            results = im.sweep(ids, variants, batch_size=2 * B)  # chunks of 2 + 2 variants, and the clean run
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rows == {0: [B], 1: [B], 2: [B]}  # the clean run only: no decoder layer runs twice
+    assert_all_close(list(results), [alone(im, ids, v) for v in variants])

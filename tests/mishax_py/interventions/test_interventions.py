@@ -267,6 +267,39 @@ def test_mean_ablation_leaves_the_reference_padding_out(tiny_im: InstrumentedMod
         assert torch.equal(tiny_im.run(ids3), tiny_im.model(ids3).logits)
 
 
+def test_masked_mean_against_nanmean_and_garbage_in_the_padding(tiny_im: InstrumentedModel, ids3, other_ids) -> None:
+    """A second, independent check of masked mean ablation, on another padding: a 4-row reference whose
+    position 0 is padding in every row (so it takes the plain mean) and whose rows are padded by 3, 2, 1 and 1.
+    Oracle: ``torch.nanmean`` of the reference with NaN at its padding; and the padding's values must not
+    matter (garbage written there, at positions that have a real token, leaves the result unchanged)."""
+    mask = torch.ones(4, P, dtype=torch.long)
+    for row, n_pad in enumerate([3, 2, 1, 1]):
+        mask[row, :n_pad] = 0
+    ref_ids = torch.cat([other_ids, ids3[:1]]).clone()
+    ref_ids[mask == 0] = 0
+    for site in ("blocks.0.attn_out", "blocks.1.attn.pattern"):
+        pos_dim = 2 if site.endswith("pattern") else 1
+        with torch.no_grad():
+            _, cache = tiny_im.run_with_cache(ref_ids, sites=[site], attention_mask=mask)
+        r = cache[site]
+        pad = (mask == 0).view(4, *([1] * (pos_dim - 1)), P, *([1] * (r.ndim - pos_dim - 1))).expand_as(r)
+        nan_padded = r.masked_fill(pad, float("nan"))
+        want = nan_padded.nanmean(0)
+        want.select(pos_dim - 1, 0).copy_(r.select(pos_dim, 0).mean(0))  # no real token at position 0
+        got = edited_value(tiny_im, ids3, site, Ablate(mean=cache))
+        torch.testing.assert_close(got, want.unsqueeze(0).expand_as(got), atol=1e-6, rtol=0)
+        real = nan_padded.movedim(pos_dim, 1).flatten(0, 1).nanmean(0).unsqueeze(pos_dim - 1).unsqueeze(0)
+        got = edited_value(tiny_im, ids3, site, Ablate(mean=cache, mean_over_positions=True))
+        torch.testing.assert_close(got, real.expand_as(got), atol=1e-6, rtol=0)
+        garbage = r.masked_fill(pad & (torch.arange(P) > 0).view(*([1] * pos_dim), P, *([1] * (r.ndim - pos_dim - 1))),
+                                1e3)
+        assert not torch.equal(garbage, r)
+        for over in (False, True):
+            a = edited_value(tiny_im, ids3, site, Ablate(mean=garbage, mean_mask=mask, mean_over_positions=over))
+            b = edited_value(tiny_im, ids3, site, Ablate(mean=cache, mean_over_positions=over))
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_resample_takes_other_rows_seeded(tiny_im: InstrumentedModel, ids3) -> None:
     site = "blocks.0.attn.v"  # KV heads
     clean = clean_value(tiny_im, ids3, site)

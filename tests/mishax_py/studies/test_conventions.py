@@ -89,7 +89,7 @@ def test_the_study_edits_follow_the_user_interventions() -> None:
 
 @pytest.mark.parametrize(("study", "keywords"), [
     (activation_patching, ["site", "by", "direction", "layers", "positions", "interventions", "batch_size", "progress",
-                           "method", "engine", "pos_labels", "hf_kwargs"]),
+                           "method", "engine", "pos_labels", "max_memory", "hf_kwargs"]),
     (path_patching, ["senders", "receivers", "direction", "interventions", "method", "freeze_mlps",
                      "sender_positions", "receiver_positions", "hf_kwargs"]),
     (path_patching_by_head, ["receivers", "direction", "layers", "interventions", "batch_size", "progress", "method",

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mishax_py.zoo import report as R
+from tests.helpers import synthetic_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,3 +212,64 @@ def test_no_ablation_claims_when_the_model_does_not_do_the_task() -> None:
         assert "cannot show which heads" in s and "necessary" not in s and "hurt" not in s and "needed" not in s
     prev = R.previous_token_sentence(gt)
     assert "hurt" not in prev and "drops" not in prev and "accuracy 0.000 (baseline 0.010)" in prev
+
+
+# ---------------------------------------------------------------------------------- figures
+def test_a_grid_of_one_colour_is_said_not_drawn(tmp_path: Path) -> None:
+    """Every head ablated alone leaves accuracy at 1.0 (the bundled model: 0.9994..1): no single-colour heatmap,
+    a sentence giving the range instead; a grid whose colours differ is still drawn."""
+    r = results(ground_truth={"single_head_ablation": [[1.0, 0.9994], [0.9994, 1.0]]})
+    assert R.flat_grid_sentence("x", [torch.tensor(r["ground_truth"]["single_head_ablation"])], (0.0, 1.0)) == (
+        "x: every cell lies between 0.999 and 1, so the grid is not drawn (it would be a single colour).")
+    assert set(R.omitted_figures(r)) == {"single_head_ablation.png"}
+    page = R.write_report(tmp_path, r)
+    html = page.read_text()
+    assert not (tmp_path / "single_head_ablation.png").exists() and "single_head_ablation.png" not in html
+    assert "Induction accuracy with any one head ablated: every cell lies between 0.999 and 1" in text_of(page)
+    assert (tmp_path / "prefix_matching.png").is_file() and 'src="prefix_matching.png"' in html
+    (tmp_path / "other").mkdir()
+    drawn = R.write_figures(tmp_path / "other", results(ground_truth={"single_head_ablation": [[0.4, 1.0],
+                                                                                             [1.0, 1.0]]}))
+    assert "single_head_ablation.png" in drawn
+
+
+def test_patching_grids_are_drawn_with_their_estimates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attribution estimates are drawn next to the exact grids, as fractions of the same gap."""
+    calls: dict[str, dict[str, Any]] = {}
+
+    def spy(values: Any, path: Path, **kwargs: Any) -> str:
+        calls[Path(path).name] = {"values": values, **kwargs}
+        return str(path)
+
+    monkeypatch.setattr(R, "heatmap_figure", spy)
+    est = {"resid_pre_values": [[-5.0, -0.1, -4.0, -5.0, -5.0, -5.0, -5.0]] * 2,
+           "atp_layer_resid_pre_values": [[-5.0, -1.0, -4.0, -5.0, -5.0, -5.0, -5.0]] * 2,
+           "attn_z_values": [[-5.0, -5.0], [-2.55, -3.0]]}  # fmt: skip
+    R.write_figures(tmp_path, results(attribution_patching=est))
+    resid, heads = calls["patching_resid_pre.png"], calls["patching_attn_z.png"]
+    assert resid["panel_title"] == "exact (activation patching)"
+    assert [t for _, t in resid["panels"]] == ["AtP estimate (Pearson r = 0.90)",
+                                               "atp-layer estimate (Pearson r = 0.95)"]
+    # (estimate - corrupt) / (clean - corrupt): -0.1 -> 1.0, -2.55 -> 0.5
+    assert float(resid["panels"][0][0][0, 1]) == pytest.approx(1.0)
+    assert float(heads["panels"][0][0][1, 0]) == pytest.approx(0.5)
+    assert [t for _, t in heads["panels"]] == ["AtP estimate (Pearson r = 0.99)"]
+    calls.clear()
+    R.write_figures(tmp_path, results())  # no estimates in the results: the exact grid alone
+    assert calls["patching_resid_pre.png"]["panels"] == []
+
+
+def test_the_report_writes_and_links_the_graph_viewer(tmp_path: Path) -> None:
+    graph = synthetic_graph(seed=1).to_json()
+    feat = next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, index = (int(x) for x in feat["node_id"].split("_")[:2])
+    ctx = {"activation": 2.5, "source": "induction", "token": "k7", "previous": "v3", "next": "v9"}
+    ag = {"available": True, "prompt": ["<bos>", "a"], "answer": "b", "predicted": "b", "n_features": 3,
+          "completeness_error": 1e-6, "top_sources_of_top_logit": [["embedding b@2", 1.5]],
+          "feature_contexts": [{"layer": layer, "feature": index, "contexts": [ctx]}]}  # fmt: skip
+    page = R.write_report(tmp_path, results(attribution_graph=ag), graph=graph)
+    assert 'href="graph.html"' in page.read_text() and (tmp_path / "attribution_graph.png").is_file()
+    viewer = (tmp_path / "graph.html").read_text()
+    assert "v3 [k7] \\u2192 v9  (2.50)" in viewer or "v3 [k7] → v9  (2.50)" in viewer
+    no_graph = R.write_report(tmp_path / "none", results())
+    assert "graph.html" not in no_graph.read_text() and not (tmp_path / "none" / "graph.html").exists()
