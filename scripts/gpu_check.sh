@@ -14,8 +14,8 @@ python -c "import triton" || { echo "gpu_check: triton is missing (pip install -
 } > "$out"
 status=0
 python -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee -a "$out" || status=$?
-echo "## benchmarks/kernels.py ${QUICK:+--quick}" >> "$out"
-python benchmarks/kernels.py ${QUICK:+--quick} --out "$out.part" || status=$?
+echo "## benchmarks/sae_kernels.py ${QUICK:+--quick}" >> "$out"
+python benchmarks/sae_kernels.py ${QUICK:+--quick} --out "$out.part" || status=$?
 cat "$out.part" >> "$out" 2>/dev/null && rm -f "$out.part"
 echo "gpu_check: wrote $out (exit status $status)"
 exit "$status"

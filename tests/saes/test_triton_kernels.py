@@ -447,10 +447,10 @@ def test_gpu_auto_backend_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_benchmark_runs() -> None:
-    """benchmarks/kernels.py's GPU path (Triton rows, the spliced model and the sweep) at smoke sizes."""
+    """benchmarks/sae_kernels.py's GPU path (Triton rows, the spliced model and the sweep) at smoke sizes."""
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke", "--device", "cuda"], cwd=root,
+    proc = subprocess.run([sys.executable, "benchmarks/sae_kernels.py", "--smoke", "--device", "cuda"], cwd=root,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for want in ("triton fused->sparse", "triton gather-sum", "triton fused", "spliced, triton backend",

@@ -1,9 +1,12 @@
 """SAE kernels by backend: per-kernel time, achieved bandwidth and FLOPs, and spliced forwards on a GPU.
 
-    python benchmarks/kernels.py                  # CUDA if present (torch vs Triton), else CPU (torch only)
-    python benchmarks/kernels.py --quick          # fewer shapes
-    python benchmarks/kernels.py --smoke          # tiny shapes: every path runs (the gpu-marked test uses it)
-    python benchmarks/kernels.py --out FILE       # also write the report to FILE
+    python benchmarks/sae_kernels.py                  # CUDA if present (torch vs Triton), else CPU (torch only)
+    python benchmarks/sae_kernels.py --quick          # fewer shapes
+    python benchmarks/sae_kernels.py --smoke          # tiny shapes: every path runs (the gpu-marked test uses it)
+    python benchmarks/sae_kernels.py --out FILE       # also write the report to FILE
+
+(Not ``benchmarks/kernels.py``: the other benchmark scripts run with this folder on ``sys.path``, and
+transformers probes for a ``kernels`` package at import -- it would import this script instead.)
 
 Sections (every candidate is checked against the torch result before it is timed):
 
