@@ -8,12 +8,15 @@
   ``jumprelu``/``standard``/``topk``, ``apply_b_dec_to_input``, ``hook_name``, ``k``),
   or either of its two files,
 * a folder holding a ``params.npz`` or a SAELens pair,
+* a Gemma Scope 2 folder (``config.json`` + ``params.safetensors``, :func:`load_gemma_scope_2`;
+  format facts and their source in :mod:`saes.gemma_scope_2`), or either of its two files,
 * a hub reference ``owner/repo/path`` such as
   ``google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71`` (parsed and fetched into
   the Hugging Face cache by :mod:`saes.hub`). ``.../canonical`` resolves through
   :mod:`saes.canonical`; a leading ``google/`` may be left out, and SAELens release names
   ending in ``-canonical`` are accepted. Non-Gemma-Scope repos are read as SAELens
-  folders (``{path}/cfg.json`` + ``{path}/sae_weights.safetensors``).
+  folders (``{path}/cfg.json`` + ``{path}/sae_weights.safetensors``). Gemma Scope 2 references
+  ``google/gemma-scope-2-{270m,1b,4b,12b,27b}-{pt,it}/<kind>/<folder>`` fetch that folder's two files.
 
 Files are read without executing code: ``np.load(allow_pickle=False)`` and safetensors.
 Every malformed file (missing key, wrong shape, non-finite values, truncated file,
@@ -47,6 +50,7 @@ from torch import nn
 
 from saes.base import SAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder
 from saes.files import SAELENS_CFG, SAELENS_WEIGHTS
+from saes.gemma_scope_2 import GS2_CONFIG, GS2_PARAMS, GS2_SKIP_KEY, parse_folder, sites_from_hook_points
 from saes.hub import HubRef, SAEFetchError, fetch, parse_hub_ref
 from saes.sites import gemma_scope_sites, hook_name_from_site, site_from_hook_name
 
@@ -58,6 +62,7 @@ __all__ = [
     "gemma_scope_sites",
     "hook_name_from_site",
     "load",
+    "load_gemma_scope_2",
     "load_npz",
     "load_saelens",
     "parse_hub_ref",
@@ -601,6 +606,121 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
     return sae.save(path)
 
 
+# ---------------------------------------------------------------- Gemma Scope 2
+_GS2_NAMES = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
+
+
+def load_gemma_scope_2(
+    folder: str | Path,
+    *,
+    site: str | None = None,
+    output_site: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    origin: str | None = None,
+) -> SAE:
+    """Load one Gemma Scope 2 folder (``config.json`` + ``params.safetensors``; layout and the
+    source of these facts in :mod:`saes.gemma_scope_2`) as a :class:`JumpReLUSAE` or, for
+    transcoders, a JumpReLU :class:`Transcoder` (with ``W_skip = affine_skip_connection.T``,
+    ``[d_in, d_out]``, for ``_affine`` ones).
+
+    Sites come from the config's ``hf_hook_point_in``/``hf_hook_point_out``
+    (:func:`saes.gemma_scope_2.sites_from_hook_points`), else from the folder name in ``origin``
+    or the path; ``site``/``output_site`` override. Config values are type-checked
+    (:func:`_cfg_value`): ``architecture`` must be ``"jump_relu"``, ``affine_connection`` a boolean
+    that agrees with the presence of ``affine_skip_connection``, an integer ``width`` must equal
+    ``d_sae``. Tensors are checked as for every format (:func:`_check_tensors`).
+
+    Raises:
+        SAEFileError: a malformed file (names the file, the key, the shapes or value).
+        FileNotFoundError: a missing ``config.json`` or ``params.safetensors``.
+    """
+    folder = Path(folder)
+    cfg_path, w_path = folder / GS2_CONFIG, folder / GS2_PARAMS
+    for p in (cfg_path, w_path):
+        _refuse_special(p)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Gemma Scope 2 folder {folder} lacks {p.name} (needs {GS2_CONFIG} + {GS2_PARAMS})"
+            )
+    cfg = _read_cfg(cfg_path)
+    arch = _cfg_value(cfg, "architecture", "str", cfg_path)
+    if arch is not None and arch.lower() not in ("jump_relu", "jumprelu"):
+        raise SAEFileError(f"{cfg_path}: key 'architecture' is {arch!r}; Gemma Scope 2 SAEs are 'jump_relu'")
+    hook_in = _cfg_value(cfg, "hf_hook_point_in", "str", cfg_path)
+    hook_out = _cfg_value(cfg, "hf_hook_point_out", "str", cfg_path)
+    affine = _cfg_value(cfg, "affine_connection", "bool", cfg_path)
+    width = cfg.get("width")
+    raw = _read_safetensors(w_path)
+    missing = [k for k in _GS2_NAMES if k not in raw]
+    if missing:
+        raise SAEFileError(
+            f"{w_path}: missing key(s) {missing}; found keys {sorted(raw)}; expected {list(_GS2_NAMES)}"
+            f"{f' (+ {GS2_SKIP_KEY!r} for affine transcoders)' if affine else ''}"
+        )
+    tensors = {_GS2_NAMES[k]: raw[k] for k in _GS2_NAMES}
+    has_skip = GS2_SKIP_KEY in raw
+    if affine is not None and affine != has_skip:
+        raise SAEFileError(
+            f"{cfg_path}: key 'affine_connection' is {json.dumps(affine)} but {w_path.name} "
+            f"{'has' if has_skip else 'lacks'} key {GS2_SKIP_KEY!r}"
+        )
+    if hook_in is not None:
+        try:
+            reads, writes = sites_from_hook_points(hook_in, hook_out)
+        except ValueError as e:
+            bad_out = hook_out is not None and str(e).startswith(f"hook point {hook_out!r}")
+            key = "hf_hook_point_out" if bad_out else "hf_hook_point_in"
+            raise SAEFileError(f"{cfg_path}: key {key!r}: {e}") from None
+        inferred: tuple[str, str] | None = (reads, writes)
+    else:
+        parsed = parse_folder(origin or "") or parse_folder(str(folder.resolve()))
+        inferred = parsed.sites if parsed is not None else None
+    is_tc = has_skip or (inferred is not None and inferred[0] != inferred[1])
+    if output_site is not None and output_site != (site or (inferred[0] if inferred else None)):
+        is_tc = True
+    try:
+        d_in, d_sae, d_out = _check_tensors(tensors, GEMMA_SCOPE_KEYS, str(w_path), allow_d_out=is_tc)
+    except SAEFileError as e:  # name the keys as the file spells them
+        raise SAEFileError(str(e).replace("W_enc", "w_enc").replace("W_dec", "w_dec")) from None
+    if has_skip:
+        skip = raw[GS2_SKIP_KEY]
+        if tuple(skip.shape) != (d_out, d_in) or not skip.is_floating_point():
+            raise SAEFileError(
+                f"{w_path}: key {GS2_SKIP_KEY!r} has shape {tuple(skip.shape)} and dtype {skip.dtype}, "
+                f"expected a floating-point [d_out, d_in] = [{d_out}, {d_in}] (from w_enc, w_dec)"
+            )
+        if not bool(torch.isfinite(skip).all()):
+            raise SAEFileError(f"{w_path}: key {GS2_SKIP_KEY!r} has non-finite values")
+        tensors["W_skip"] = skip.t().contiguous()
+    if isinstance(width, int) and not isinstance(width, bool) and width != d_sae:
+        raise SAEFileError(
+            f"{cfg_path}: key 'width' is {width} but {w_path.name} has d_sae={d_sae} (w_enc {[d_in, d_sae]})"
+        )
+    common_dtype = tensors["W_enc"].dtype
+    params = {k: t.to(common_dtype) for k, t in tensors.items()}
+    in_site = site if site is not None else (inferred[0] if inferred else None)
+    sae: SAE
+    if is_tc:
+        out_site = output_site if output_site is not None else (inferred[1] if inferred else None)
+        sae = _build(
+            Transcoder, params, d_in=d_in, d_sae=d_sae, d_out=d_out, site=in_site, output_site=out_site,
+            activation="jumprelu", skip=has_skip, dtype=common_dtype,
+        )  # fmt: skip
+    else:
+        sae = _build(JumpReLUSAE, params, d_in=d_in, d_sae=d_sae, site=in_site, dtype=common_dtype)
+    sae.metadata.update({"format": "gemma_scope_2", "path": str(folder)})
+    for key in ("hf_hook_point_in", "hf_hook_point_out", "model_name", "width", "l0"):
+        if cfg.get(key) is not None:
+            sae.metadata[key] = cfg[key]
+    if origin:
+        sae.metadata["hub_ref"] = origin
+    extra = sorted(set(raw) - set(_GS2_NAMES) - {GS2_SKIP_KEY})
+    if extra:
+        sae.metadata["ignored_keys"] = extra
+    return _finish(sae, device=device, dtype=dtype)
+
+
 # ------------------------------------------------------------------------ load
 def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~", "\\")) or (len(ref) > 1 and ref[1] == ":")
@@ -655,7 +775,9 @@ def load(
         return load_npz(paths[0], origin=origin, **kw)
     folder = paths[0].parent
     if paths[1].parent != folder:  # cache layouts always co-locate; be safe anyway
-        raise SAEFetchError(f"{text}: {SAELENS_CFG} and {SAELENS_WEIGHTS} were fetched to different folders")
+        raise SAEFetchError(f"{text}: {paths[0].name} and {paths[1].name} were fetched to different folders")
+    if hub.kind == "gemma_scope_2":
+        return load_gemma_scope_2(folder, origin=origin, **kw)
     return load_saelens(folder, origin=origin, **kw)
 
 
@@ -664,11 +786,13 @@ def _load_local(path: Path, **kw: Any) -> SAE:
     the folder names) are refused from ``stat`` before anything opens them."""
     _refuse_special(path)
     if path.is_dir():
-        for name in (SAELENS_CFG, SAELENS_WEIGHTS, "params.npz"):
+        for name in (SAELENS_CFG, SAELENS_WEIGHTS, "params.npz", GS2_CONFIG, GS2_PARAMS):
             _refuse_special(path / name)
     if path.is_file():
         if path.name in (SAELENS_CFG, SAELENS_WEIGHTS):
             return load_saelens(path.parent, **kw)
+        if path.name in (GS2_CONFIG, GS2_PARAMS):
+            return load_gemma_scope_2(path.parent, **kw)
         if path.suffix == ".npz":
             return load_npz(path, **kw)
         raise SAEFileError(
@@ -677,6 +801,8 @@ def _load_local(path: Path, **kw: Any) -> SAE:
         )
     if (path / SAELENS_CFG).is_file() or (path / SAELENS_WEIGHTS).is_file():
         return load_saelens(path, **kw)
+    if (path / GS2_PARAMS).is_file() or (path / GS2_CONFIG).is_file() and not (path / "params.npz").is_file():
+        return load_gemma_scope_2(path, **kw)
     if (path / "params.npz").is_file():
         return load_npz(path / "params.npz", **kw)
     npzs = sorted(path.glob("*.npz"))
@@ -686,6 +812,6 @@ def _load_local(path: Path, **kw: Any) -> SAE:
         return load_npz(npzs[0], **kw)
     listing = sorted(p.name for p in path.iterdir())[:20]
     raise SAEFileError(
-        f"{path}: folder holds neither a SAELens pair ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a "
-        f"params.npz; it contains {listing}"
+        f"{path}: folder holds neither a SAELens pair ({SAELENS_CFG} + {SAELENS_WEIGHTS}), a Gemma Scope 2 "
+        f"pair ({GS2_CONFIG} + {GS2_PARAMS}) nor a params.npz; it contains {listing}"
     )

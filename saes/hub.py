@@ -4,7 +4,9 @@
 ``google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71`` into a :class:`HubRef`
 (repo, folder, kind, files). ``.../canonical`` resolves through :mod:`saes.canonical`; a
 leading ``google/`` may be left out, and SAELens release names ending in ``-canonical`` are
-accepted. Gemma Scope repos hold ``params.npz`` files; others are read as SAELens folders
+accepted. Gemma Scope repos hold ``params.npz`` files; Gemma Scope 2 repos
+(``google/gemma-scope-2-{size}-{pt|it}/<kind>/<folder>``, :mod:`saes.gemma_scope_2`) hold a
+``config.json`` + ``params.safetensors`` folder; others are read as SAELens folders
 (``{path}/cfg.json`` + ``{path}/sae_weights.safetensors``). :func:`fetch` downloads one file with
 ``huggingface_hub.hf_hub_download`` into its cache, and turns every hub failure into a
 :class:`SAEFetchError` naming the repo and the file. :func:`saes.load` uses both.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from saes.canonical import CANONICAL_L0, canonical_l0
 from saes.files import SAELENS_CFG, SAELENS_WEIGHTS
+from saes.gemma_scope_2 import GS2_CONFIG, GS2_PARAMS, is_gemma_scope_2_repo
 
 __all__ = ["HubRef", "SAEFetchError", "fetch", "parse_hub_ref"]
 
@@ -34,7 +37,8 @@ class HubRef:
     Attributes:
         repo_id: ``owner/name``.
         path: folder inside the repo (``layer_20/width_16k/average_l0_71``).
-        kind: ``"npz"`` (Gemma Scope ``params.npz``) or ``"saelens"`` (cfg + weights).
+        kind: ``"npz"`` (Gemma Scope ``params.npz``), ``"gemma_scope_2"`` (``config.json`` +
+            ``params.safetensors``) or ``"saelens"`` (cfg + weights).
         files: repo-relative file names to fetch.
         ref: the reference as given.
     """
@@ -68,6 +72,16 @@ def parse_hub_ref(ref: str) -> HubRef:
     if name.startswith("gemma-scope") and name.endswith("-canonical"):
         name = name[: -len("-canonical")]
     repo_id = f"{owner}/{name}"
+    if is_gemma_scope_2_repo(name):
+        if rest[-1] in (GS2_CONFIG, GS2_PARAMS):
+            rest = rest[:-1]
+        if not rest or rest[-1] == "canonical":
+            raise ValueError(
+                f"Gemma Scope 2 reference {ref!r} must name a folder, e.g. "
+                f"'{repo_id}/resid_post/layer_12_width_16k_l0_medium' (no canonical table for Gemma Scope 2)"
+            )
+        folder = "/".join(rest)
+        return HubRef(repo_id, folder, "gemma_scope_2", (f"{folder}/{GS2_CONFIG}", f"{folder}/{GS2_PARAMS}"), ref)
     if rest[-1] == "canonical":
         layer_m = re.fullmatch(r"layer_(\d+)", rest[0]) if len(rest) == 3 else None
         width_m = re.fullmatch(r"width_(\w+)", rest[1]) if len(rest) == 3 else None

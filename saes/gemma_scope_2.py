@@ -1,0 +1,154 @@
+"""Gemma Scope 2 (Gemma 3 SAEs and transcoders): file names, folder names, and their sites.
+
+The release (Hugging Face repos ``google/gemma-scope-2-{270m,1b,4b,12b,27b}-{pt,it}``) keeps one
+folder per single-layer SAE or transcoder, named
+``{resid_post|attn_out|mlp_out|transcoder}[_all]/layer_{L}_width_{16k|65k|262k|1m}_l0_{small|medium|big}[_affine]``,
+holding
+
+* ``params.safetensors``: ``w_enc [d_in, d_sae]``, ``w_dec [d_sae, d_out]``, ``b_enc [d_sae]``,
+  ``b_dec [d_out]``, ``threshold [d_sae]``; ``_affine`` transcoders add
+  ``affine_skip_connection [d_out, d_in]`` (applied as ``x @ affine_skip_connection.T``);
+* ``config.json``: ``architecture`` (``"jump_relu"``), ``hf_hook_point_in``, ``hf_hook_point_out``
+  (transcoders), ``affine_connection`` (boolean), ``model_name``, ``width``, ``l0``.
+
+Inference is Gemma Scope's JumpReLU with no ``b_dec`` subtraction and no input scaling:
+``pre = x @ w_enc + b_enc; f = (pre > threshold) * relu(pre); x_hat = f @ w_dec + b_dec``
+(``+ x @ affine_skip_connection.T`` for ``_affine`` transcoders).
+
+The hook points name modules of transformers' Gemma 3 text decoder; :func:`sites_from_hook_points`
+maps them to our sites (SPEC §4): ``model.layers.L.output`` -> ``blocks.L.resid_post``;
+``model.layers.L.self_attn.o_proj.input`` -> ``blocks.L.attn.z`` (flattened head-major, which is
+the ``o_proj`` input); ``model.layers.L.post_feedforward_layernorm.output`` -> ``blocks.L.mlp_out``;
+``model.layers.L.pre_feedforward_layernorm.output`` -> ``blocks.L.ln2`` (the norm's output with
+its gain, unlike Gemma Scope 1 transcoders' ``ln2_normalized``). Module paths with a
+``language_model.`` part (the multimodal 4B/12B/27B checkpoints) map the same way. Without a
+config the folder name's kind decides (:func:`parse_folder`).
+
+Source of these facts (not checked against the release's own files, which are not stored here):
+SAELens' Gemma Scope 2 loader and its tests, ``decoderesearch/SAELens``
+``sae_lens/loading/pretrained_sae_loaders.py`` (``get_gemma_3_config_from_hf``,
+``gemma_3_sae_huggingface_loader``; commit ``e05f04416f43c62ef2cb42414e3f846312710553``),
+``tests/loading/test_pretrained_sae_loaders.py`` (folder names and ``hf_hook_point_*`` values per
+kind), and ``sae_lens/saes/transcoder.py`` (``SkipTranscoder``: ``W_skip [d_out, d_in]``, applied
+as ``x @ W_skip.T``; SAELens copies ``affine_skip_connection`` into ``W_skip`` unchanged). SAELens
+reads ``attn_out`` SAEs at TransformerLens' ``hook_attn_out`` although their config names the
+``o_proj`` *input*; we follow the config. Cross-layer transcoders (``clt/...``, one safetensors
+file per layer with a ``w_dec`` that writes to several layers) and crosscoders
+(``crosscoder/layer_7_13_17_22_...``) are in the release but are not loaded here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mishax_py.naming import layer_site
+
+__all__ = [
+    "GS2_CONFIG",
+    "GS2_PARAMS",
+    "GS2_SKIP_KEY",
+    "GS2Folder",
+    "is_gemma_scope_2_repo",
+    "parse_folder",
+    "site_from_hook_point",
+    "sites_from_hook_points",
+]
+
+GS2_CONFIG = "config.json"
+GS2_PARAMS = "params.safetensors"
+#: the affine (skip) weight of ``_affine`` transcoders, ``[d_out, d_in]``.
+GS2_SKIP_KEY = "affine_skip_connection"
+
+_REPO_RE = re.compile(r"gemma-scope-2-(270m|1b|4b|12b|27b)-(pt|it)")
+_FOLDER_RE = re.compile(
+    r"(?:^|/)(resid_post|attn_out|mlp_out|transcoder)(_all)?/"
+    r"layer_(\d+)_width_([0-9]+[km]?)_l0_([A-Za-z0-9]+?)(_affine)?/?$"
+)
+#: folder kind -> our site kinds read and written.
+_KIND_SITES = {
+    "resid_post": ("resid_post", "resid_post"),
+    "attn_out": ("attn.z", "attn.z"),
+    "mlp_out": ("mlp_out", "mlp_out"),
+    "transcoder": ("ln2", "mlp_out"),
+}
+#: the module path after ``layers.L.`` in a hook point -> our site kind.
+_HOOK_KINDS = {
+    "output": "resid_post",
+    "self_attn.o_proj.input": "attn.z",
+    "post_feedforward_layernorm.output": "mlp_out",
+    "pre_feedforward_layernorm.output": "ln2",
+}
+_HOOK_RE = re.compile(r"^(?:[A-Za-z_]+\.)*?layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class GS2Folder:
+    """A parsed Gemma Scope 2 folder name.
+
+    Attributes:
+        kind: ``resid_post``, ``attn_out``, ``mlp_out`` or ``transcoder``.
+        layer: decoder layer.
+        width: the width label (``16k``, ``262k``, ``1m``, ...).
+        l0: the L0 label (``small``, ``medium``, ``big``).
+        affine: an ``_affine`` (skip) transcoder.
+        all_layers: from a ``{kind}_all`` folder (every layer) rather than the subset folder.
+    """
+
+    kind: str
+    layer: int
+    width: str
+    l0: str
+    affine: bool
+    all_layers: bool
+
+    @property
+    def sites(self) -> tuple[str, str]:
+        """``(reads, writes)`` sites this kind implies."""
+        reads, writes = _KIND_SITES[self.kind]
+        return layer_site(self.layer, reads), layer_site(self.layer, writes)
+
+
+def is_gemma_scope_2_repo(name: str) -> bool:
+    """Whether a repo name (``gemma-scope-2-1b-pt``, with or without owner) is a Gemma Scope 2 repo."""
+    return _REPO_RE.fullmatch(name.rsplit("/", 1)[-1]) is not None
+
+
+def parse_folder(path: str) -> GS2Folder | None:
+    """Parse the last two parts of ``path`` as a Gemma Scope 2 folder name, else ``None``.
+
+    ``"transcoder_all/layer_5_width_16k_l0_big_affine"`` -> ``GS2Folder("transcoder", 5, "16k",
+    "big", affine=True, all_layers=True)``. ``path`` may be a longer local path or hub reference.
+    """
+    m = _FOLDER_RE.search(path.replace("\\", "/"))
+    if m is None:
+        return None
+    kind, all_, layer, width, l0, affine = m.groups()
+    return GS2Folder(kind, int(layer), width, l0, affine is not None, all_ is not None)
+
+
+def site_from_hook_point(hook_point: str) -> str:
+    """Our site for one Gemma Scope 2 ``hf_hook_point_*`` (a transformers module path + ``.input``/``.output``).
+
+    Raises:
+        ValueError: a hook point outside the table in the module docstring (names it).
+    """
+    m = _HOOK_RE.match(hook_point)
+    kind = _HOOK_KINDS.get(m.group(2)) if m else None
+    if m is None or kind is None:
+        raise ValueError(
+            f"hook point {hook_point!r} is not one Gemma Scope 2 uses; known: "
+            f"model.layers.L.{{{', '.join(sorted(_HOOK_KINDS))}}}"
+        )
+    return layer_site(int(m.group(1)), kind)
+
+
+def sites_from_hook_points(hook_in: str, hook_out: str | None) -> tuple[str, str]:
+    """``(reads, writes)`` sites from a config's ``hf_hook_point_in``/``hf_hook_point_out``
+    (``writes = reads`` when there is no output hook point).
+
+    Raises:
+        ValueError: an unknown hook point (names it).
+    """
+    reads = site_from_hook_point(hook_in)
+    return reads, site_from_hook_point(hook_out) if hook_out else reads
