@@ -28,8 +28,6 @@ every study) raises ``RuntimeError`` naming ``install()``, since it would otherw
 
 from __future__ import annotations
 
-import threading
-import warnings
 from typing import Any
 
 import torch
@@ -37,12 +35,12 @@ import transformers
 import transformers.models.gemma2.modeling_gemma2 as modeling_gemma2
 from torch import nn
 
+from instrumentation.common import SourcePatches, instrument_with
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
 from mishax_py.family import AttentionSpec, ModelDims
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
 from mishax_py.naming import layer_site, tl_alias
-from mishax_py.runtime import begin_forward, skip_layer, tag
 from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
 
 __all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "Gemma2Family", "install", "installed", "instrument", "patcher",
@@ -147,34 +145,19 @@ PATCHES: dict[str, list[Replace]] = {
 }
 
 # Built at import (cheap: nothing is read or compiled before the first install), so two threads can never
-# build two patchers of the same functions.
-_PATCHER = ModuleASTPatcher(
-    modeling_gemma2,
-    PATCHES,
-    extra_globals={"tag": tag, "begin_forward": begin_forward, "skip_layer": skip_layer},
-)
-# Serialises install()/uninstall() (the version warning included) across threads.
-_LOCK = threading.RLock()
-_WARNED = False
+# build two patchers of the same functions; one lock serialises install()/uninstall() (see common.SourcePatches).
+_PATCHES = SourcePatches(modeling_gemma2, PATCHES, label="Gemma 2", family_module="instrumentation.gemma2",
+                         verified=VERIFIED_TRANSFORMERS)
 
 
 def patcher() -> ModuleASTPatcher:
     """The (single) patcher for ``modeling_gemma2``."""
-    return _PATCHER
+    return _PATCHES.patcher
 
 
 def install() -> None:
     """Patch transformers' Gemma 2 code (idempotent, thread-safe). Existing model instances are covered too."""
-    global _WARNED
-    with _LOCK:
-        if transformers.__version__ not in VERIFIED_TRANSFORMERS and not _WARNED:
-            warnings.warn(
-                f"mishax-py's Gemma 2 patches are verified against transformers {', '.join(VERIFIED_TRANSFORMERS)}; "
-                f"found {transformers.__version__}. They applied, but run the test suite to be sure.",
-                stacklevel=2,
-            )
-            _WARNED = True
-        _PATCHER.install()
+    _PATCHES.install()
 
 
 def uninstall() -> None:
@@ -183,13 +166,12 @@ def uninstall() -> None:
     Forwards running in other threads finish unharmed (see the module docstring); runs of an
     ``InstrumentedModel`` started afterwards raise until ``install()`` or ``instrument(model)`` is called.
     """
-    with _LOCK:
-        _PATCHER.uninstall()
+    _PATCHES.uninstall()
 
 
 def installed() -> bool:
     """Whether transformers' Gemma 2 code is patched now."""
-    return _PATCHER.installed
+    return _PATCHES.installed
 
 
 def instrument(model: nn.Module, *, tokenizer: Any = None, switch_to_eager: bool = True) -> InstrumentedModel:
@@ -209,29 +191,12 @@ def instrument(model: nn.Module, *, tokenizer: Any = None, switch_to_eager: bool
             f"{type(model).__module__}.{type(model).__name__}. Load the model with "
             f"Gemma2ForCausalLM.from_pretrained(...) (or AutoModelForCausalLM for a gemma2 checkpoint)."
         )
-    existing = model.__dict__.get("_mishax_py_instrumented")
-    if isinstance(existing, InstrumentedModel):
-        install()
-        if tokenizer is not None:
-            existing.tokenizer = tokenizer
-        return existing
-    impl = model.config._attn_implementation
-    if impl != "eager":
-        if not switch_to_eager:
-            raise ValueError(
-                f"the model uses attn_implementation={impl!r}; the sites attn.scores and attn.pattern exist only "
-                "under eager attention. Load with attn_implementation='eager' or pass switch_to_eager=True."
-            )
-        warnings.warn(
-            f"switching the model from attn_implementation={impl!r} to 'eager' so that attention scores and "
-            "patterns are observable (Gemma 2's logit soft-cap also needs eager for exact results).",
-            stacklevel=2,
-        )
-        model.set_attn_implementation("eager")
-    install()
-    im = InstrumentedModel(model, build_catalogue(model), Gemma2Family(model.config), tokenizer=tokenizer)
-    model.__dict__["_mishax_py_instrumented"] = im
-    return im
+    return instrument_with(
+        model, _PATCHES,
+        lambda: InstrumentedModel(model, build_catalogue(model), Gemma2Family(model.config), tokenizer=tokenizer),
+        tokenizer=tokenizer, switch_to_eager=switch_to_eager,
+        eager_why=" (Gemma 2's logit soft-cap also needs eager for exact results)",
+    )
 
 
 class Gemma2Family:
@@ -277,11 +242,7 @@ class Gemma2Family:
 
     def ensure_installed(self) -> None:
         """Raise unless the patches are in place: after ``uninstall()`` runs are refused, never re-patched silently."""
-        if not _PATCHER.installed:
-            raise RuntimeError(
-                "transformers' Gemma 2 code is not instrumented (uninstall() was called); call "
-                "instrumentation.gemma2.install() or instrument(model) again"
-            )
+        _PATCHES.ensure_installed()
 
     def __repr__(self) -> str:
         return f"Gemma2Family({self.dims})"

@@ -1,0 +1,315 @@
+"""Gemma 3 instrumentation: source patches of transformers' ``modeling_gemma3`` (text decoder) and its catalogue.
+
+Covers ``Gemma3ForCausalLM`` (270M, 1B) and the language model inside ``Gemma3ForConditionalGeneration``
+(4B, 12B, 27B; image tokens pass through, the sites are on the text decoder). The sites are Gemma 2's
+(SPEC §2) plus ``blocks.L.attn.q_normed`` / ``attn.k_normed``: the queries and keys after Gemma 3's
+QK RMSNorm, before RoPE (TransformerLens ``attn.hook_q_normed`` / ``hook_k_normed``).
+
+``install()``/``uninstall()``/``instrument()`` behave as in :mod:`instrumentation.gemma2` (atomic,
+idempotent, thread-safe through :class:`instrumentation.common.SourcePatches`; after ``uninstall()``
+runs are refused, never re-patched silently). Verified against the transformers versions in
+``VERIFIED_TRANSFORMERS``; on another version the patches either match or ``install()`` raises
+:class:`~mishax_py.ast_patcher.PatchError` showing the code that changed.
+
+Attention: transformers 5.24's ``Gemma3Attention`` passes no soft-cap to the attention function (the
+released configs set ``attn_logit_softcapping=None``), so ``attn.scores`` are scaled, masked logits with
+no soft-cap and :class:`Gemma3Family` reports ``softcap=None`` whatever the config says. Layers follow
+``config.layer_types`` (5 sliding : 1 global in the releases), each with its RoPE base from
+``config.rope_parameters[layer_type]["rope_theta"]`` (10k local, 1M global).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers.models.gemma3.modeling_gemma3 as modeling_gemma3
+from torch import nn
+
+from instrumentation.common import SourcePatches, instrument_with
+from mishax_py.ast_patcher import ModuleASTPatcher, Replace
+from mishax_py.family import AttentionSpec, ModelDims
+from mishax_py.hf_compat import CACHE_KWARG
+from mishax_py.instrumented import InstrumentedModel
+from mishax_py.naming import layer_site, tl_alias
+from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
+
+__all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "Gemma3Family", "build_catalogue", "install", "installed",
+           "instrument", "patcher", "uninstall"]
+
+# Test suite (tests/instrumentation/test_gemma3.py) run on each.
+VERIFIED_TRANSFORMERS = ("5.24.0",)
+
+_LOGITS = [Replace("loss = None", "logits = tag(self, 'logits', logits)\nloss = None")]
+
+# Each patch names a function of modeling_gemma3 and the snippets rewritten in it (see gemma2.PATCHES).
+PATCHES: dict[str, list[Replace]] = {
+    "Gemma3TextModel.forward": [
+        Replace(
+            "hidden_states = inputs_embeds",
+            f"begin_forward(self, {CACHE_KWARG})\nhidden_states = tag(self, 'embed', inputs_embeds)",
+        ),
+        Replace(
+            f"""for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
+                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings[self.config.layer_types[i]], position_ids=position_ids, {CACHE_KWARG}={CACHE_KWARG}, **kwargs)""",  # noqa: E501
+            f"""for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
+                   if skip_layer(self, i):
+                       continue
+                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings[self.config.layer_types[i]], position_ids=position_ids, {CACHE_KWARG}={CACHE_KWARG}, **kwargs)""",  # noqa: E501
+        ),
+        Replace(
+            "hidden_states = self.norm(hidden_states)",
+            "hidden_states = tag(self, 'ln_final', self.norm(hidden_states))",
+        ),
+    ],
+    "Gemma3DecoderLayer.forward": [
+        Replace(
+            "residual = hidden_states\nhidden_states = self.input_layernorm(hidden_states)",
+            "hidden_states = tag(self, 'resid_pre', hidden_states)\nresidual = hidden_states\n"
+            "hidden_states = tag(self, 'ln1', self.input_layernorm(hidden_states))",
+        ),
+        Replace(
+            "hidden_states = self.post_attention_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
+            "hidden_states = tag(self, 'attn_out', self.post_attention_layernorm(tag(self, 'attn_out_pre_norm', hidden_states)))\n"  # noqa: E501
+            "hidden_states = tag(self, 'resid_mid', residual + hidden_states)",
+        ),
+        Replace(
+            "hidden_states = self.pre_feedforward_layernorm(hidden_states)",
+            "hidden_states = tag(self, 'ln2', self.pre_feedforward_layernorm(hidden_states))",
+        ),
+        Replace(
+            "hidden_states = self.post_feedforward_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
+            "hidden_states = tag(self, 'mlp_out', self.post_feedforward_layernorm(tag(self, 'mlp_out_pre_norm', hidden_states)))\n"  # noqa: E501
+            "hidden_states = tag(self, 'resid_post', residual + hidden_states)",
+        ),
+    ],
+    "Gemma3Attention.forward": [
+        Replace(
+            "query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "query_states = tag(self, 'q', self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+        ),
+        Replace(
+            "key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "key_states = tag(self, 'k', self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+        ),
+        Replace(
+            "value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            "value_states = tag(self, 'v', self.v_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+        ),
+        Replace(
+            "query_states = self.q_norm(query_states)",
+            "query_states = tag(self, 'q_normed', self.q_norm(query_states), (1, 2))",
+        ),
+        Replace(
+            "key_states = self.k_norm(key_states)",
+            "key_states = tag(self, 'k_normed', self.k_norm(key_states), (1, 2))",
+        ),
+        Replace(
+            "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
+            "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)\n"
+            "query_states = tag(self, 'rot_q', query_states, (1, 2))\n"
+            "key_states = tag(self, 'rot_k', key_states, (1, 2))",
+        ),
+        Replace(
+            "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+            "attn_output = tag(self, 'z', attn_output).reshape(*input_shape, -1).contiguous()",
+        ),
+    ],
+    "eager_attention_forward": [
+        Replace(
+            "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask",
+            "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask\n"
+            "attn_weights = tag(module, 'scores', attn_weights)",
+        ),
+        Replace(
+            "attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)",
+            "attn_weights = tag(module, 'pattern', "
+            "nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype))",
+        ),
+    ],
+    "Gemma3MLP.forward": [
+        Replace(
+            "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+            "down_proj = self.down_proj(tag(self, 'post', self.act_fn(tag(self, 'pre', self.gate_proj(x))) "
+            "* tag(self, 'pre_linear', self.up_proj(x))))",
+        ),
+    ],
+    "Gemma3RMSNorm.forward": [
+        Replace("output = self._norm(x.float())", "output = tag(self, 'normalized', self._norm(x.float()))"),
+    ],
+    "Gemma3ForCausalLM.forward": _LOGITS,
+    "Gemma3ForConditionalGeneration.forward": _LOGITS,
+}
+
+# Built at import; one lock serialises install()/uninstall() (see common.SourcePatches).
+_PATCHES = SourcePatches(modeling_gemma3, PATCHES, label="Gemma 3", family_module="instrumentation.gemma3",
+                         verified=VERIFIED_TRANSFORMERS)
+
+def patcher() -> ModuleASTPatcher:
+    """The (single) patcher for ``modeling_gemma3``."""
+    return _PATCHES.patcher
+
+
+def install() -> None:
+    """Patch transformers' Gemma 3 code (idempotent, thread-safe). Existing model instances are covered too."""
+    _PATCHES.install()
+
+
+def uninstall() -> None:
+    """Restore transformers' original Gemma 3 code objects exactly (idempotent, thread-safe)."""
+    _PATCHES.uninstall()
+
+
+def installed() -> bool:
+    """Whether transformers' Gemma 3 code is patched now."""
+    return _PATCHES.installed
+
+
+def text_parts(model: nn.Module) -> tuple[Any, Any]:
+    """``(text config, Gemma3TextModel)`` of a ``Gemma3ForCausalLM`` or ``Gemma3ForConditionalGeneration``."""
+    if isinstance(model, modeling_gemma3.Gemma3ForConditionalGeneration):
+        return model.config.text_config, model.model.language_model
+    return model.config, model.model
+
+
+def instrument(model: nn.Module, *, tokenizer: Any = None, switch_to_eager: bool = True) -> InstrumentedModel:
+    """Install the patches and wrap ``model`` (``Gemma3ForCausalLM`` or ``Gemma3ForConditionalGeneration``).
+
+    Idempotent per model. ``tokenizer`` and ``switch_to_eager`` as in :func:`instrumentation.gemma2.instrument`
+    (``attn.scores``/``attn.pattern`` exist only under eager attention).
+    """
+    if not isinstance(model, (modeling_gemma3.Gemma3ForCausalLM, modeling_gemma3.Gemma3ForConditionalGeneration)):
+        raise TypeError(
+            f"instrumentation.gemma3.instrument() needs a transformers Gemma3ForCausalLM or "
+            f"Gemma3ForConditionalGeneration, got {type(model).__module__}.{type(model).__name__}."
+        )
+    return instrument_with(
+        model, _PATCHES,
+        lambda: InstrumentedModel(model, build_catalogue(model), Gemma3Family(text_parts(model)[0]),
+                                 tokenizer=tokenizer),
+        tokenizer=tokenizer, switch_to_eager=switch_to_eager,
+    )
+
+
+class Gemma3Family:
+    """What studies need to know of one Gemma 3 model (implements :class:`mishax_py.family.ModelFamily`).
+
+    Attention: ``scale = query_pre_attn_scalar ** -0.5``; no soft-cap (transformers' Gemma 3 attention
+    applies none, see the module docstring); the sliding window on the layers ``config.layer_types``
+    marks ``"sliding_attention"``; each layer's RoPE base from ``config.rope_parameters[layer_type]``.
+
+    Attribution graphs freeze ``input_layernorm`` (``resid_pre -> ln1``), the QK norms
+    (``attn.q -> attn.q_normed``, ``attn.k -> attn.k_normed``: per head, like the residual norms, so
+    the QK logits stay linear in the frozen graph), ``post_attention_layernorm``
+    (``attn_out_pre_norm -> attn_out``), ``pre_feedforward_layernorm`` (``resid_mid -> ln2``: Gemma Scope 2's
+    transcoders read ``ln2``) and the final norm. Transcoders read ``ln2`` and write ``mlp_out``.
+    Packed patching (``supports_kv_prefix``): the KV-cache keyword and 4-D float masks work as for Gemma 2
+    (tests/instrumentation/test_gemma3.py checks packed == rows).
+    """
+
+    name = "gemma3"
+    supports_kv_prefix = True
+    mlp_input_kinds = ("ln2",)
+    mlp_output_kind = "mlp_out"
+
+    def __init__(self, config: Any) -> None:
+        n_layers = int(config.num_hidden_layers)
+        self.dims = ModelDims(
+            n_layers=n_layers, d_model=int(config.hidden_size), d_mlp=int(config.intermediate_size),
+            n_heads=int(config.num_attention_heads), n_kv_heads=int(config.num_key_value_heads),
+            d_head=int(config.head_dim), vocab=int(config.vocab_size),
+        )
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * n_layers)
+        scalar = config.query_pre_attn_scalar or config.head_dim
+        rope = getattr(config, "rope_parameters", None) or {}
+        self._attention = [
+            AttentionSpec(scale=float(scalar) ** -0.5, softcap=None,
+                          window=config.sliding_window if lt == "sliding_attention" else None,
+                          rope_base=_rope_base(rope, lt), layer_type=lt)
+            for lt in layer_types
+        ]
+        self.frozen_norms: list[tuple[str, str]] = []
+        for layer in range(n_layers):
+            self.frozen_norms += [(layer_site(layer, a), layer_site(layer, b)) for a, b in _FROZEN_IN_LAYER]
+        self.frozen_norms.append((layer_site(n_layers - 1, "resid_post"), "ln_final"))
+
+    def attention(self, layer: int) -> AttentionSpec:
+        return self._attention[layer]
+
+    def ensure_installed(self) -> None:
+        """Raise unless the patches are in place: after ``uninstall()`` runs are refused, never re-patched silently."""
+        _PATCHES.ensure_installed()
+
+    def __repr__(self) -> str:
+        return f"Gemma3Family({self.dims})"
+
+
+def _rope_base(rope: dict[str, Any], layer_type: str) -> float | None:
+    """The RoPE base of a layer type: ``rope_parameters[layer_type]["rope_theta"]`` (or a flat ``rope_theta``)."""
+    params = rope.get(layer_type, rope)
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta) if theta is not None else None
+
+
+# The norms an attribution graph freezes inside each layer: (input kind, output kind); see Gemma3Family.
+_FROZEN_IN_LAYER = (("resid_pre", "ln1"), ("attn.q", "attn.q_normed"), ("attn.k", "attn.k_normed"),
+                    ("attn_out_pre_norm", "attn_out"), ("resid_mid", "ln2"))
+
+
+def build_catalogue(model: nn.Module) -> SiteCatalogue:
+    """The sites of one Gemma 3 model instance, in forward order (names and aliases as in Gemma 2's catalogue)."""
+    cfg, base = text_parts(model)
+    d_model, d_mlp, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    stream = (BATCH, POS, d_model)
+    specs: list[SiteSpec] = [
+        _spec("embed", base, "embed", None, stream, "Gemma3TextModel.forward: embed_tokens(input_ids) (× √d_model)"),
+    ]
+    for L, layer in enumerate(base.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        where_l, where_a = "Gemma3DecoderLayer.forward", "Gemma3Attention.forward"
+        heads_q, heads_kv = (BATCH, POS, n_heads, d_head), (BATCH, POS, n_kv, d_head)
+        attn_map = (BATCH, n_heads, POS, KEY_POS)
+
+        def site(kind: str, owner: nn.Module, local: str, dims: tuple[int | str, ...], where: str,
+                 dtype: torch.dtype | None = None, L: int = L) -> SiteSpec:
+            return _spec(layer_site(L, kind), owner, local, L, dims, where, dtype)
+
+        specs += [
+            site("resid_pre", layer, "resid_pre", stream, f"{where_l}: layer input"),
+            site("ln1", layer, "ln1", stream, f"{where_l}: input_layernorm output"),
+            site("attn.q", attn, "q", heads_q, f"{where_a}: q_proj, per head, before the QK norm"),
+            site("attn.k", attn, "k", heads_kv, f"{where_a}: k_proj, per kv head, before the QK norm"),
+            site("attn.v", attn, "v", heads_kv, f"{where_a}: v_proj, per kv head"),
+            site("attn.q_normed", attn, "q_normed", heads_q, f"{where_a}: q_norm output, pre-RoPE"),
+            site("attn.k_normed", attn, "k_normed", heads_kv, f"{where_a}: k_norm output, pre-RoPE"),
+            site("attn.rot_q", attn, "rot_q", heads_q, f"{where_a}: query after RoPE"),
+            site("attn.rot_k", attn, "rot_k", heads_kv, f"{where_a}: key after RoPE (before KV cache)"),
+            site("attn.scores", attn, "scores", attn_map, "eager_attention_forward: scaled, masked logits"),
+            site("attn.pattern", attn, "pattern", attn_map, "eager_attention_forward: softmax"),
+            site("attn.z", attn, "z", heads_q, f"{where_a}: per-head output before o_proj"),
+            site("attn_out_pre_norm", layer, "attn_out_pre_norm", stream, f"{where_l}: o_proj output"),
+            site("attn_out", layer, "attn_out", stream, f"{where_l}: post_attention_layernorm output"),
+            site("resid_mid", layer, "resid_mid", stream, f"{where_l}: residual after attention"),
+            site("ln2_normalized", layer.pre_feedforward_layernorm, "normalized", stream,
+                 "Gemma3RMSNorm.forward: x·rsqrt(mean(x²)+eps), fp32, before the (1+w) gain", dtype=torch.float32),
+            site("ln2", layer, "ln2", stream, f"{where_l}: pre_feedforward_layernorm output"),
+            site("mlp.pre", mlp, "pre", (BATCH, POS, d_mlp), "Gemma3MLP.forward: gate_proj(x)"),
+            site("mlp.pre_linear", mlp, "pre_linear", (BATCH, POS, d_mlp), "Gemma3MLP.forward: up_proj(x)"),
+            site("mlp.post", mlp, "post", (BATCH, POS, d_mlp), "Gemma3MLP.forward: act(gate) * up"),
+            site("mlp_out_pre_norm", layer, "mlp_out_pre_norm", stream, f"{where_l}: down_proj output"),
+            site("mlp_out", layer, "mlp_out", stream, f"{where_l}: post_feedforward_layernorm output"),
+            site("resid_post", layer, "resid_post", stream, f"{where_l}: layer output"),
+        ]
+    specs += [
+        _spec("ln_final", base, "ln_final", None, stream, "Gemma3TextModel.forward: final norm output"),
+        _spec("logits", model, "logits", None, (BATCH, POS, vocab),
+              f"{type(model).__name__}.forward: lm_head output (after the final soft-cap, if any)"),
+    ]
+    return SiteCatalogue(specs)
+
+
+def _spec(name: str, owner: nn.Module, local: str, layer: int | None, dims: tuple[int | str, ...], where: str,
+          dtype: torch.dtype | None = None) -> SiteSpec:
+    """A catalogue entry, aliased by the one TransformerLens table."""
+    return SiteSpec(name, owner, local, layer, dims, where, tl_alias(name), dtype=dtype)
