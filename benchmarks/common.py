@@ -7,7 +7,7 @@ import platform
 from collections.abc import Callable
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 
 def build(spec: dict[str, int], *, sliding_window: int | None = None, max_positions: int = 256) -> Gemma2ForCausalLM:
@@ -23,6 +23,24 @@ def build(spec: dict[str, int], *, sliding_window: int | None = None, max_positi
         max_position_embeddings=max(max_positions, spec["pos"]), attn_implementation="eager",
     )
     return Gemma2ForCausalLM(config).eval()
+
+
+def build_gemma3(spec: dict[str, int], *, sliding_window: int | None = None,
+                 max_positions: int = 256) -> Gemma3ForCausalLM:
+    """A seeded random-weight Gemma 3 from the same spec dict as :func:`build`.
+
+    QK-norm, GQA, and the release's 5:1 pattern of sliding and global layers (each with its own RoPE
+    base); the sliding window defaults to half the benchmark's sequence length, as in :func:`build`.
+    """
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+        head_dim=spec["d_head"], query_pre_attn_scalar=spec["d_head"],
+        sliding_window=sliding_window or max(spec["pos"] // 2, 1),
+        max_position_embeddings=max(max_positions, spec["pos"]), attn_implementation="eager",
+    )
+    return Gemma3ForCausalLM(config).eval()
 
 
 def machine() -> str:

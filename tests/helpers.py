@@ -4,7 +4,8 @@ Test modules import these (``from tests.helpers import make_model``) instead of 
 other or a ``conftest``. Sections:
 
 * models: :func:`tiny_config` / :func:`make_model` (a random 2-layer Gemma 2 with every Gemma 2
-  feature on), :data:`BUNDLED` / :data:`needs_model` (the bundled trained ``gemma2-tiny``),
+  feature on), :func:`make_gemma3` (a random 6-layer Gemma 3), :data:`BUNDLED` / :data:`needs_model` (the
+  bundled trained ``gemma2-tiny``),
   :func:`linearise_norm`, :func:`train_transcoder`, :func:`forbid_forward`;
 * activation and path patching references: :func:`two_position_metric`, :func:`loop_reference`,
   :func:`with_edit`;
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 
 import saes
@@ -67,6 +68,23 @@ def make_model(seed: int = 0, **overrides: object) -> Gemma2ForCausalLM:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.2)
+    return model
+
+
+def make_gemma3(seed: int = 0, n_layers: int = 6) -> Gemma3ForCausalLM:
+    """A random Gemma 3 (5 sliding : 1 global, window 8 < 24-token prompts, GQA, QK norm) with random gains.
+
+    Vocabulary 64, d_model 32, 4 heads (2 kv) of d_head 8, d_mlp 48; eager attention.
+    """
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                           query_pre_attn_scalar=8, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
     return model
 
 

@@ -50,6 +50,15 @@ starts with the BOS id, read from ``bos_token_id=`` or else the tokenizer's ``bo
 ``zero_bos=False`` keeps position 0's features and error nodes (every node of the local
 replacement model), ``zero_bos=True`` zeroes position 0 whatever token it holds.
 
+Leading template positions (``zero_positions``): an instruction-tuned prompt starts with chat-template
+tokens (``<bos><start_of_turn>user\n``) that are ordinary tokens to every study, but whose features,
+like the ``<bos>``'s, mostly explain the template and not the prompt. circuit-tracer offers to zero
+them too; ``zero_positions=n`` zeroes the first ``n`` positions and ``zero_positions=slice(a, b)``
+any range, by the same rule as the ``<bos>`` (no feature nodes, error nodes without edges, their
+output a constant of the targets; completeness holds and every edge between the other nodes is
+unchanged). It adds to ``zero_bos``: the zeroed set is their union, listed in
+``graph.settings["zero_positions"]``.
+
 Checking claims: :meth:`AttributionGraph.clamp_effect` is exact in the replacement model
 (:func:`mishax_py.circuits.replacement.replacement_interventions` runs it, with clamps) up to
 features switching on or off. The real model can disagree where the frozen parts matter: on
@@ -140,23 +149,43 @@ def _prompt_state(im: InstrumentedModel, ids: torch.Tensor, tcs: TranscoderMap) 
     return _PromptState(logits[0, -1].float(), cache["embed"][0].float(), cache["ln_final"][0], feats, errors)
 
 
-def _zero_position_0(st: _PromptState, tcs: TranscoderMap, n_layers: int) -> torch.Tensor:
-    """Zero the feature activations and error vectors at position 0 in ``st`` (circuit-tracer's ``<bos>`` rule).
+def _zeroed_positions(zero_bos: bool, zero_positions: int | slice | None, n_pos: int) -> list[int]:
+    """The sorted positions whose features and error vectors the graph zeroes (``{0}`` for ``zero_bos``).
 
-    Returns ``[n_layers, d_model]``: what they wrote to each layer's MLP output at position 0
-    (the activations times their decoder rows, plus the error vector), which the graph keeps as
-    a constant of its targets.
+    Raises:
+        ValueError: ``zero_positions`` a negative int or more than ``n_pos``.
+        TypeError: ``zero_positions`` neither an int nor a slice.
     """
-    out = torch.stack([st.errors[layer][0].clone() for layer in range(n_layers)])
+    picked = {0} if zero_bos else set()
+    if zero_positions is None:
+        return sorted(picked)
+    if isinstance(zero_positions, slice):
+        return sorted(picked | set(range(n_pos)[zero_positions]))
+    if isinstance(zero_positions, bool) or not isinstance(zero_positions, int):
+        raise TypeError(f"zero_positions must be an int (the first n positions) or a slice, "
+                        f"got {zero_positions!r}")
+    if not 0 <= zero_positions <= n_pos:
+        raise ValueError(f"zero_positions={zero_positions} must lie in [0, {n_pos}] (the prompt has {n_pos} positions)")
+    return sorted(picked | set(range(zero_positions)))
+
+
+def _zero_positions(st: _PromptState, tcs: TranscoderMap, n_layers: int, positions: list[int]) -> torch.Tensor:
+    """Zero the feature activations and error vectors at ``positions`` in ``st`` (circuit-tracer's ``<bos>`` rule).
+
+    Returns ``[n_layers, len(positions), d_model]``: what they wrote to each layer's MLP output at
+    those positions (the activations times their decoder rows, plus the error vectors), which the
+    graph keeps as a constant of its targets.
+    """
+    out = torch.stack([st.errors[layer][positions].clone() for layer in range(n_layers)])
     for layer in range(n_layers):
         if layer in st.feats:
             pre, f = st.feats[layer]
-            out[layer] += f[0] @ tcs[layer][0].W_dec.detach().float()
+            out[layer] += f[positions] @ tcs[layer][0].W_dec.detach().float()
             f = f.clone()
-            f[0] = 0
+            f[positions] = 0
             st.feats[layer] = (pre, f)
         st.errors[layer] = st.errors[layer].clone()
-        st.errors[layer][0] = 0
+        st.errors[layer][positions] = 0
     return out
 
 
@@ -258,6 +287,7 @@ def attribution_graph(
     progress: bool | None = None,
     zero_bos: bool | None = None,
     bos_token_id: int | None = None,
+    zero_positions: int | slice | None = None,
 ) -> AttributionGraph:
     """Build the attribution graph of one prompt (see the module docs).
 
@@ -286,10 +316,16 @@ def attribution_graph(
             always; ``False``: never. The choice is ``graph.settings["zero_bos"]``.
         bos_token_id: the BOS id for ``zero_bos=None`` (default: ``tokenizer.bos_token_id``;
             with neither, nothing is zeroed).
+        zero_positions: also zero these positions by the same rule, e.g. a chat template's leading
+            tokens (module docs): an int ``n`` for the first ``n`` positions, or a slice of
+            positions. Added to ``zero_bos``'s position 0; the zeroed positions are
+            ``graph.settings["zero_positions"]``.
 
     Raises:
         ValueError: a batch of prompts, ``batch_size < 1``, transcoders that do not fit the
-            model's MLPs, ``logit_tokens`` outside the vocabulary.
+            model's MLPs, ``logit_tokens`` outside the vocabulary, ``zero_positions`` a negative
+            int or longer than the prompt.
+        TypeError: ``zero_positions`` neither an int nor a slice.
     """
     ids = as_ids(ids, im)
     if ids.shape[0] != 1:
@@ -304,8 +340,9 @@ def attribution_graph(
     st = _prompt_state(im, ids, tcs)
     bos = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
     zero = bool(zero_bos) if zero_bos is not None else bos is not None and int(ids[0, 0]) == int(bos)
-    # [n_layers, d_model]: what the features and error node of each layer wrote at position 0 (zeroed nodes)
-    bos_out = _zero_position_0(st, tcs, n_layers) if zero else None
+    zeroed = _zeroed_positions(zero, zero_positions, T)
+    # [n_layers, len(zeroed), d_model]: what the features and error node of each layer wrote at the zeroed positions
+    zero_out = _zero_positions(st, tcs, n_layers, zeroed) if zeroed else None
 
     # -- nodes --------------------------------------------------------------------------
     feat_rows, acts, pres = [], [], []
@@ -387,8 +424,8 @@ def attribution_graph(
                 continue
             g = g[:k].float()  # [k, T, d]
             rows[:, n_f + layer * T: n_f + (layer + 1) * T] = (g * err[layer]).sum(-1)
-            if bos_out is not None:  # the zeroed nodes' output is a constant of every target
-                const += g[:, 0] @ bos_out[layer]
+            if zero_out is not None:  # the zeroed nodes' output is a constant of every target
+                const += (g[:, zeroed] * zero_out[layer]).sum((-2, -1))
             if layer in by_layer:
                 sel, pos_sel, W, b_dec = by_layer[layer]
                 if sel.numel():
@@ -448,7 +485,8 @@ def attribution_graph(
         prompt = decoded if isinstance(decoded, str) else "".join(decoded)
     logit_strings = {int(t): text(int(t)) for t in ltoks}
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
-                "max_feature_nodes": max_feature_nodes, "zero_bos": zero, "logit_strings": logit_strings}
+                "max_feature_nodes": max_feature_nodes, "zero_bos": 0 in zeroed,
+                "zero_positions": zeroed, "logit_strings": logit_strings}
     return AttributionGraph(
         input_ids=ids[0].cpu(), tokens=toks, n_layers=n_layers, features=features, activations=activations,
         pre_activations=pre_acts, logit_tokens=ltoks.cpu(), logit_probabilities=lprobs.cpu(),

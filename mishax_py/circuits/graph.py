@@ -52,7 +52,8 @@ class AttributionGraph:
         transcoder_layers: the layers whose MLP was replaced.
         error_norms: ``[n_layers, n_pos]`` L2 norm of each error vector.
         settings: generation settings (for the JSON metadata; ``zero_bos``: whether position 0's
-            features and error vectors were zeroed, see :func:`~mishax_py.circuits.build.attribution_graph`).
+            features and error vectors were zeroed, ``zero_positions``: every zeroed position, see
+            :func:`~mishax_py.circuits.build.attribution_graph`).
         prompt: the prompt as one string, the tokenizer's ``decode`` of ``input_ids`` (``None``:
             ``tokens`` joined by spaces); circuit-tracer's ``metadata.prompt``.
     """

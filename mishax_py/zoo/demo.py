@@ -49,7 +49,7 @@ from mishax_py.zoo import analyses as A
 from mishax_py.zoo import tasks
 
 if TYPE_CHECKING:
-    from transformers import Gemma2ForCausalLM, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from mishax_py.instrumented import InstrumentedModel
     from saes import SAE
@@ -75,7 +75,7 @@ class Subject:
 
     Attributes:
         name: the bundled model's name or the checkpoint path.
-        model: the ``Gemma2ForCausalLM`` (eval mode); im: its ``InstrumentedModel``.
+        model: the ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (eval mode); im: its ``InstrumentedModel``.
         bundled: a zoo model (task generators and possibly SAEs available).
         token_name: id -> readable token string.
         content_ids: ``[n]`` ids random induction prompts are drawn from.
@@ -84,7 +84,7 @@ class Subject:
     """
 
     name: str
-    model: Gemma2ForCausalLM
+    model: PreTrainedModel
     im: InstrumentedModel
     bundled: bool
     token_name: Callable[[int], str]
@@ -128,14 +128,15 @@ def load_subject(model: str | None) -> Subject:
     ``FileNotFoundError`` naming what to fetch when ``model`` is neither.
     """
     import instrumentation.gemma2 as g2
-    from mishax_py.zoo.models import MODELS, load_checkpoint
+    from mishax_py.zoo.models import MODELS, instrument, load_checkpoint
 
     name = model or "gemma2-tiny"
     hf, tok = load_checkpoint(name)
     if name in MODELS:
         names = tasks.token_names()
         content = torch.arange(tasks.CONTENT_START, tasks.VOCAB_SIZE)
-        return Subject(name, hf, g2.instrument(hf), True, lambda i: names[i], content, tasks.BOS_ID, tok)
+        # bundled models are Gemma 2 or Gemma 3: instrument by config.model_type
+        return Subject(name, hf, instrument(hf), True, lambda i: names[i], content, tasks.BOS_ID, tok)
     cfg = hf.config
     special: set[int] = set()
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -219,6 +220,7 @@ def compute_results(model: str | None = None, *, progress: bool = True, seed: in
         cfg = subject.model.config
         results["model"] = {
             "name": subject.name, "bundled": subject.bundled, "n_layers": subject.n_layers,
+            "family": "Gemma 3" if str(getattr(cfg, "model_type", "")).startswith("gemma3") else "Gemma 2",
             "n_heads": subject.n_heads, "n_kv_heads": int(cfg.num_key_value_heads), "d_model": int(cfg.hidden_size),
             "vocab_size": int(cfg.vocab_size), "layer_types": list(getattr(cfg, "layer_types", None) or []),
             "sliding_window": getattr(cfg, "sliding_window", None),
@@ -419,8 +421,10 @@ def _load_saes(subject: Subject, kind: str) -> tuple[dict[str, SAE], str | None]
     if not subject.bundled:
         return {}, f"no bundled {what} for this model"
     try:
-        from mishax_py.zoo.saes import has_saes, load_saes
+        from mishax_py.zoo.saes import SAE_MODELS, has_saes, load_saes
 
+        if subject.name not in SAE_MODELS:
+            return {}, f"no {what} are bundled for {subject.name}"
         if not has_saes(subject.name):
             return {}, "the SAE registry is missing (scripts/train_tiny_saes.py)"
         found = load_saes(subject.name, kind=kind)

@@ -1,10 +1,12 @@
-"""The model zoo: tiny, trained Gemma 2 models shipped inside the package.
+"""The model zoo: tiny, trained Gemma 2 and Gemma 3 models shipped inside the package.
 
-``load("gemma2-tiny")`` returns a real ``transformers.Gemma2ForCausalLM`` (loaded with
-``from_pretrained`` from ``mishax_py/zoo/data/<name>/``, offline) and its word-level
-tokenizer. The model was trained by ``scripts/train_tiny_gemma2.py`` on the tasks in
-``mishax_py.zoo.tasks`` so its mechanisms are known (see the model card README.md in
-the data folder).
+``load("gemma2-tiny")`` returns a real ``transformers.Gemma2ForCausalLM`` and
+``load("gemma3-tiny")`` a real ``transformers.Gemma3ForCausalLM`` (loaded with
+``from_pretrained`` from ``mishax_py/zoo/data/<name>/``, offline), each with its word-level
+tokenizer. Both were trained by ``scripts/train_tiny_gemma2.py`` (``--family gemma3`` for
+the second) on the tasks in ``mishax_py.zoo.tasks`` so their mechanisms are known (see
+the model card README.md in each data folder). :func:`instrument` picks the
+instrumentation module by the model's ``config.model_type``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from torch import nn
 from mishax_py.zoo import tasks
 
 if TYPE_CHECKING:
-    from transformers import Gemma2ForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["ZooModel", "MODELS", "DATA_DIR", "model_path", "load", "load_checkpoint", "build_tokenizer"]
+    from mishax_py.instrumented import InstrumentedModel
+
+__all__ = [
+    "ZooModel", "MODELS", "DATA_DIR", "INSTRUMENTATION", "model_path", "load", "load_checkpoint", "build_tokenizer",
+    "instrument",
+]  # fmt: skip
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -63,7 +70,64 @@ MODELS: dict[str, ZooModel] = {
         ),
         train_command="python scripts/train_tiny_gemma2.py",
     ),
+    "gemma3-tiny": ZooModel(
+        folder="gemma3-tiny",
+        description=(
+            "Gemma3ForCausalLM, 6 layers in Gemma 3's 5:1 pattern (sliding window 8 on layers 0-4, global "
+            "on 5; RoPE bases 10k / 1M), QK-norm, no soft-caps, d_model 64, 4 query heads / 2 KV heads of "
+            "dim 16, d_mlp 256, vocab 133 (word level), context 64; fp32."
+        ),
+        tasks=("induction_batch", "recall_batch"),
+        mechanisms=(
+            "The same shared circuit as gemma2-tiny, split by Gemma 3's layer pattern: previous-token heads "
+            "in the sliding layers (mostly layer 1, heads 2-3; layer 2 helps), and the 4 heads of layer 5 "
+            "(the one global layer) are the induction heads, attending to the token after the earlier copy "
+            "beyond the window. Zero-ablating layer 5's heads breaks both tasks (0%); layer 1's leaves ~35%."
+        ),
+        train_command="python scripts/train_tiny_gemma2.py --family gemma3",
+    ),
 }
+
+# config.model_type -> (transformers causal-LM class name, instrumentation module) for the
+# checkpoints the zoo loads: the bundled models and local Gemma 2 / Gemma 3 text folders.
+INSTRUMENTATION: dict[str, tuple[str, str]] = {
+    "gemma2": ("Gemma2ForCausalLM", "instrumentation.gemma2"),
+    "gemma3_text": ("Gemma3ForCausalLM", "instrumentation.gemma3"),
+}
+
+
+def _model_class(folder: Path) -> type[PreTrainedModel]:
+    """The causal-LM class for the checkpoint in ``folder`` (by its config's ``model_type``).
+
+    Raises:
+        ValueError: a ``model_type`` the zoo does not load (the message names it and the supported ones).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    if model_type not in INSTRUMENTATION:
+        raise ValueError(f"{folder}: config.json model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(INSTRUMENTATION)})")  # fmt: skip
+    cls: type[PreTrainedModel] = getattr(transformers, INSTRUMENTATION[model_type][0])
+    return cls
+
+
+def instrument(model: PreTrainedModel) -> InstrumentedModel:
+    """Instrument ``model`` with the module of its family (``instrumentation.gemma2`` or ``.gemma3``).
+
+    Raises:
+        ValueError: a ``config.model_type`` with no instrumentation (the message names it).
+    """
+    import importlib
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in INSTRUMENTATION:
+        raise ValueError(f"no instrumentation for model_type {model_type!r} "
+                         f"(supported: {', '.join(INSTRUMENTATION)})")  # fmt: skip
+    module = importlib.import_module(INSTRUMENTATION[model_type][1])
+    im: InstrumentedModel = module.instrument(model)
+    return im
 
 
 def model_path(name: str = "gemma2-tiny") -> Path:
@@ -110,14 +174,15 @@ def load(
     attn_implementation: str = "eager",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-) -> tuple[Gemma2ForCausalLM, PreTrainedTokenizerFast]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a bundled model and its tokenizer through ``from_pretrained``, offline.
 
     Args:
-        name: a key of ``MODELS`` (``"gemma2-tiny"``).
+        name: a key of ``MODELS`` (``"gemma2-tiny"``, ``"gemma3-tiny"``).
         attn_implementation: passed to ``from_pretrained``. ``"eager"`` (default) is the
             implementation that applies Gemma 2's attention soft-cap and exposes attention
             scores/patterns (transformers 5.23-5.24 refuse ``"sdpa"`` for Gemma 2).
+            The class is ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM`` by the stored config.
         dtype: parameter dtype (trained and stored in float32).
         device: optional device to move the model to.
 
@@ -128,7 +193,7 @@ def load(
         KeyError: unknown ``name`` (the message lists the available names).
         FileNotFoundError: the bundled files are missing (message says how to rebuild them).
     """
-    from transformers import Gemma2ForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder = model_path(name)
     needed = ("config.json", "model.safetensors", "tokenizer.json")
@@ -138,7 +203,7 @@ def load(
             f"zoo model {name!r} is missing {', '.join(missing)} in {folder}; "
             f"rebuild it with `{MODELS[name].train_command}`"
         )
-    model = Gemma2ForCausalLM.from_pretrained(
+    model = _model_class(folder).from_pretrained(
         folder, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
     )
     model.eval()
@@ -150,7 +215,7 @@ def load(
 
 def load_checkpoint(
     name_or_path: str, *, tokenizer: bool = True
-) -> tuple[Gemma2ForCausalLM, PreTrainedTokenizerBase | None]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a bundled model by name, or a local Gemma 2 checkpoint folder, offline.
 
     The one loader behind ``mishax-py sites --model`` and ``mishax-py demo --model``.

@@ -88,8 +88,10 @@ def subtitle(results: Results) -> str:
     m, ih = results["model"], results["induction_heads"]
     heads = (f"Induction heads found: <b>{_labels(ih['heads'])}</b>." if ih["heads"] else
              f"<b>No induction head found</b> (patching recovery threshold {ih['threshold']:g}).")  # fmt: skip
-    return (f"Model {_code(m['name'])}: Gemma 2, {m['n_layers']} layers × {m['n_heads']} heads ({m['n_kv_heads']} KV), "
-            f"d_model {m['d_model']}, vocab {m['vocab_size']}, {m['n_params']:,} parameters. {heads} "
+    family = m.get("family", "Gemma 2")  # results.json from before the family key: Gemma 2
+    return (f"Model {_code(m['name'])}: {family}, {m['n_layers']} layers × {m['n_heads']} heads "
+            f"({m['n_kv_heads']} KV), d_model {m['d_model']}, vocab {m['vocab_size']}, "
+            f"{m['n_params']:,} parameters. {heads} "
             f"All numbers are in {_code('results.json')}.")  # fmt: skip
 
 

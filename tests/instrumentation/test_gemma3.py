@@ -6,33 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers.models.gemma3.modeling_gemma3 as modeling_gemma3
-from transformers import Gemma3TextConfig
 
 import instrumentation.gemma3 as g3
 from mishax_py import InstrumentedModel
 from mishax_py.interventions import Hook, Patch
 from mishax_py.studies.activation_patching import activation_patching
 from mishax_py.studies.attribution.api import attribution_patching
-from tests.helpers import loop_reference
+from tests.helpers import loop_reference, make_gemma3
 from tests.helpers import two_position_metric as metric
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_LAYERS, T = 6, 24
-
-
-def make_gemma3(seed: int = 0) -> modeling_gemma3.Gemma3ForCausalLM:
-    """A random 6-layer Gemma 3 (5 sliding : 1 global, window 8 < 24-token prompts, GQA, QK norm) with random gains."""
-    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=N_LAYERS,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
-                           query_pre_attn_scalar=8, max_position_embeddings=64, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = modeling_gemma3.Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

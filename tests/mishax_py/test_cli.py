@@ -90,7 +90,8 @@ def _folder(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize(("kind", "says"), [
-    ("missing", "neither a bundled model (gemma2-tiny) nor a folder; download a checkpoint with `hf download "),
+    ("missing", "neither a bundled model (gemma2-tiny, gemma3-tiny) nor a folder; download a checkpoint with "
+                "`hf download "),
     ("file", "is a file"),
     ("no-config", "has no config.json"),
     ("bad-json", "is not readable JSON"),

@@ -8,7 +8,8 @@ from one source forward and one target forward and backward. AtP* (Kramár et al
 two fixes, each also available alone (``qk_fix=True``, ``graddrop=True`` with ``method="atp"``):
 
 *QK fix* (attention saturation): for nodes that act on the attention scores (``attn.q``,
-``attn.k``, ``attn.rot_q``, ``attn.rot_k``, ``attn.scores``) the change of the attention
+``attn.k``, their QK-normed ``attn.q_normed``/``attn.k_normed`` where the family has them,
+``attn.rot_q``, ``attn.rot_k``, ``attn.scores``) the change of the attention
 *pattern* is computed exactly -- the softmax is recomputed for the patched queries/keys -- and
 only the map from the pattern to the metric is linearised:
 ``sum (pattern' - pattern) . d metric / d pattern`` (:mod:`~mishax_py.studies.attribution.qk`).

@@ -54,8 +54,8 @@ class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an erro
 
 
 # Sites of a decoder layer that its own attention reads (the rest come after the attention).
-_BEFORE_ATTENTION = ("resid_pre", "ln1", "attn.q", "attn.k", "attn.v", "attn.rot_q", "attn.rot_k", "attn.scores",
-                     "attn.pattern")
+_BEFORE_ATTENTION = ("resid_pre", "ln1", "attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed",
+                     "attn.rot_q", "attn.rot_k", "attn.scores", "attn.pattern")
 
 
 def stop_layer(kind: str, layer: int) -> int:

@@ -55,8 +55,10 @@ BY_FOR_LAYOUT: dict[str, tuple[str, ...]] = {
 #: ``by=None`` means this granularity, per layout.
 DEFAULT_BY: dict[str, str] = {layout: bys[0] for layout, bys in BY_FOR_LAYOUT.items()}
 #: Site kinds the QK fix of AtP* applies to -> what a patch of them moves: query rows, key columns or scores.
-QK_KINDS: dict[str, str] = {"attn.q": "q", "attn.rot_q": "q", "attn.k": "k", "attn.rot_k": "k",
-                            "attn.scores": "scores"}
+#: A query/key site's per-(position, head) map to ``rot_q``/``rot_k`` (a QK-norm, RoPE) acts on each row
+#: alone, so a patched row's rotated value is the source run's: the fix reads it there.
+QK_KINDS: dict[str, str] = {"attn.q": "q", "attn.q_normed": "q", "attn.rot_q": "q", "attn.k": "k",
+                            "attn.k_normed": "k", "attn.rot_k": "k", "attn.scores": "scores"}
 
 
 def site_layout(dims: Sequence[int | str]) -> str:

@@ -164,6 +164,37 @@ def test_bos_zeroing_drops_nodes_and_keeps_every_other_edge(tiny, bos_graph):
     assert g3.settings["zero_bos"] is False and int((g3.features[:, 1] == 0).sum()) > 0
 
 
+@pytest.mark.parametrize(("zero_positions", "zeroed"), [(2, [0, 1]), (slice(1, 3), [1, 2]), (0, [])])
+def test_zero_positions_drops_those_nodes_and_keeps_every_other_edge(tiny, bos_graph, zero_positions, zeroed):
+    """``zero_positions`` (a chat template's leading tokens) zeroes positions by the ``<bos>`` rule: no
+    features there, their error nodes without edges, completeness holds, every other edge unchanged."""
+    im, tok, tcs = tiny
+    full = attribution_graph(im, bos_graph.input_ids, tcs, zero_bos=False, batch_size=64, progress=False)
+    g = attribution_graph(im, bos_graph.input_ids, tcs, zero_bos=False, zero_positions=zero_positions,
+                          batch_size=64, progress=False)
+    assert g.settings["zero_positions"] == zeroed and g.settings["zero_bos"] is (0 in zeroed)
+    assert all(int((full.features[:, 1] == p).sum()) > 0 for p in zeroed)  # features did fire there
+    assert not any(int(p) in zeroed for p in g.features[:, 1])
+    assert g.completeness_error() <= 1e-4
+    keep = [full.feature_index(*(int(v) for v in f)) for f in g.features] + list(range(full.n_features, full.n_nodes))
+    sub = full.adjacency[keep][:, keep].clone()
+    for layer in range(g.n_layers):
+        for p in zeroed:
+            assert g.adjacency[:, g.error_index(layer, p)].abs().sum() == 0 and g.error_norms[layer, p] == 0
+            sub[:, g.error_index(layer, p)] = 0
+    torch.testing.assert_close(g.adjacency, sub, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_positions_adds_to_zero_bos_and_rejects_bad_values(tiny, bos_graph):
+    im, _, tcs = tiny
+    ids = bos_graph.input_ids
+    g = attribution_graph(im, ids, tcs, bos_token_id=2, zero_positions=slice(2, 3), batch_size=64, progress=False)
+    assert g.settings["zero_positions"] == [0, 2] and g.completeness_error() <= 1e-4
+    for bad, err in [(-1, ValueError), (5, ValueError), (True, TypeError), ([0, 1], TypeError)]:
+        with pytest.raises(err, match="zero_positions"):
+            attribution_graph(im, ids, tcs, zero_positions=bad, batch_size=64, progress=False)
+
+
 def test_metadata_prompt_is_the_tokenizers_decode(bos_graph):
     """A word-level tokenizer's spaces survive (joining per-token strings gave "<bos>k3v7k3")."""
     meta = bos_graph.to_json()["metadata"]

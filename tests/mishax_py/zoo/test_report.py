@@ -151,6 +151,13 @@ def test_named_heads_are_listed_with_their_recovery() -> None:
     assert "Induction heads found: <b>L1H0, L1H1</b>" in R.subtitle(results())
 
 
+def test_subtitle_names_the_models_family() -> None:
+    r = results()
+    assert ": Gemma 2, 2 layers" in R.subtitle(r)  # results.json written before the family key
+    r["model"]["family"] = "Gemma 3"
+    assert ": Gemma 3, 2 layers" in R.subtitle(r) and "Gemma 2" not in R.subtitle(r)
+
+
 # ------------------------------------------------------------------------- other claims
 def test_prefix_matching_agreement_follows_the_scores() -> None:
     assert "picks the same heads as patching" in R.prefix_matching_sentence(results()["ground_truth"])
