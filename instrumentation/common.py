@@ -18,10 +18,25 @@ from typing import Any
 import transformers
 
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
+from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
+from mishax_py.naming import layer_site
 from mishax_py.runtime import begin_forward, skip_layer, tag
 
-__all__ = ["SourcePatches", "instrument_with", "use_eager_attention"]
+__all__ = [
+    "DECODER_LAYER_PATCHES",
+    "EAGER_ATTENTION_PATCHES",
+    "LOGITS_PATCHES",
+    "MLP_PATCHES",
+    "QKV_PATCHES",
+    "RMSNORM_PATCHES",
+    "ROTARY_AND_Z_PATCHES",
+    "SourcePatches",
+    "frozen_norm_pairs",
+    "instrument_with",
+    "model_forward_patches",
+    "use_eager_attention",
+]
 
 # Where an instrumented model keeps its wrapper (instrument() is idempotent per model).
 WRAPPER_ATTR = "_mishax_py_instrumented"
@@ -125,3 +140,106 @@ def instrument_with(model: Any, patches: SourcePatches, make: Callable[[], Instr
     im = make()
     model.__dict__[WRAPPER_ATTR] = im
     return im
+
+
+# -- snippets shared by transformers' Gemma modules -------------------------------------------------------
+# Gemma 2 and Gemma 3 spell these parts of their forwards identically; each family's PATCHES lists them
+# under its own function names (``tag(owner, local, value)`` returns ``value`` unless a run is active;
+# CACHE_KWARG is the KV-cache argument's name: ``past_key_values`` before transformers 5.24, ``cache`` since).
+
+
+def model_forward_patches(position_embeddings: str) -> list[Replace]:
+    """``<Family>Model.forward``: ``begin_forward`` and ``embed``, ``skip_layer`` in the decoder loop, ``ln_final``.
+
+    ``position_embeddings``: the loop's argument expression (Gemma 3 indexes it by layer type).
+    """
+    call = (f"hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types"
+            f"[i]], position_embeddings={position_embeddings}, position_ids=position_ids, "
+            f"{CACHE_KWARG}={CACHE_KWARG}, **kwargs)")
+    loop = "for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):\n"
+    return [
+        Replace("hidden_states = inputs_embeds",
+                f"begin_forward(self, {CACHE_KWARG})\nhidden_states = tag(self, 'embed', inputs_embeds)"),
+        Replace(f"{loop}    {call}", f"{loop}    if skip_layer(self, i):\n        continue\n    {call}"),
+        Replace("hidden_states = self.norm(hidden_states)",
+                "hidden_states = tag(self, 'ln_final', self.norm(hidden_states))"),
+    ]
+
+
+#: ``<Family>DecoderLayer.forward``: the residual stream and the four norms' outputs.
+DECODER_LAYER_PATCHES: list[Replace] = [
+    Replace(
+        "residual = hidden_states\nhidden_states = self.input_layernorm(hidden_states)",
+        "hidden_states = tag(self, 'resid_pre', hidden_states)\nresidual = hidden_states\n"
+        "hidden_states = tag(self, 'ln1', self.input_layernorm(hidden_states))",
+    ),
+    Replace(
+        "hidden_states = self.post_attention_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
+        "hidden_states = tag(self, 'attn_out', self.post_attention_layernorm("
+        "tag(self, 'attn_out_pre_norm', hidden_states)))\n"
+        "hidden_states = tag(self, 'resid_mid', residual + hidden_states)",
+    ),
+    Replace(
+        "hidden_states = self.pre_feedforward_layernorm(hidden_states)",
+        "hidden_states = tag(self, 'ln2', self.pre_feedforward_layernorm(hidden_states))",
+    ),
+    Replace(
+        "hidden_states = self.post_feedforward_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
+        "hidden_states = tag(self, 'mlp_out', self.post_feedforward_layernorm("
+        "tag(self, 'mlp_out_pre_norm', hidden_states)))\n"
+        "hidden_states = tag(self, 'resid_post', residual + hidden_states)",
+    ),
+]
+#: ``<Family>Attention.forward``: the q/k/v projections per head, before anything else touches them.
+QKV_PATCHES: list[Replace] = [
+    Replace(f"{s}_states = self.{p}_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+            f"{s}_states = tag(self, '{p}', self.{p}_proj(hidden_states).view(hidden_shape)).transpose(1, 2)")
+    for s, p in (("query", "q"), ("key", "k"), ("value", "v"))
+]
+#: ``<Family>Attention.forward``: queries and keys after RoPE, and the per-head output before ``o_proj``.
+ROTARY_AND_Z_PATCHES: list[Replace] = [
+    Replace(
+        "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
+        "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)\n"
+        "query_states = tag(self, 'rot_q', query_states, (1, 2))\n"
+        "key_states = tag(self, 'rot_k', key_states, (1, 2))",
+    ),
+    Replace(
+        "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+        "attn_output = tag(self, 'z', attn_output).reshape(*input_shape, -1).contiguous()",
+    ),
+]
+#: ``eager_attention_forward``: the masked scores and the softmax.
+EAGER_ATTENTION_PATCHES: list[Replace] = [
+    Replace(
+        "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask",
+        "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask\n"
+        "attn_weights = tag(module, 'scores', attn_weights)",
+    ),
+    Replace(
+        "attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)",
+        "attn_weights = tag(module, 'pattern', "
+        "nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype))",
+    ),
+]
+#: ``<Family>MLP.forward``: gate, up and their product.
+MLP_PATCHES: list[Replace] = [
+    Replace(
+        "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+        "down_proj = self.down_proj(tag(self, 'post', self.act_fn(tag(self, 'pre', self.gate_proj(x))) "
+        "* tag(self, 'pre_linear', self.up_proj(x))))",
+    ),
+]
+#: ``<Family>RMSNorm.forward``: the normalised input before the ``(1 + w)`` gain.
+RMSNORM_PATCHES: list[Replace] = [
+    Replace("output = self._norm(x.float())", "output = tag(self, 'normalized', self._norm(x.float()))"),
+]
+#: ``<Family>ForCausalLM.forward`` (and Gemma 3's conditional-generation model): the final logits.
+LOGITS_PATCHES: list[Replace] = [Replace("loss = None", "logits = tag(self, 'logits', logits)\nloss = None")]
+
+
+def frozen_norm_pairs(n_layers: int, in_layer: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """A family's ``frozen_norms``: ``in_layer``'s ``(input kind, output kind)`` pairs in every layer, then the final
+    norm (the last layer's ``resid_post`` -> ``ln_final``)."""
+    pairs = [(layer_site(layer, a), layer_site(layer, b)) for layer in range(n_layers) for a, b in in_layer]
+    return [*pairs, (layer_site(n_layers - 1, "resid_post"), "ln_final")]

@@ -26,10 +26,21 @@ import torch
 import transformers.models.gemma3.modeling_gemma3 as modeling_gemma3
 from torch import nn
 
-from instrumentation.common import SourcePatches, instrument_with
+from instrumentation.common import (
+    DECODER_LAYER_PATCHES,
+    EAGER_ATTENTION_PATCHES,
+    LOGITS_PATCHES,
+    MLP_PATCHES,
+    QKV_PATCHES,
+    RMSNORM_PATCHES,
+    ROTARY_AND_Z_PATCHES,
+    SourcePatches,
+    frozen_norm_pairs,
+    instrument_with,
+    model_forward_patches,
+)
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
 from mishax_py.family import AttentionSpec, ModelDims
-from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
 from mishax_py.naming import layer_site, tl_alias
 from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
@@ -40,62 +51,12 @@ __all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "Gemma3Family", "build_catalogue"
 # Test suite (tests/instrumentation/test_gemma3.py) run on each.
 VERIFIED_TRANSFORMERS = ("5.24.0",)
 
-_LOGITS = [Replace("loss = None", "logits = tag(self, 'logits', logits)\nloss = None")]
-
 # Each patch names a function of modeling_gemma3 and the snippets rewritten in it (see gemma2.PATCHES).
 PATCHES: dict[str, list[Replace]] = {
-    "Gemma3TextModel.forward": [
-        Replace(
-            "hidden_states = inputs_embeds",
-            f"begin_forward(self, {CACHE_KWARG})\nhidden_states = tag(self, 'embed', inputs_embeds)",
-        ),
-        Replace(
-            f"""for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
-                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings[self.config.layer_types[i]], position_ids=position_ids, {CACHE_KWARG}={CACHE_KWARG}, **kwargs)""",  # noqa: E501
-            f"""for i, decoder_layer in enumerate(self.layers[:self.config.num_hidden_layers]):
-                   if skip_layer(self, i):
-                       continue
-                   hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask_mapping[self.config.layer_types[i]], position_embeddings=position_embeddings[self.config.layer_types[i]], position_ids=position_ids, {CACHE_KWARG}={CACHE_KWARG}, **kwargs)""",  # noqa: E501
-        ),
-        Replace(
-            "hidden_states = self.norm(hidden_states)",
-            "hidden_states = tag(self, 'ln_final', self.norm(hidden_states))",
-        ),
-    ],
-    "Gemma3DecoderLayer.forward": [
-        Replace(
-            "residual = hidden_states\nhidden_states = self.input_layernorm(hidden_states)",
-            "hidden_states = tag(self, 'resid_pre', hidden_states)\nresidual = hidden_states\n"
-            "hidden_states = tag(self, 'ln1', self.input_layernorm(hidden_states))",
-        ),
-        Replace(
-            "hidden_states = self.post_attention_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
-            "hidden_states = tag(self, 'attn_out', self.post_attention_layernorm(tag(self, 'attn_out_pre_norm', hidden_states)))\n"  # noqa: E501
-            "hidden_states = tag(self, 'resid_mid', residual + hidden_states)",
-        ),
-        Replace(
-            "hidden_states = self.pre_feedforward_layernorm(hidden_states)",
-            "hidden_states = tag(self, 'ln2', self.pre_feedforward_layernorm(hidden_states))",
-        ),
-        Replace(
-            "hidden_states = self.post_feedforward_layernorm(hidden_states)\nhidden_states = residual + hidden_states",
-            "hidden_states = tag(self, 'mlp_out', self.post_feedforward_layernorm(tag(self, 'mlp_out_pre_norm', hidden_states)))\n"  # noqa: E501
-            "hidden_states = tag(self, 'resid_post', residual + hidden_states)",
-        ),
-    ],
+    "Gemma3TextModel.forward": model_forward_patches("position_embeddings[self.config.layer_types[i]]"),
+    "Gemma3DecoderLayer.forward": DECODER_LAYER_PATCHES,
     "Gemma3Attention.forward": [
-        Replace(
-            "query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
-            "query_states = tag(self, 'q', self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
-        ),
-        Replace(
-            "key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
-            "key_states = tag(self, 'k', self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
-        ),
-        Replace(
-            "value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
-            "value_states = tag(self, 'v', self.v_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
-        ),
+        *QKV_PATCHES,
         Replace(
             "query_states = self.q_norm(query_states)",
             "query_states = tag(self, 'q_normed', self.q_norm(query_states), (1, 2))",
@@ -104,41 +65,13 @@ PATCHES: dict[str, list[Replace]] = {
             "key_states = self.k_norm(key_states)",
             "key_states = tag(self, 'k_normed', self.k_norm(key_states), (1, 2))",
         ),
-        Replace(
-            "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
-            "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)\n"
-            "query_states = tag(self, 'rot_q', query_states, (1, 2))\n"
-            "key_states = tag(self, 'rot_k', key_states, (1, 2))",
-        ),
-        Replace(
-            "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
-            "attn_output = tag(self, 'z', attn_output).reshape(*input_shape, -1).contiguous()",
-        ),
+        *ROTARY_AND_Z_PATCHES,
     ],
-    "eager_attention_forward": [
-        Replace(
-            "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask",
-            "if attention_mask is not None:\n    attn_weights = attn_weights + attention_mask\n"
-            "attn_weights = tag(module, 'scores', attn_weights)",
-        ),
-        Replace(
-            "attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)",
-            "attn_weights = tag(module, 'pattern', "
-            "nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype))",
-        ),
-    ],
-    "Gemma3MLP.forward": [
-        Replace(
-            "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
-            "down_proj = self.down_proj(tag(self, 'post', self.act_fn(tag(self, 'pre', self.gate_proj(x))) "
-            "* tag(self, 'pre_linear', self.up_proj(x))))",
-        ),
-    ],
-    "Gemma3RMSNorm.forward": [
-        Replace("output = self._norm(x.float())", "output = tag(self, 'normalized', self._norm(x.float()))"),
-    ],
-    "Gemma3ForCausalLM.forward": _LOGITS,
-    "Gemma3ForConditionalGeneration.forward": _LOGITS,
+    "eager_attention_forward": EAGER_ATTENTION_PATCHES,
+    "Gemma3MLP.forward": MLP_PATCHES,
+    "Gemma3RMSNorm.forward": RMSNORM_PATCHES,
+    "Gemma3ForCausalLM.forward": LOGITS_PATCHES,
+    "Gemma3ForConditionalGeneration.forward": LOGITS_PATCHES,
 }
 
 # Built at import; one lock serialises install()/uninstall() (see common.SourcePatches).
@@ -228,10 +161,7 @@ class Gemma3Family:
                           rope_base=_rope_base(rope, lt), layer_type=lt)
             for lt in layer_types
         ]
-        self.frozen_norms: list[tuple[str, str]] = []
-        for layer in range(n_layers):
-            self.frozen_norms += [(layer_site(layer, a), layer_site(layer, b)) for a, b in _FROZEN_IN_LAYER]
-        self.frozen_norms.append((layer_site(n_layers - 1, "resid_post"), "ln_final"))
+        self.frozen_norms = frozen_norm_pairs(n_layers, _FROZEN_IN_LAYER)
 
     def attention(self, layer: int) -> AttentionSpec:
         return self._attention[layer]
