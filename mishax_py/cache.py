@@ -7,7 +7,40 @@ from typing import Any
 
 import torch
 
-__all__ = ["ActivationCache"]
+__all__ = ["ActivationCache", "DeviceStore"]
+
+
+class DeviceStore(dict[str, torch.Tensor]):
+    """The store of a run that caches on another device (``run_with_cache(..., cache_device=)``).
+
+    Every value is moved to ``device`` as it is recorded (``store[name] = value`` in the runtime), so a long
+    cache of a big model fills host memory instead of the accelerator's: the accelerator holds each value
+    only as long as the forward itself needs it. A CUDA -> CPU copy is issued with ``non_blocking=True``
+    (the destination is then pinned memory and the copy overlaps the rest of the forward); :meth:`finish`
+    waits for those copies before anyone reads the values. Other moves are plain blocking ``.to`` calls (a
+    non-blocking copy out of pageable host memory would not overlap anything). A run without
+    ``cache_device`` records into a plain ``dict``: this class costs it nothing.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self._async: set[torch.device] = set()  # CUDA devices with non-blocking copies in flight
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        src = value.device
+        if src != self.device:
+            non_blocking = src.type == "cuda" and self.device.type == "cpu"
+            if non_blocking:
+                self._async.add(src)
+            value = value.to(self.device, non_blocking=non_blocking)
+        super().__setitem__(name, value)
+
+    def finish(self) -> None:
+        """Wait for the non-blocking copies (their values are not valid before); nothing to do on the CPU."""
+        for device in self._async:
+            torch.cuda.synchronize(device)
+        self._async.clear()
 
 
 class ActivationCache(Mapping[str, torch.Tensor]):

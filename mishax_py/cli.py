@@ -1,13 +1,15 @@
 """The ``mishax-py`` command line.
 
 ``mishax-py sites [--model NAME|DIR] [--filter PATTERN] [--no-progress]``: print the site
-catalogue (name, shape, dtype, where in the HF code, TransformerLens alias) of a Gemma 2 model:
-by default the bundled trained ``gemma2-tiny`` (offline, so it works on a fresh install).
+catalogue (name, shape, dtype, where in the HF code, TransformerLens alias) of a Gemma 2 or Gemma 3
+model: by default the bundled trained ``gemma2-tiny`` (offline, so it works on a fresh install).
+Checkpoint folders are loaded and instrumented by their ``config.json`` ``model_type``
+(:data:`mishax_py.zoo.models.INSTRUMENTATION`: ``gemma2``, ``gemma3_text``, ``gemma3``).
 
 ``mishax-py demo [--out DIR] [--model NAME|DIR] [--no-progress]``: the end-to-end study on the
 bundled trained model (see ``mishax_py.zoo.demo``).
 
-A mistake the user can fix (a bad argument, a ``--model`` that is not a Gemma 2 checkpoint
+A mistake the user can fix (a bad argument, a ``--model`` that is not a Gemma 2 / Gemma 3 checkpoint
 folder, a ``--filter`` that matches no site) prints one line on stderr, ``mishax-py: ...``, and
 exits with status 2 (as argparse does for a bad option). ``--model`` is checked from the file
 system and its ``config.json`` before anything loads. Progress bars follow the library's rule
@@ -53,15 +55,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def check_model(value: str | None) -> str:
-    """The ``--model`` value checked before anything loads: a bundled name, or a Gemma 2 checkpoint folder.
+    """The ``--model`` value checked before anything loads: a bundled name, or a Gemma 2 / Gemma 3 checkpoint folder.
 
     Returns the name or path to load (``DEFAULT_MODEL`` for ``None``).
 
     Raises:
         UsageError: an unknown name or missing path, a file, a folder without ``config.json`` or
-            weights, a config that is not JSON or not Gemma 2's; the message says what to pass.
+            weights, a config that is not JSON or of a ``model_type`` the zoo does not load; the message says
+            what to pass (and names the supported ``model_type`` values).
     """
-    from mishax_py.zoo.models import MODELS
+    from mishax_py.zoo.models import FAMILY_LABELS, INSTRUMENTATION, MODELS, supported_model_types
 
     if value is None or value in MODELS:
         return value or DEFAULT_MODEL
@@ -82,9 +85,11 @@ def check_model(value: str | None) -> str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"--model {value!r}: {cfg_path} is not readable JSON ({_one_line(e)})") from None
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if model_type != "gemma2":
+    if model_type not in INSTRUMENTATION:
+        families = " and ".join(dict.fromkeys(FAMILY_LABELS.values()))
         raise UsageError(f"--model {value!r} holds a {model_type or 'untyped'} model (config.json model_type "
-                         f"{model_type!r}); mishax-py instruments Gemma 2 (model_type 'gemma2')")
+                         f"{model_type!r}); mishax-py instruments {families} (model_type "
+                         f"{supported_model_types()})")
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise UsageError(f"--model {value!r} has config.json but no weights ({', '.join(_WEIGHT_FILES)})")
     return value
@@ -96,7 +101,7 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def load_model(name_or_path: str):  # -> Gemma2ForCausalLM
+def load_model(name_or_path: str):  # -> Gemma2ForCausalLM | Gemma3ForCausalLM | Gemma3ForConditionalGeneration
     """Load a model :func:`check_model` accepted, through :func:`mishax_py.zoo.models.load_checkpoint` (the
     loader the demo uses too); a checkpoint that still fails to load is a :class:`UsageError`."""
     from safetensors import SafetensorError
@@ -133,19 +138,19 @@ def _filter_error(im: Any, pattern: str, n_layers: int) -> UsageError:
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
-    import instrumentation.gemma2 as g2
     from mishax_py.sites import UnknownSiteError
+    from mishax_py.zoo.models import FAMILY_LABELS, instrument
 
     model = load_model(check_model(args.model))
-    im = g2.instrument(model)
-    cfg = model.config
+    im = instrument(model)  # instrumentation.gemma2 / .gemma3 by config.model_type
+    d = im.family.dims
     try:
         names = im.site_names() if args.filter is None else im.site_names(args.filter)
     except UnknownSiteError:
-        raise _filter_error(im, args.filter, int(cfg.num_hidden_layers)) from None
+        raise _filter_error(im, args.filter, d.n_layers) from None
     print(
-        f"Gemma 2: {cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}, {cfg.num_attention_heads} heads "
-        f"({cfg.num_key_value_heads} kv) × d_head {cfg.head_dim}, d_mlp {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+        f"{FAMILY_LABELS[model.config.model_type]}: {d.n_layers} layers, d_model {d.d_model}, {d.n_heads} heads "
+        f"({d.n_kv_heads} kv) × d_head {d.d_head}, d_mlp {d.d_mlp}, vocab {d.vocab}"
     )
     for name in names:
         print(im.site_info(name))
@@ -199,17 +204,17 @@ _NO_PROGRESS_HELP = "no progress bars, weight loading's included (default: bars 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mishax-py", description="Look inside Gemma 2 and change what it computes.")
+    parser = _Parser(prog="mishax-py", description="Look inside Gemma 2 and Gemma 3 and change what they compute.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sites = sub.add_parser("sites", help="print the site catalogue with shapes")
-    sites.add_argument("--model", default=None, help=f"bundled model name or local Gemma 2 checkpoint folder "
+    sites.add_argument("--model", default=None, help=f"bundled model name or local Gemma 2 / Gemma 3 checkpoint folder "
                        f"(default: the bundled trained {DEFAULT_MODEL})")
     sites.add_argument("--filter", default=None, help="only sites matching this name, alias or glob")
     sites.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     sites.set_defaults(func=cmd_sites)
     demo = sub.add_parser("demo", help="run the end-to-end study on the bundled model and write a report")
     demo.add_argument("--out", default="mishax_demo", help="report folder (default: ./mishax_demo)")
-    demo.add_argument("--model", default=None, help=f"bundled model name or local Gemma 2 checkpoint folder "
+    demo.add_argument("--model", default=None, help=f"bundled model name or local Gemma 2 / Gemma 3 checkpoint folder "
                       f"(default: the bundled {DEFAULT_MODEL})")
     demo.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     demo.set_defaults(func=cmd_demo)

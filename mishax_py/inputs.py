@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from mishax_py.devices import input_device
+
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
@@ -96,12 +98,9 @@ def as_ids(ids: Ids, model: InstrumentedModel | nn.Module | None = None) -> torc
 
 
 def _device(model: InstrumentedModel | nn.Module | None) -> torch.device | None:
-    module = model if isinstance(model, nn.Module) or model is None else model.model
-    if module is None:
-        return None
-    for p in module.parameters():
-        return p.device
-    return None
+    """Where the ids go: :func:`mishax_py.devices.input_device` (the input embeddings' execution device, not
+    ``meta`` when accelerate offloads them); ``None`` without a model."""
+    return None if model is None else input_device(model)
 
 
 def _vocab(model: InstrumentedModel | nn.Module | None) -> tuple[int, str] | None:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from mishax_py import memory
-from mishax_py.cache import ActivationCache
+from mishax_py.cache import ActivationCache, DeviceStore
+from mishax_py.devices import model_dtype
 from mishax_py.family import ModelFamily
 from mishax_py.inputs import Ids, local_tokenizer, model_inputs
 from mishax_py.interventions.base import Intervention, Interventions, as_intervention_list
@@ -92,7 +93,7 @@ class InstrumentedModel:
     def site_info(self, name: str) -> SiteInfo:
         """Shape (symbolic), dtype and source location of a site (name or alias)."""
         spec = self.catalogue.by_name[self.catalogue.canonical(name)]
-        dtype = spec.dtype if spec.dtype is not None else _model_dtype(self.model)
+        dtype = spec.dtype if spec.dtype is not None else model_dtype(self.model)
         return SiteInfo(spec.name, spec.layer, spec.dims, dtype, spec.where, spec.alias)
 
     def resolve(self, patterns: str | Iterable[str]) -> list[str]:
@@ -173,16 +174,17 @@ class InstrumentedModel:
         once. An edit that selects nothing warns (:mod:`mishax_py.interventions.watch`).
         """
         ids, hf_kwargs = model_inputs(ids, self, hf_kwargs)
-        self._check_memory("im.run", ids, max_memory, grad=torch.is_grad_enabled())
+        self._check_memory("im.run", ids, max_memory, grad=torch.is_grad_enabled(), interventions=interventions)
         ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
         with activate(ctx), SelectionWatch([interventions], "im.run"):
             return self.forward(ids, **hf_kwargs)
 
     def _check_memory(self, what: str, ids: torch.Tensor, max_memory: int | str | None, *, grad: bool,
-                      sites: Sequence[str] = ()) -> None:
+                      sites: Sequence[str] = (), interventions: Interventions | None = None) -> None:
         """Fail before the forward when its estimate exceeds the budget (:func:`mishax_py.memory.check_budget`)."""
         rows, pos = ids.shape
-        est = memory.estimate_run(self, rows, pos, grad=grad, sites=sites)
+        est = _with_interventions(self, memory.estimate_run(self, rows, pos, grad=grad, sites=sites), interventions,
+                                  rows, pos)
         cached = f", caching {len(sites)} sites" if sites else ""
         reduce = "pass fewer rows or positions at a time" + (", or cache fewer sites" if sites else "")
         memory.check_budget(est, f"{what} (one forward of {rows} rows x {pos} positions{cached})",
@@ -196,6 +198,7 @@ class InstrumentedModel:
         grad: bool = False,
         interventions: Interventions | None = None,
         max_memory: int | str | None = None,
+        cache_device: torch.device | str | None = None,
         **hf_kwargs: Any,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Logits and an :class:`ActivationCache` of the requested sites (default: all).
@@ -206,12 +209,25 @@ class InstrumentedModel:
         With ``grad=False`` cached tensors are detached (no graph kept). With
         ``grad=True`` they stay in the graph and receive ``.grad`` on ``backward()``. Inputs, the memory
         check (``max_memory``; the estimate includes the cache) and empty selections as for :meth:`run`.
+
+        ``cache_device`` (e.g. ``"cpu"``): every recorded value is moved there as it is recorded
+        (:class:`mishax_py.cache.DeviceStore`; CUDA -> CPU copies are non-blocking and waited for before
+        this returns), so a long cache of a big model does not fill the accelerator, which then holds each
+        value only while the forward needs it; the memory check then leaves the cache out of the model
+        device's estimate. ``None`` (default): values stay where the model computed them (on a model split
+        over devices, each on its layer's device), at no extra cost. Not with ``grad=True`` (a moved copy
+        is not the tensor the backward reaches).
         """
+        if cache_device is not None and grad:
+            raise ValueError(f"run_with_cache(grad=True, cache_device={str(cache_device)!r}): a cache that keeps "
+                             "the autograd graph stays on the model's devices; move cache[...].grad after backward()")
         ids, hf_kwargs = model_inputs(ids, self, hf_kwargs)
         names, derived = self._cache_plan(sites)
-        self._check_memory("im.run_with_cache", ids, max_memory, grad=grad or torch.is_grad_enabled(), sites=names)
+        elsewhere = cache_device is not None and torch.device(cache_device) != ids.device
+        self._check_memory("im.run_with_cache", ids, max_memory, grad=grad or torch.is_grad_enabled(),
+                           sites=() if elsewhere else names, interventions=interventions)
         ctx = self.context(interventions, batch=ids.shape[0], pos=ids.shape[1])
-        store: dict[str, torch.Tensor] = {}
+        store: dict[str, torch.Tensor] = {} if cache_device is None else DeviceStore(cache_device)
         if grad:
             for name in names:
                 self.add_handler(ctx, name, _recorder(store, name, grad))
@@ -221,13 +237,16 @@ class InstrumentedModel:
             ctx.derived_sinks.append(_derived_recorder(store, derived, grad))
         with activate(ctx), SelectionWatch([interventions], "im.run_with_cache"):
             logits = self.forward(ids, **hf_kwargs)
-        if logits.device.type == "cpu":  # let the next run reuse this cache's memory (see mishax_py.memory)
+        if isinstance(store, DeviceStore):
+            store.finish()
+        store_device = logits.device if cache_device is None else torch.device(cache_device)
+        if store_device.type == "cpu":  # let the next run reuse this cache's memory (see mishax_py.memory)
             memory.reserve_for(sum(v.numel() * v.element_size() for v in store.values()))
         if list(store) != names:  # sites fire in catalogue order; derived names and skipped layers don't
             order = {n: i for i, n in enumerate(names)}
             store = dict(sorted(store.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
         mask = hf_kwargs.get("attention_mask")
-        mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        mask = mask.detach().to(store_device) if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         return logits, ActivationCache(store, self.catalogue.canonical, attention_mask=mask)
 
     def _recording_table(self, names: tuple[str, ...]) -> dict[SiteKey, Any]:
@@ -341,8 +360,72 @@ def _derived_recorder(
     return sink
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        return p.dtype
-    return torch.get_default_dtype()
 
+# -- memory estimates of the entry points (mishax_py.memory.estimate_memory) ----------------------------------
+def _with_interventions(im: InstrumentedModel, est: memory.MemoryEstimate, interventions: Interventions | None,
+                        rows: int, pos: int) -> memory.MemoryEstimate:
+    """``est`` with the largest transient of ``interventions`` that declare one (``peak_bytes(rows, pos)``, e.g.
+    an SAE splice's features and its weights' compute copies), over the residual-stream tensors alive at its site
+    (``est.parts["working"]`` holds the forward's own largest transient, which comes at another time)."""
+    peak = 0
+    for ivs in (interventions or {}).values():
+        for iv in as_intervention_list(ivs):
+            fn = getattr(iv, "peak_bytes", None)
+            if callable(fn):
+                peak = max(peak, int(fn(rows, pos)))
+    if not peak:
+        return est
+    d = im.family.dims.d_model
+    stream = (8 * torch.empty((), dtype=model_dtype(im)).element_size() + 16) * rows * pos * d
+    return est.plus(interventions=max(0, stream + peak - est.parts.get("working", 0)))
+
+
+def _forward_estimate(im: InstrumentedModel, what: str, ids: torch.Tensor, max_memory: int | str | None, *,
+                      grad: bool, sites: Sequence[str] = (), interventions: Interventions | None = None
+                      ) -> memory.MemoryEstimate:
+    """The estimate :meth:`InstrumentedModel._check_memory` checks, labelled and with its budget."""
+    rows, pos = ids.shape
+    est = _with_interventions(im, memory.estimate_run(im, rows, pos, grad=grad, sites=sites), interventions, rows,
+                              pos)
+    cached = f", caching {len(sites)} sites" if sites else ""
+    return memory.study_estimate(what, {f"one forward of {rows} rows x {pos} positions{cached}": est},
+                                 budget=memory.memory_budget(ids.device, max_memory))
+
+
+def _estimate_run(im: InstrumentedModel, ids: Ids, interventions: Interventions | None = None, *,
+                  max_memory: int | str | None = None, **hf_kwargs: Any) -> memory.MemoryEstimate:
+    ids, _ = model_inputs(ids, im, hf_kwargs)
+    return _forward_estimate(im, "im.run", ids, max_memory, grad=torch.is_grad_enabled(), interventions=interventions)
+
+
+def _estimate_run_with_cache(im: InstrumentedModel, ids: Ids, sites: str | Iterable[str] | None = None, *,
+                             grad: bool = False, interventions: Interventions | None = None,
+                             max_memory: int | str | None = None, cache_device: torch.device | str | None = None,
+                             **hf_kwargs: Any) -> memory.MemoryEstimate:
+    ids, _ = model_inputs(ids, im, hf_kwargs)
+    names, _derived = im._cache_plan(sites)
+    elsewhere = cache_device is not None and torch.device(cache_device) != ids.device
+    return _forward_estimate(im, "im.run_with_cache", ids, max_memory, grad=grad or torch.is_grad_enabled(),
+                             sites=() if elsewhere else names, interventions=interventions)
+
+
+def _estimate_sweep(im: InstrumentedModel, ids: Ids, variants: Sequence[Interventions],
+                    metric: Callable[[torch.Tensor], Any] | None = None, *, batch_size: int | None = None,
+                    progress: bool | None = None, grad: bool = False, **kwargs: Any) -> memory.MemoryEstimate:
+    from mishax_py.execution.sweep import sweep
+
+    with torch.set_grad_enabled(grad):  # as im.sweep runs it
+        return memory.estimate_memory(sweep, im, ids, variants, metric, batch_size=batch_size, **kwargs)
+
+
+def _estimate_walk(im: InstrumentedModel, ids: Ids, **hf_kwargs: Any) -> memory.MemoryEstimate:
+    max_memory = hf_kwargs.pop("max_memory", None)
+    hf_kwargs.pop("sites", None)
+    ids, _ = model_inputs(ids, im, hf_kwargs)
+    return _forward_estimate(im, "im.walk", ids, max_memory, grad=torch.is_grad_enabled())
+
+
+memory.register_estimator(InstrumentedModel.run, _estimate_run)
+memory.register_estimator(InstrumentedModel.run_with_cache, _estimate_run_with_cache)
+memory.register_estimator(InstrumentedModel.sweep, _estimate_sweep)
+memory.register_estimator(InstrumentedModel.walk, _estimate_walk)

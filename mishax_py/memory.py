@@ -41,16 +41,21 @@ instead of allocating for minutes until the allocator gives up.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import re
+import warnings
 import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
+
+from mishax_py.devices import execution_device, model_dtype
 
 if TYPE_CHECKING:
     from mishax_py.family import ModelDims
@@ -61,13 +66,19 @@ __all__ = [
     "BUDGET_SHARE",
     "CHECK_FLOOR",
     "MemoryBudgetError",
+    "MemoryChunkingWarning",
     "MemoryEstimate",
+    "announce_chunking",
     "available_ram",
     "cache_bytes",
     "check_budget",
+    "check_estimate",
     "check_fits",
+    "checked",
     "estimate_forward_bytes",
+    "estimate_memory",
     "estimate_run",
+    "fit_chunk",
     "format_bytes",
     "get_max_memory",
     "is_supported",
@@ -75,8 +86,11 @@ __all__ = [
     "memory_budget",
     "model_device",
     "parse_bytes",
+    "register_estimator",
     "reserve_for",
+    "rows_and_positions",
     "set_max_memory",
+    "study_estimate",
 ]
 
 # mallopt parameters (glibc malloc.h)
@@ -266,10 +280,22 @@ class MemoryEstimate:
     """
 
     parts: Mapping[str, int] = field(default_factory=dict)
+    #: the step the estimate is of (``"attribution_patching (its target forward and backward ...)"``); set by
+    #: :func:`estimate_memory`'s estimators, empty for a bare forward.
+    what: str = ""
+    #: the chunk sizes the study chose to fit its budget (e.g. ``{"batch_size": 32}``); empty when it does not chunk.
+    chunks: Mapping[str, int] = field(default_factory=dict)
+    #: the budget (bytes) the chunk sizes were chosen for; ``None`` when none was read.
+    budget: int | None = None
 
     @property
     def total(self) -> int:
         return int(sum(self.parts.values()))
+
+    @property
+    def fits(self) -> bool:
+        """Whether ``total`` is within ``budget`` (``True`` when no budget was read)."""
+        return self.budget is None or self.total <= self.budget
 
     def plus(self, **parts: int) -> MemoryEstimate:
         """This estimate with ``parts`` added (bytes; parts of an existing name are summed)."""
@@ -279,7 +305,7 @@ class MemoryEstimate:
         merged = dict(self.parts)
         for k, v in other.parts.items():
             merged[k] = merged.get(k, 0) + int(v)
-        return MemoryEstimate(merged)
+        return replace(self, parts=merged)
 
     def __int__(self) -> int:
         return self.total
@@ -296,33 +322,39 @@ def estimate_forward_bytes(dims: ModelDims, rows: int, pos: int, *, grad: bool =
     """The peak memory of one forward of ``rows`` sequences of ``pos`` new positions (after ``kv_len`` cached ones).
 
     An upper-ish bound: each term is the largest set of tensors alive at one time, and ``4`` bytes are
-    counted wherever models compute in fp32 whatever their dtype (soft-capped logits, softmax).
+    counted wherever models compute in fp32 whatever their dtype (the attention softmax); the logits and their
+    soft-cap are computed in the model's dtype (``e``; measured on a bf16 Gemma-2-2B-shaped model,
+    ``benchmarks/scale.py``).
     With ``R = rows``, ``P = pos``, ``K = kv_len + pos`` keys, ``e = dtype_bytes`` and the sizes of
     ``dims`` (``d = d_model``, ``V = vocab``, ``H = n_heads``, ``L = n_layers``):
 
     * ``working`` = ``(8·e + 4·4)·R·P·d`` of residual-stream tensors and fp32 norm temporaries, plus the
-      largest transient of one layer: ``max(3·R·P·V·4, 4·R·P·d_mlp·e, 4·R·H·P·K·4 + 2·R·P·(H + 2·H_kv)·d_head·e)``
-      (the logits and their soft-cap temporaries; the MLP's gate, activation, up and product; eager
-      attention's scores, soft-cap, mask and fp32 softmax, with the queries, keys and values before and
-      after RoPE). The returned logits are inside this peak;
+      largest transient of one layer: ``max(2·R·P·V·e, 4·R·P·d_mlp·e, R·H·P·K·(e + 4) + 2·R·P·(H + 2·H_kv)·d_head·e)``
+      (the logits and one soft-cap temporary -- each step of the soft-cap frees its input; the MLP's gate,
+      activation, up and product; eager
+      attention's map in the model's dtype and its fp32 softmax -- each step of the scale, soft-cap, mask,
+      softmax chain frees its input once its output exists, so two maps are alive at a time -- with the
+      queries, keys and values before and after RoPE). The returned logits are inside this peak;
     * ``masks`` = ``2·R·P·K·e``: the 4-D attention masks (one per layer type: full, sliding);
     * ``kv`` = ``2·L·R·kv_len·H_kv·d_head·e`` when ``kv_len > 0`` (the cached keys and values attended to);
-    * ``autograd`` (``grad=True``) = ``L·R·P·((16·d + 4·d_mlp)·e + 3·H·K·4) + 3·R·P·V·4``: what
+    * ``autograd`` (``grad=True``) = ``L·R·P·((16·d + 4·d_mlp)·e + 3·H·K·4) + R·P·V·e``: what
       backward keeps of every layer (norm inputs, projections, the attention maps in fp32, the MLP)
-      and of the logits;
+      and of the logits (the soft-cap's ``tanh``); and ``backward`` = ``R·P·V·e``: the logits' gradient,
+      alive at the start of the backward pass on top of what it keeps;
     * ``logits`` (``keep_logits``) = ``R·P·V·e``: logits held *after* the forward while later steps run
       (a sweep's results).
 
-    Measured against the peak resident memory (``VmHWM``) of fp32 forwards on CPU, with and without
-    autograd and caching every site, on models dominated in turn by attention maps, the vocabulary,
-    the MLP and the residual stream: 1.1-1.8 times the measurement (``tests/mishax_py/test_memory.py``
-    checks that it stays above it).
+    Measured against the peak resident memory (``VmHWM``) of fp32 forwards on CPU (glibc's mmap threshold
+    fixed, so the peak is that of the live tensors), with and without autograd and caching every site, on
+    models dominated in turn by attention maps, the vocabulary, the MLP and the residual stream: 1.05-1.75
+    times the measurement (``tests/mishax_py/test_memory.py`` checks that it stays above it); on the studies
+    of ``benchmarks/scale.py`` and its bf16 Gemma-2-2B-shaped model, see ``benchmarks/RESULTS.md``.
     """
     R, P, K, e, f = int(rows), int(pos), int(kv_len) + int(pos), int(dtype_bytes), 4
     d, d_mlp, V, H, L = dims.d_model, dims.d_mlp, dims.vocab, dims.n_heads, dims.n_layers
     H_kv, d_head = dims.n_kv_heads, dims.d_head
-    transient = max(3 * R * P * V * f, 4 * R * P * d_mlp * e,
-                    4 * R * H * P * K * f + 2 * R * P * (H + 2 * H_kv) * d_head * e)
+    transient = max(2 * R * P * V * e, 4 * R * P * d_mlp * e,
+                    R * H * P * K * (e + f) + 2 * R * P * (H + 2 * H_kv) * d_head * e)
     parts = {
         "working": (8 * e + 4 * f) * R * P * d + transient,
         "masks": 2 * R * P * K * e,
@@ -330,7 +362,8 @@ def estimate_forward_bytes(dims: ModelDims, rows: int, pos: int, *, grad: bool =
     if kv_len:
         parts["kv"] = 2 * L * R * int(kv_len) * H_kv * d_head * e
     if grad:
-        parts["autograd"] = L * R * P * ((16 * d + 4 * d_mlp) * e + 3 * H * K * f) + 3 * R * P * V * f
+        parts["autograd"] = L * R * P * ((16 * d + 4 * d_mlp) * e + 3 * H * K * f) + R * P * V * e
+        parts["backward"] = R * P * V * e
     if keep_logits:
         parts["logits"] = R * P * V * e
     return MemoryEstimate(parts)
@@ -368,25 +401,27 @@ def cache_bytes(im: InstrumentedModel, names: Sequence[str], rows: int, pos: int
 def estimate_run(im: InstrumentedModel, rows: int, pos: int, *, grad: bool = False, sites: Sequence[str] = (),
                  keep_logits: bool = False, kv_len: int = 0) -> MemoryEstimate:
     """:func:`estimate_forward_bytes` for a forward of ``im`` (its ``family.dims`` and parameter dtype), plus
-    the exact size of caching ``sites`` (:func:`cache_bytes`) as the part ``cache`` and, for a caching run, a
-    ``fragmentation`` allowance of half the forward and cache together (see the code comment)."""
-    param = next(im.model.parameters(), None)
-    e = param.element_size() if param is not None else 4
+    the exact size of caching ``sites`` (:func:`cache_bytes`) as the part ``cache``.
+
+    A caching run's peak is the forward's plus the cache: measured (the smaller of two runs, after a
+    ``malloc_trim``) at 1.0x of that sum on the fp32 models of ``tests/mishax_py/test_memory.py`` and 1.1x on
+    the bf16 Gemma-2-2B-shaped model of ``benchmarks/scale.py``. A process that has freed and reallocated
+    caches of other shapes may hold more (heap fragmentation, up to 1.3x seen), which the budget's share
+    (:data:`BUDGET_SHARE`) leaves room for."""
+    e = model_dtype(im).itemsize
     est = estimate_forward_bytes(im.family.dims, rows, pos, grad=grad, keep_logits=keep_logits, dtype_bytes=e,
                                  kv_len=kv_len)
     if not sites:
         return est
-    cache = cache_bytes(im, sites, rows, pos)
-    # A caching run keeps every recorded tensor alive between the forward's short-lived ones, which fragments
-    # the heap: its measured peak on glibc varied between 0.9x and 1.3x of (forward + cache) from one run to
-    # the next (tests/mishax_py/test_memory.py), so half of that sum is added as its own part.
-    return est.plus(cache=cache, fragmentation=(est.total + cache) // 2)
+    est = est.plus(cache=cache_bytes(im, sites, rows, pos))
+    if "logits" in sites:  # the cached logits are the returned ones, already in the forward's working set
+        est = replace(est, parts={**est.parts, "working": est.parts["working"] - rows * pos * im.family.dims.vocab * e})
+    return est
 
 
-def model_device(im: InstrumentedModel) -> torch.device:
-    """The device of ``im.model``'s parameters (the CPU for a model without any)."""
-    param = next(im.model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+#: The device ``im`` computes on (an accelerate-dispatched model's execution device, never ``meta``); the one
+#: definition is :func:`mishax_py.devices.execution_device`.
+model_device = execution_device
 
 
 def memory_budget(device: torch.device | str | None = None, max_memory: int | str | None = None) -> int:
@@ -431,8 +466,129 @@ def check_fits(estimate: MemoryEstimate | int, budget: int, what: str, *, reduce
 def check_budget(estimate: MemoryEstimate, what: str, *, device: torch.device | str | None = None,
                  max_memory: int | str | None = None, reduce: str = "") -> None:
     """:func:`check_fits` against :func:`memory_budget`; with an automatic budget, estimates below
-    :data:`CHECK_FLOOR` pass without reading it."""
-    if max_memory is None and _max_memory is None and estimate.total < CHECK_FLOOR:
+    :data:`CHECK_FLOOR` pass without reading it, and inside :func:`checked` every estimate passes."""
+    if (max_memory is None and _max_memory is None and estimate.total < CHECK_FLOOR) or _CHECKED.get():
         return
     check_fits(estimate, memory_budget(device, max_memory), what, reduce=reduce,
                source=_budget_source(max_memory, device))
+
+
+# -- study estimates: one entry point ---------------------------------------------------------------------
+
+
+class MemoryChunkingWarning(UserWarning):
+    """A study split its work into smaller chunks than its default to fit its memory budget.
+
+    The message names the study, the chunk size it chose, its default and the budget. Silence it with
+    ``warnings.filterwarnings("ignore", category=MemoryChunkingWarning)``.
+    """
+
+
+_ESTIMATORS: dict[object, Callable[..., MemoryEstimate]] = {}
+
+
+def register_estimator(study: Callable[..., object], estimator: Callable[..., MemoryEstimate]) -> None:
+    """Make :func:`estimate_memory` answer for ``study`` with ``estimator`` (which takes the study's arguments).
+
+    Each study module registers its own estimator next to the study; the study calls the same estimator
+    before it starts, so the estimate a user asks for is the one the study checks.
+    """
+    _ESTIMATORS[getattr(study, "__func__", study)] = estimator
+
+
+def estimate_memory(study: Callable[..., object], *args: object, **kwargs: object) -> MemoryEstimate:
+    """The peak memory ``study(*args, **kwargs)`` would need, without running anything.
+
+    ``study`` is a study or entry point, called with the same arguments it takes::
+
+        est = estimate_memory(activation_patching, im, clean, corrupt, metric, site="resid_pre")
+        est = estimate_memory(attribution_patching, im, clean, corrupt, metric, method="ig", max_memory="2GiB")
+        est = estimate_memory(im.run_with_cache, ids)          # bound methods: run, run_with_cache, sweep, walk
+        print(est.describe(), est.what, est.chunks, est.fits)
+
+    Known: ``im.run``, ``im.run_with_cache``, ``im.sweep`` (and :func:`mishax_py.execution.sweep.sweep`),
+    ``im.walk``, ``activation_patching`` (both engines), ``path_patching``, ``path_patching_by_head``,
+    ``attribution_patching`` (every method), ``attribution_patching_sites``, ``site_gradients`` and
+    ``feature_circuit``.
+
+    What is counted: what the call allocates at its peak -- activations, caches, autograd's saved tensors and
+    gradients, held logits and results -- with the chunk sizes it would choose for its budget
+    (``max_memory=``, else :func:`memory_budget`); not the weights of the model, SAEs or transcoders passed to
+    it, which exist before the call. The estimate's ``what`` names the step of the peak, ``chunks`` the chunk
+    sizes chosen (e.g. ``{"batch_size": 32}``), ``budget`` the budget they were chosen for, and ``fits``
+    whether the call would run (it raises :class:`MemoryBudgetError` before any forward otherwise).
+    """
+    fn = getattr(study, "__func__", study)
+    owner = getattr(study, "__self__", None)
+    estimator = _ESTIMATORS.get(fn)
+    if estimator is None:
+        known = sorted({getattr(k, "__qualname__", str(k)) for k in _ESTIMATORS})
+        raise TypeError(f"estimate_memory: no estimator for {getattr(study, '__qualname__', study)!r}; "
+                        f"known: {', '.join(known)}")
+    return estimator(owner, *args, **kwargs) if owner is not None else estimator(*args, **kwargs)
+
+
+def rows_and_positions(ids: torch.Tensor) -> tuple[int, int]:
+    """``(rows, positions)`` of ids ``[batch, pos]``: what estimates are sized by."""
+    return int(ids.shape[0]), int(ids.shape[1])
+
+
+def fit_chunk(per_chunk: Callable[[int], MemoryEstimate], *, default: int, budget: int, minimum: int = 1,
+              step: int = 1) -> int:
+    """The largest chunk ``n`` in ``[minimum, default]``, a multiple of ``step``, whose ``per_chunk(n)`` estimate
+    fits ``budget`` (``minimum`` when none does: the caller's check then fails, naming the estimate).
+
+    ``per_chunk`` must grow with ``n`` (bisection over multiples of ``step``).
+    """
+    lo, hi = max(minimum // step, 1), max(default // step, 1)
+    if hi <= lo or per_chunk(hi * step).total <= budget:
+        return max(hi, lo) * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if per_chunk(mid * step).total <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
+
+
+def announce_chunking(what: str, chunk: int, default: int, unit: str, budget: int, *, stacklevel: int = 3) -> None:
+    """Warn (:class:`MemoryChunkingWarning`) that ``what`` runs ``chunk`` ``unit`` per pass instead of ``default``
+    to fit ``budget``; nothing when ``chunk >= default``."""
+    if chunk >= default:
+        return
+    warnings.warn(MemoryChunkingWarning(
+        f"{what}: {chunk} {unit} per pass instead of {default}, to fit its memory budget of {format_bytes(budget)} "
+        "(max_memory=, mishax_py.memory.set_max_memory, or a share of the free memory)"), stacklevel=stacklevel)
+
+
+def study_estimate(what: str, steps: Mapping[str, MemoryEstimate], *, budget: int,
+                   chunks: Mapping[str, int] | None = None) -> MemoryEstimate:
+    """The largest of a study's ``steps`` (``{step description: estimate}``), labelled ``"what (step)"`` and
+    carrying ``budget`` and the ``chunks`` chosen."""
+    name, worst = max(steps.items(), key=lambda kv: kv[1].total)
+    return replace(worst, what=f"{what} ({name})", chunks=dict(chunks or {}), budget=budget)
+
+
+_CHECKED: ContextVar[bool] = ContextVar("mishax_py_memory_checked", default=False)
+
+
+@contextlib.contextmanager
+def checked() -> Iterator[None]:
+    """Inside the block, :func:`check_estimate` passes: a study that checked its whole peak wraps the entry
+    points it calls (e.g. ``site_gradients`` inside ``attribution_patching``), whose own checks would
+    read another budget than the caller's ``max_memory=``."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def check_estimate(est: MemoryEstimate, *, reduce: str = "", max_memory: int | str | None = None,
+                   device: torch.device | str | None = None) -> None:
+    """Raise :class:`MemoryBudgetError` before anything runs when ``est`` does not fit ``est.budget`` (naming the
+    estimate, the budget and where it came from, and ``reduce``); passes inside :func:`checked`."""
+    if est.budget is None or est.fits or _CHECKED.get():
+        return
+    check_fits(est, est.budget, est.what or "this step", reduce=reduce, source=_budget_source(max_memory, device))

@@ -10,13 +10,17 @@
 * a folder holding a ``params.npz`` or a SAELens pair,
 * a Gemma Scope 2 folder (``config.json`` + ``params.safetensors``, :func:`load_gemma_scope_2`;
   format facts and their source in :mod:`saes.gemma_scope_2`), or either of its two files,
+* a Gemma Scope 2 cross-layer transcoder or crosscoder folder (``config.json`` +
+  ``params_layer_{k}.safetensors``, :func:`load_gemma_scope_2_multi`, giving a
+  :class:`saes.clt.CrossLayerTranscoder`; facts and sources in :mod:`saes.clt`), or one of its files,
 * a hub reference ``owner/repo/path`` such as
   ``google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71`` (parsed and fetched into
   the Hugging Face cache by :mod:`saes.hub`). ``.../canonical`` resolves through
   :mod:`saes.canonical`; a leading ``google/`` may be left out, and SAELens release names
   ending in ``-canonical`` are accepted. Non-Gemma-Scope repos are read as SAELens
   folders (``{path}/cfg.json`` + ``{path}/sae_weights.safetensors``). Gemma Scope 2 references
-  ``google/gemma-scope-2-{270m,1b,4b,12b,27b}-{pt,it}/<kind>/<folder>`` fetch that folder's two files.
+  ``google/gemma-scope-2-{270m,1b,4b,12b,27b}-{pt,it}/<kind>/<folder>`` fetch that folder's two files
+  (``.../clt/<folder>`` and ``.../crosscoder/<folder>``: every layer file and the config).
 
 Files are read without executing code: ``np.load(allow_pickle=False)`` and safetensors.
 Every malformed file (missing key, wrong shape, non-finite values, truncated file,
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import warnings
 import zipfile
@@ -48,9 +53,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from mishax_py.naming import layer_of
 from saes.base import SAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder
+from saes.clt import CrossLayerTranscoder
 from saes.files import SAELENS_CFG, SAELENS_WEIGHTS
-from saes.gemma_scope_2 import GS2_CONFIG, GS2_PARAMS, GS2_SKIP_KEY, parse_folder, sites_from_hook_points
+from saes.gemma_scope_2 import (
+    GS2_CONFIG,
+    GS2_PARAMS,
+    GS2_SKIP_KEY,
+    layer_params_index,
+    layer_params_name,
+    parse_folder,
+    parse_multi_layer_folder,
+    site_from_hook_point,
+    sites_from_hook_points,
+)
 from saes.hub import HubRef, SAEFetchError, fetch, parse_hub_ref
 from saes.sites import gemma_scope_sites, hook_name_from_site, site_from_hook_name
 
@@ -63,6 +80,7 @@ __all__ = [
     "hook_name_from_site",
     "load",
     "load_gemma_scope_2",
+    "load_gemma_scope_2_multi",
     "load_npz",
     "load_saelens",
     "parse_hub_ref",
@@ -621,8 +639,9 @@ def load_gemma_scope_2(
 ) -> SAE:
     """Load one Gemma Scope 2 folder (``config.json`` + ``params.safetensors``; layout and the
     source of these facts in :mod:`saes.gemma_scope_2`) as a :class:`JumpReLUSAE` or, for
-    transcoders, a JumpReLU :class:`Transcoder` (with ``W_skip = affine_skip_connection.T``,
-    ``[d_in, d_out]``, for ``_affine`` ones).
+    transcoders, a JumpReLU :class:`Transcoder` (with ``W_skip = affine_skip_connection``,
+    ``[d_in, d_out]``, applied as ``x @ W_skip``, for ``_affine`` ones; the orientation's sources in
+    :mod:`saes.gemma_scope_2`).
 
     Sites come from the config's ``hf_hook_point_in``/``hf_hook_point_out``
     (:func:`saes.gemma_scope_2.sites_from_hook_points`), else from the folder name in ``origin``
@@ -685,14 +704,14 @@ def load_gemma_scope_2(
         raise SAEFileError(str(e).replace("W_enc", "w_enc").replace("W_dec", "w_dec")) from None
     if has_skip:
         skip = raw[GS2_SKIP_KEY]
-        if tuple(skip.shape) != (d_out, d_in) or not skip.is_floating_point():
+        if tuple(skip.shape) != (d_in, d_out) or not skip.is_floating_point():
             raise SAEFileError(
                 f"{w_path}: key {GS2_SKIP_KEY!r} has shape {tuple(skip.shape)} and dtype {skip.dtype}, "
-                f"expected a floating-point [d_out, d_in] = [{d_out}, {d_in}] (from w_enc, w_dec)"
+                f"expected a floating-point [d_in, d_out] = [{d_in}, {d_out}] (from w_enc, w_dec)"
             )
         if not bool(torch.isfinite(skip).all()):
             raise SAEFileError(f"{w_path}: key {GS2_SKIP_KEY!r} has non-finite values")
-        tensors["W_skip"] = skip.t().contiguous()
+        tensors["W_skip"] = skip.contiguous()
     if isinstance(width, int) and not isinstance(width, bool) and width != d_sae:
         raise SAEFileError(
             f"{cfg_path}: key 'width' is {width} but {w_path.name} has d_sae={d_sae} (w_enc {[d_in, d_sae]})"
@@ -721,6 +740,188 @@ def load_gemma_scope_2(
     return _finish(sae, device=device, dtype=dtype)
 
 
+# ------------------------------------------------- Gemma Scope 2 multi-layer (CLTs, crosscoders)
+_MULTI_KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
+_MULTI_KINDS = {"clt": ("ln2", "mlp_out"), "crosscoder": ("resid_post", "resid_post")}
+_HOOK_TEMPLATE_RE = re.compile(r"^((?:[A-Za-z_]+\.)*?layers\.)\{([^}]*)\}(\..+)$")
+
+
+def _multi_hook(value: str, key: str, path: Path) -> tuple[tuple[int, ...] | None, str]:
+    """``(layers or None for {all}, site kind)`` of a multi-layer ``hf_hook_point_*`` such as
+    ``model.layers.{all}.pre_feedforward_layernorm.output`` or ``model.layers.{5,9,12,15}.output``."""
+    m = _HOOK_TEMPLATE_RE.match(value)
+    if m is None:
+        raise SAEFileError(f"{path}: key {key!r} is {value!r}; a multi-layer model's hook point names its layers "
+                           "as model.layers.{all}.<module> or model.layers.{5,9,12,15}.<module>")
+    head, spec, tail = m.groups()
+    try:
+        site = site_from_hook_point(f"{head}0{tail}")
+    except ValueError as e:
+        raise SAEFileError(f"{path}: key {key!r}: {e}") from None
+    split = layer_of(site)
+    assert split is not None
+    if spec.strip() == "all":
+        return None, split[1]
+    try:
+        return tuple(int(v) for v in spec.split(",")), split[1]
+    except ValueError:
+        raise SAEFileError(f"{path}: key {key!r} names layers {{{spec}}}; expected 'all' or integers") from None
+
+
+def load_gemma_scope_2_multi(
+    folder: str | Path,
+    *,
+    input_kind: str | None = None,
+    output_kind: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    origin: str | None = None,
+) -> CrossLayerTranscoder:
+    """Load a Gemma Scope 2 cross-layer transcoder or crosscoder folder (``config.json`` +
+    ``params_layer_{k}.safetensors``; layout, formula and sources in :mod:`saes.clt`).
+
+    The layers and the site kinds come from the config's ``hf_hook_point_in``/``hf_hook_point_out``
+    (``model.layers.{all}.pre_feedforward_layernorm.output`` -> every layer's ``ln2``), else from the
+    folder name (``clt/...``: ``ln2`` -> ``mlp_out`` of layers ``0 .. n-1``, ``n`` the number of files;
+    ``crosscoder/layer_5_9_12_15_...``: ``resid_post`` of those layers); ``input_kind``/``output_kind``
+    override the kinds (e.g. ``"ln2_normalized"``). Each file's ``w_dec [d_sae, n, d_out]`` keeps the
+    slots of its layer and later ones; slots before it that are not all zero are dropped with a warning
+    naming the file (circuit-tracer's reading). ``dtype`` casts file by file (a 1B CLT is ~30 GB in float32).
+
+    Raises:
+        SAEFileError: a malformed file or config (names the file, the key, the shapes or value), files
+            that do not number ``0 .. n-1``, a config that disagrees with the files or the folder name.
+        FileNotFoundError: a folder without ``params_layer_*.safetensors`` files.
+    """
+    folder = Path(folder)
+    _refuse_special(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such Gemma Scope 2 multi-layer folder: {folder}")
+    files: dict[int, Path] = {}
+    for p in folder.iterdir():
+        k = layer_params_index(p.name)
+        if k is not None:
+            _refuse_special(p)
+            files[k] = p
+    if not files:
+        raise FileNotFoundError(f"{folder}: no params_layer_{{k}}.safetensors files (a Gemma Scope 2 CLT or "
+                                "crosscoder folder holds one per layer, and config.json)")
+    n = max(files) + 1
+    gaps = [k for k in range(n) if k not in files]
+    if gaps:
+        raise SAEFileError(f"{folder}: missing {layer_params_name(gaps[0])} (files must number 0 .. {n - 1}; "
+                           f"missing k = {gaps})")
+    cfg_path = folder / GS2_CONFIG
+    _refuse_special(cfg_path)
+    cfg = _read_cfg(cfg_path) if cfg_path.is_file() else {}
+    name = parse_multi_layer_folder(origin or "") or parse_multi_layer_folder(str(folder.resolve()))
+    arch = _cfg_value(cfg, "architecture", "str", cfg_path)
+    if arch is not None and arch.lower() not in ("jump_relu", "jumprelu"):
+        raise SAEFileError(f"{cfg_path}: key 'architecture' is {arch!r}; Gemma Scope 2 models are 'jump_relu'")
+    kind = _cfg_value(cfg, "type", "str", cfg_path)
+    if kind is not None and kind not in _MULTI_KINDS:
+        raise SAEFileError(f"{cfg_path}: key 'type' is {kind!r}; a multi-layer folder is 'clt' or 'crosscoder'")
+    kind = kind or (name.kind if name is not None else "clt")
+    kinds = list(_MULTI_KINDS[kind])
+    layers: tuple[int, ...] | None = name.layers if name is not None else None
+    for i, key in enumerate(("hf_hook_point_in", "hf_hook_point_out")):
+        hook = _cfg_value(cfg, key, "str", cfg_path)
+        if hook is None:
+            continue
+        hook_layers, kinds[i] = _multi_hook(hook, key, cfg_path)
+        if hook_layers is not None and layers is not None and hook_layers != layers:
+            raise SAEFileError(f"{cfg_path}: key {key!r} names layers {list(hook_layers)} but the folder name "
+                               f"names {list(layers)}")
+        layers = hook_layers if hook_layers is not None else layers
+    layers = layers if layers is not None else tuple(range(n))
+    if len(layers) != n:
+        raise SAEFileError(f"{folder}: {n} params_layer files for {len(layers)} layers {list(layers)} "
+                           "(one file per layer)")
+    affine = _cfg_value(cfg, "affine_connection", "bool", cfg_path)
+    tensors: list[dict[str, torch.Tensor]] = []
+    dims: tuple[int, int, int] | None = None
+    dropped: list[str] = []
+    for k in range(n):
+        path = files[k]
+        raw = _read_safetensors(path)
+        missing = [key for key in _MULTI_KEYS if key not in raw]
+        if missing:
+            raise SAEFileError(f"{path}: missing key(s) {missing}; found keys {sorted(raw)}; expected "
+                               f"{list(_MULTI_KEYS)} (+ {GS2_SKIP_KEY!r} for affine CLTs)")
+        has_skip = GS2_SKIP_KEY in raw
+        if affine is not None and affine != has_skip:
+            raise SAEFileError(f"{cfg_path}: key 'affine_connection' is {json.dumps(affine)} but {path.name} "
+                               f"{'has' if has_skip else 'lacks'} key {GS2_SKIP_KEY!r}")
+        if k > 0 and has_skip != (GS2_SKIP_KEY in tensors[0]):
+            raise SAEFileError(f"{path}: {'has' if has_skip else 'lacks'} key {GS2_SKIP_KEY!r} unlike "
+                               f"{files[0].name}")
+        for key, t in raw.items():
+            if key in _MULTI_KEYS or key == GS2_SKIP_KEY:
+                if not t.is_floating_point():
+                    raise SAEFileError(f"{path}: key {key!r} has dtype {t.dtype}, expected a floating-point array")
+        w_enc, w_dec = raw["w_enc"], raw["w_dec"]
+        if w_enc.dim() != 2:
+            raise SAEFileError(f"{path}: key 'w_enc' has shape {tuple(w_enc.shape)}, expected [d_in, d_sae]")
+        d_in, d_sae = (int(v) for v in w_enc.shape)
+        if w_dec.dim() != 3 or w_dec.shape[0] != d_sae or w_dec.shape[1] != n:
+            raise SAEFileError(f"{path}: key 'w_dec' has shape {tuple(w_dec.shape)}, expected [d_sae, n_layers, "
+                               f"d_out] = [{d_sae}, {n}, d_out] (from w_enc {tuple(w_enc.shape)} and {n} layer files)")
+        d_out = int(w_dec.shape[2])
+        if dims is not None and (d_in, d_sae, d_out) != dims:
+            raise SAEFileError(f"{path}: (d_in, d_sae, d_out) = {(d_in, d_sae, d_out)} from keys 'w_enc', 'w_dec' "
+                               f"differ from {files[0].name}'s {dims}")
+        dims = (d_in, d_sae, d_out)
+        expected = {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out,), GS2_SKIP_KEY: (d_in, d_out)}
+        for key, shape in expected.items():
+            if key in raw and tuple(raw[key].shape) != shape:
+                raise SAEFileError(f"{path}: key {key!r} has shape {tuple(raw[key].shape)}, expected {list(shape)} "
+                                   f"(d_in={d_in}, d_sae={d_sae}, d_out={d_out} from w_enc, w_dec)")
+        for key in (*_MULTI_KEYS, GS2_SKIP_KEY):
+            if key in raw and not bool(torch.isfinite(raw[key]).all()):
+                raise SAEFileError(f"{path}: key {key!r} (shape {tuple(raw[key].shape)}) has non-finite values")
+        if k > 0 and bool((w_dec[:, :k] != 0).any()):
+            dropped.append(path.name)
+        cast = dtype or w_enc.dtype
+        layer = {
+            "W_enc": w_enc, "b_enc": raw["b_enc"], "threshold": raw["threshold"], "b_dec": raw["b_dec"],
+            "W_dec": w_dec[:, k:].permute(1, 0, 2),
+        }  # fmt: skip
+        if has_skip:
+            layer[GS2_SKIP_KEY] = raw[GS2_SKIP_KEY]
+        tensors.append({key: t.to(cast).contiguous() for key, t in layer.items()})
+        del raw
+    assert dims is not None
+    d_in, d_sae, d_out = dims
+    width = cfg.get("width")
+    if isinstance(width, int) and not isinstance(width, bool) and width not in (n * d_sae, d_sae):
+        raise SAEFileError(f"{cfg_path}: key 'width' is {width} but the files hold {n} x {d_sae} = {n * d_sae} "
+                           "features")
+    if dropped:
+        warnings.warn(
+            f"{folder}: w_dec slots before their own layer are not all zero in {dropped}; they are dropped "
+            "(a feature writes only to its layer and later ones, as circuit-tracer reads these files)",
+            stacklevel=2,
+        )
+    skip = GS2_SKIP_KEY in tensors[0]
+    clt = CrossLayerTranscoder(layers, d_in, d_sae, d_out=d_out, input_kind=input_kind or kinds[0],
+                               output_kind=output_kind or kinds[1], skip=skip, device="meta")
+    stacked = {key: torch.stack([t[key] for t in tensors]) for key in ("W_enc", "b_enc", "threshold", "b_dec")}
+    for key, t in stacked.items():
+        setattr(clt, key, nn.Parameter(t, requires_grad=False))
+    if skip:
+        clt.W_skip = nn.Parameter(torch.stack([t[GS2_SKIP_KEY] for t in tensors]), requires_grad=False)
+    clt.W_dec = nn.ParameterList([nn.Parameter(t["W_dec"], requires_grad=False) for t in tensors])
+    clt.metadata.update({"format": "gemma_scope_2", "type": kind, "path": str(folder)})
+    for key in ("hf_hook_point_in", "hf_hook_point_out", "model_name", "width", "l0"):
+        if cfg.get(key) is not None:
+            clt.metadata[key] = cfg[key]
+    if origin:
+        clt.metadata["hub_ref"] = origin
+    if device is not None:
+        clt.to(device=device)
+    return clt.eval()
+
+
 # ------------------------------------------------------------------------ load
 def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~", "\\")) or (len(ref) > 1 and ref[1] == ":")
@@ -733,7 +934,7 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     output_site: str | None = None,
-) -> SAE:
+) -> SAE | CrossLayerTranscoder:
     """Load an SAE or transcoder from a local file/folder or a hub reference.
 
     Args:
@@ -746,7 +947,10 @@ def load(
 
     Returns:
         A frozen (``requires_grad=False``), ``eval()``-mode :class:`SAE`; ``sae.site`` holds
-        the inferred or given site, ``sae.metadata`` the source.
+        the inferred or given site, ``sae.metadata`` the source. A Gemma Scope 2 ``clt/...`` or
+        ``crosscoder/...`` folder (local, or ``google/gemma-scope-2-{270m,1b}-{pt,it}/clt/<folder>``)
+        gives a :class:`saes.clt.CrossLayerTranscoder` (:func:`load_gemma_scope_2_multi`; ``site`` /
+        ``output_site`` are then site *kinds* such as ``"ln2_normalized"``).
 
     Raises:
         SAEFileError: malformed file (names file, key, shapes).
@@ -769,8 +973,10 @@ def load(
                 "(e.g. 'google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71')"
             ) from None
         raise e
-    paths = [fetch(hub.repo_id, f, text) for f in hub.files]
     origin = f"{hub.repo_id}/{hub.path}"
+    if hub.kind == "gemma_scope_2_multi":
+        return _load_multi_from_hub(hub, text, origin, kw)
+    paths = [fetch(hub.repo_id, f, text) for f in hub.files]
     if hub.kind == "npz":
         return load_npz(paths[0], origin=origin, **kw)
     folder = paths[0].parent
@@ -781,7 +987,42 @@ def load(
     return load_saelens(folder, origin=origin, **kw)
 
 
-def _load_local(path: Path, **kw: Any) -> SAE:
+def _multi_kw(kw: Mapping[str, Any]) -> dict[str, Any]:
+    """``load``'s keywords for :func:`load_gemma_scope_2_multi` (``site``/``output_site`` are site kinds there).
+
+    Raises:
+        ValueError: a ``site``/``output_site`` naming a layer (a multi-layer model reads a kind at every layer).
+    """
+    for key in ("site", "output_site"):
+        if kw.get(key) is not None and layer_of(kw[key]) is not None:
+            raise ValueError(f"{key}={kw[key]!r}: a cross-layer transcoder reads and writes a site kind at every "
+                             "layer; pass the kind (e.g. 'ln2_normalized'), not one layer's site")
+    return {"input_kind": kw.get("site"), "output_kind": kw.get("output_site"), "device": kw.get("device"),
+            "dtype": kw.get("dtype")}
+
+
+def _load_multi_from_hub(hub: HubRef, text: str, origin: str, kw: Mapping[str, Any]) -> CrossLayerTranscoder:
+    """Fetch a multi-layer folder's files (the config is optional) and load them; a missing file raises
+    :class:`SAEFetchError` naming it and the folder to download."""
+    paths = []
+    for f in hub.files:
+        try:
+            paths.append(fetch(hub.repo_id, f, text))
+        except SAEFetchError as e:
+            if f.endswith(GS2_CONFIG):
+                continue  # the config only confirms what the folder name and files say
+            raise SAEFetchError(
+                f"{e} A Gemma Scope 2 multi-layer model needs its whole folder ({len(hub.files) - 1} "
+                f"params_layer_{{k}}.safetensors files and {GS2_CONFIG}): "
+                f"`hf download {hub.repo_id} --include '{hub.path}/*'`."
+            ) from None
+    folders = {p.parent for p in paths}
+    if len(folders) != 1:  # cache layouts always co-locate; be safe anyway
+        raise SAEFetchError(f"{text}: the files of {hub.path} were fetched to different folders {sorted(folders)}")
+    return load_gemma_scope_2_multi(folders.pop(), origin=origin, **_multi_kw(kw))
+
+
+def _load_local(path: Path, **kw: Any) -> SAE | CrossLayerTranscoder:
     """Load from an existing local file or folder. FIFOs and devices (the path itself, or an SAE file
     the folder names) are refused from ``stat`` before anything opens them."""
     _refuse_special(path)
@@ -791,7 +1032,11 @@ def _load_local(path: Path, **kw: Any) -> SAE:
     if path.is_file():
         if path.name in (SAELENS_CFG, SAELENS_WEIGHTS):
             return load_saelens(path.parent, **kw)
+        if layer_params_index(path.name) is not None:
+            return load_gemma_scope_2_multi(path.parent, **_multi_kw(kw))
         if path.name in (GS2_CONFIG, GS2_PARAMS):
+            if path.name == GS2_CONFIG and any(path.parent.glob("params_layer_*.safetensors")):
+                return load_gemma_scope_2_multi(path.parent, **_multi_kw(kw))
             return load_gemma_scope_2(path.parent, **kw)
         if path.suffix == ".npz":
             return load_npz(path, **kw)
@@ -801,6 +1046,8 @@ def _load_local(path: Path, **kw: Any) -> SAE:
         )
     if (path / SAELENS_CFG).is_file() or (path / SAELENS_WEIGHTS).is_file():
         return load_saelens(path, **kw)
+    if any(layer_params_index(p.name) is not None for p in path.iterdir()) and not (path / GS2_PARAMS).is_file():
+        return load_gemma_scope_2_multi(path, **_multi_kw(kw))
     if (path / GS2_PARAMS).is_file() or (path / GS2_CONFIG).is_file() and not (path / "params.npz").is_file():
         return load_gemma_scope_2(path, **kw)
     if (path / "params.npz").is_file():

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from saes.canonical import CANONICAL_L0, canonical_l0
 from saes.files import SAELENS_CFG, SAELENS_WEIGHTS
-from saes.gemma_scope_2 import GS2_CONFIG, GS2_PARAMS, is_gemma_scope_2_repo
+from saes.gemma_scope_2 import (
+    GS2_CONFIG,
+    GS2_MULTI_LAYER_N_LAYERS,
+    GS2_PARAMS,
+    is_gemma_scope_2_repo,
+    layer_params_name,
+    parse_multi_layer_folder,
+    repo_size,
+)
 
 __all__ = ["HubRef", "SAEFetchError", "fetch", "parse_hub_ref"]
 
@@ -38,7 +46,8 @@ class HubRef:
         repo_id: ``owner/name``.
         path: folder inside the repo (``layer_20/width_16k/average_l0_71``).
         kind: ``"npz"`` (Gemma Scope ``params.npz``), ``"gemma_scope_2"`` (``config.json`` +
-            ``params.safetensors``) or ``"saelens"`` (cfg + weights).
+            ``params.safetensors``), ``"gemma_scope_2_multi"`` (a CLT or crosscoder folder:
+            ``params_layer_{k}.safetensors`` per layer, then ``config.json``) or ``"saelens"`` (cfg + weights).
         files: repo-relative file names to fetch.
         ref: the reference as given.
     """
@@ -80,6 +89,8 @@ def parse_hub_ref(ref: str) -> HubRef:
                 f"Gemma Scope 2 reference {ref!r} must name a folder, e.g. "
                 f"'{repo_id}/resid_post/layer_12_width_16k_l0_medium' (no canonical table for Gemma Scope 2)"
             )
+        if rest[0] in ("clt", "crosscoder"):
+            return _multi_layer_ref(repo_id, name, rest, ref)
         folder = "/".join(rest)
         return HubRef(repo_id, folder, "gemma_scope_2", (f"{folder}/{GS2_CONFIG}", f"{folder}/{GS2_PARAMS}"), ref)
     if rest[-1] == "canonical":
@@ -109,6 +120,33 @@ def parse_hub_ref(ref: str) -> HubRef:
     if name.startswith("gemma-scope"):
         return HubRef(repo_id, folder, "npz", (f"{folder}/params.npz",), ref)
     return HubRef(repo_id, folder, "saelens", (f"{folder}/{SAELENS_CFG}", f"{folder}/{SAELENS_WEIGHTS}"), ref)
+
+
+def _multi_layer_ref(repo_id: str, name: str, rest: list[str], ref: str) -> HubRef:
+    """A Gemma Scope 2 ``clt/...`` or ``crosscoder/...`` folder: its ``params_layer_{k}.safetensors`` files (one per
+    layer: every decoder layer of the model for a CLT, the named four for a crosscoder), then ``config.json``."""
+    if rest[-1] == GS2_CONFIG or rest[-1].startswith("params_layer_"):
+        rest = rest[:-1]
+    folder = "/".join(rest)
+    parsed = parse_multi_layer_folder(folder)
+    if parsed is None or len(rest) != 2:
+        raise ValueError(
+            f"Gemma Scope 2 multi-layer reference {ref!r} must name a folder such as "
+            f"'{repo_id}/clt/width_262k_l0_medium_affine' or "
+            f"'{repo_id}/crosscoder/layer_7_13_17_22_width_262k_l0_medium'"
+        )
+    if parsed.layers is not None:
+        n = len(parsed.layers)
+    else:
+        size = repo_size(name)
+        if size not in GS2_MULTI_LAYER_N_LAYERS:
+            raise ValueError(
+                f"{ref!r}: Gemma Scope 2 has cross-layer transcoders for the "
+                f"{', '.join(sorted(GS2_MULTI_LAYER_N_LAYERS))} models only, not {size!r}"
+            )
+        n = GS2_MULTI_LAYER_N_LAYERS[size]
+    files = tuple(f"{folder}/{layer_params_name(k)}" for k in range(n)) + (f"{folder}/{GS2_CONFIG}",)
+    return HubRef(repo_id, folder, "gemma_scope_2_multi", files, ref)
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

@@ -99,6 +99,18 @@ class Splice(Intervention):
         what = "d_out" if self.sae.d_out != self.sae.d_in else "d_in"
         _check_width(self.sae.d_out, site, shape, type(self).__name__, what)
 
+    def peak_bytes(self, rows: int, pos: int) -> int:
+        """The transient bytes one application allocates at its site for ``rows x pos`` tokens (read by
+        :func:`mishax_py.memory.estimate_memory` and the runs' memory checks): the pre-activations, features
+        and edited features ``[N, d_sae]`` and the reconstruction and error ``[N, d_out]``, in fp32 at most, and
+        for a CPU half-precision SAE the fp32 copy of ``W_enc`` or ``W_dec`` its GEMMs run with
+        (:func:`saes.kernels.linear`)."""
+        sae, n = self.sae, int(rows) * int(pos)
+        out = 3 * n * sae.d_sae * 4 + 2 * n * sae.d_out * 4
+        if kernels.is_cpu_half(sae.W_enc):
+            out += max(sae.d_in, sae.d_out) * sae.d_sae * 4
+        return out
+
     def apply(self, value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         offset = int(event.position_offset)
         if event.rows is None:

@@ -14,11 +14,24 @@ setting that changes what is stored: the ``site``, the storage ``dtype``, ``drop
 the ``batches`` (a SHA-256 of the token ids and masks of the batches it covers). A call that
 differs in any of them raises :class:`StoreError` naming the setting and both values before
 anything is written. :func:`saes.train.train_sae` trains on a store.
+
+Across processes (``parallel="data"``, torch.distributed's default group of ``n`` > 1 ranks), rank
+``r`` collects its contiguous block of the batches (:func:`saes.parallel.block`: batches
+``[T r / n, T (r+1) / n)`` of ``T``, the ``total`` passed or ``len(batches)``) into its own store
+``path/rank{r}-of-{n}/``, resumable as above; rank 0 writes ``path/meta.json`` with ``"layout":
+"ranks"``, the world size, the parts, ``T`` and the settings. ``ActivationStore(path)`` reads the
+union: the parts' shards in rank order, so its rows are exactly those of a single-process
+collection of the same batches, in the same order (``ActivationStore(path / "rank1-of-2")`` reads
+one part). A killed rank is restarted with the others and resumes its own part; nothing is lost or
+stored twice. Resuming with another world size or another ``T`` (the blocks would move), or mixing a
+single-process store and a multi-rank one, raises :class:`StoreError` naming both values. Every rank
+iterates over ``batches`` (skipping the other blocks) and waits for the others at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from saes.files import write_json_atomic, write_safetensors_atomic
+from saes.parallel import barrier, block, rank_world
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,8 +81,35 @@ class ActivationStore:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise StoreError(f"{meta_path}: invalid JSON: {e}") from None
+        if isinstance(self.meta, dict) and self.meta.get("layout") == "ranks":
+            self.meta = self._union(self.meta)
         if not isinstance(self.meta, dict) or not isinstance(self.meta.get("shards"), list):
             raise StoreError(f"{meta_path}: not an activation store's meta.json (no 'shards' list)")
+
+    def _union(self, top: dict[str, Any]) -> dict[str, Any]:
+        """A multi-rank store's ``meta.json`` (``top``) with its parts' shards (``part/shard_...``, rank order),
+        ``complete`` when every part is, and the parts' batch hashes combined."""
+        shards: list[dict[str, Any]] = []
+        complete, d_in, done = True, None, 0
+        hashes: list[str | None] = []
+        for part in top.get("parts", []):
+            meta_path = self.path / part / _META
+            if not meta_path.is_file():  # this rank has written no shard yet
+                complete = False
+                hashes.append(None)
+                continue
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise StoreError(f"{meta_path}: invalid JSON: {e}") from None
+            shards += [{"file": f"{part}/{s['file']}", "rows": int(s["rows"])} for s in meta.get("shards", [])]
+            complete = complete and bool(meta.get("complete", False))
+            d_in = d_in if d_in is not None else meta.get("d_in")
+            done += int(meta.get("batches_done", 0))
+            hashes.append(meta.get("batches_sha256"))
+        combined = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
+        return {**top, "shards": shards, "complete": complete, "d_in": d_in, "batches_done": done,
+                "batches_sha256": combined}  # fmt: skip
 
     @property
     def site(self) -> str:
@@ -258,6 +299,55 @@ def _check_settings(path: Path, meta: Mapping[str, Any], asked: Mapping[str, Any
         )
 
 
+def _part_name(rank: int, world: int) -> str:
+    """The folder of rank ``rank``'s part of a store collected by ``world`` ranks."""
+    return f"rank{rank}-of-{world}"
+
+
+def _rank_block(path: Path, asked: Mapping[str, Any], batches: Iterable[Any], total: int | None, rank: int,
+                world: int) -> range:  # fmt: skip
+    """The batches rank ``rank`` of ``world`` collects into the multi-rank store at ``path``, after checking a
+    store already there (rank 0 writes ``meta.json`` of a new one).
+
+    Raises:
+        StoreError: the store was collected by another number of ranks, over another number of batches, with
+            other settings, or by one process.
+        ValueError: the number of batches is unknown.
+    """
+    if total is None:
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError("collect_activations(parallel='data') splits the batches into one block per rank: "
+                             "pass total= (the number of batches) or a sized sequence") from None
+    top = path / _META
+    if top.is_file():
+        meta = ActivationStore(path).meta
+        if meta.get("layout") != "ranks":
+            raise StoreError(f"{path}: cannot resume: setting 'world_size' differs: the store was collected by one "
+                             f"process, this run has {world} ranks; collect into a new folder")  # fmt: skip
+        if meta.get("world_size") != world:
+            raise StoreError(
+                f"{path}: cannot resume: setting 'world_size' differs: the store was collected by "
+                f"{meta.get('world_size')} ranks ({', '.join(meta.get('parts', []))}), this run has {world}; "
+                f"resume with {meta.get('world_size')} ranks, or collect into a new folder"
+            )
+        if meta.get("batches") != total:
+            raise StoreError(f"{path}: cannot resume: setting 'batches' differs: the store splits "
+                             f"{meta.get('batches')} batches over its ranks, this call has {total}")  # fmt: skip
+        _check_settings(path, {**meta, "batches_sha256": None}, asked)  # each part checks its own batches
+    else:
+        others = sorted(p.name for p in path.glob("rank*-of-*") if not p.name.endswith(f"-of-{world}"))
+        if others:
+            raise StoreError(f"{path}: cannot resume: setting 'world_size' differs: it holds parts {others} of "
+                             f"another number of ranks, this run has {world}")  # fmt: skip
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(top, {"layout": "ranks", "world_size": world, "batches": total,
+                                    "parts": [_part_name(r, world) for r in range(world)], **asked})  # fmt: skip
+    return block(total, rank, world)
+
+
 def collect_activations(
     im: InstrumentedModel,
     batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
@@ -269,6 +359,7 @@ def collect_activations(
     drop_bos: bool = True,
     total: int | None = None,
     progress: bool = True,
+    parallel: str | None = None,
 ) -> ActivationStore:
     """Record ``site`` over ``batches`` into a sharded, resumable :class:`ActivationStore` at ``path``.
 
@@ -288,25 +379,47 @@ def collect_activations(
         shard_rows: rows per shard (a shard is written once this many rows are buffered).
         dtype: storage dtype.
         drop_bos: skip position 0 (Gemma's BOS token has outlier norms).
-        total: number of batches, for the progress bar.
-        progress: show a tqdm progress bar.
+        total: number of batches, for the progress bar (and, with ``parallel="data"``, to split them).
+        progress: show a tqdm progress bar (rank 0's only, across processes).
+        parallel: ``"data"``: split the batches over the ranks of torch.distributed's default group, each rank
+            writing ``path/rank{r}-of-{n}/`` (module docs); without a process group (or with one rank) the
+            plain call.
 
     Returns:
         The store (``complete=True``).
 
     Raises:
-        StoreError: resuming with other settings (above), or a ``meta.json`` that records none.
+        StoreError: resuming with other settings (above; across processes also another world size or number
+            of batches), or a ``meta.json`` that records none.
+        ValueError: an unknown ``parallel``; ``parallel="data"`` over several ranks without ``total`` or a sized
+            ``batches``.
     """
     from tqdm.auto import tqdm
 
+    if parallel not in (None, "data"):
+        raise ValueError(f"collect_activations' parallel must be None or 'data', got {parallel!r}")
     path = Path(path)
     (canonical,) = im.resolve(site)
     meta_path = path / _META
     asked = {"site": canonical, "dtype": str(dtype).removeprefix("torch."), "drop_bos": drop_bos,
              "model": model_identity(im.model)}  # fmt: skip
+    rank, world = rank_world() if parallel == "data" else (0, 1)
+    if world > 1:
+        mine = _rank_block(path, asked, batches, total, rank, world)
+        collect_activations(im, itertools.islice(batches, mine.start, mine.stop), canonical,
+                            path / _part_name(rank, world), shard_rows=shard_rows, dtype=dtype, drop_bos=drop_bos,
+                            total=len(mine), progress=progress and rank == 0)  # fmt: skip
+        barrier()
+        return ActivationStore(path)
     resuming = meta_path.is_file()
     if resuming:
         meta = ActivationStore(path).meta
+        if meta.get("layout") == "ranks":
+            raise StoreError(
+                f"{path}: cannot resume: setting 'world_size' differs: the store was collected by "
+                f"{meta.get('world_size')} ranks ({', '.join(meta.get('parts', []))}), this call runs in one "
+                "process (parallel=None, or no process group); read it with ActivationStore(path)"
+            )
         _check_settings(path, meta, asked)
     else:
         meta = {**asked, "d_in": None, "shards": [], "batches_done": 0, "batches_sha256": None, "complete": False}

@@ -13,6 +13,7 @@ other or a ``conftest``. Sections:
 * attribution graphs without a model: :func:`synthetic_graph`;
 * figures: :func:`text_overlaps` (pairs of drawn texts whose boxes overlap);
 * headless Chromium (browser tests): :func:`chromium`, :func:`run_chromium`.
+* processes of a torch.distributed group (gloo): :func:`run_ranks`.
 """
 
 from __future__ import annotations
@@ -366,3 +367,38 @@ def run_chromium(args: list[str], profile: Path, *, console: bool = False) -> su
     if console:
         base += ["--enable-logging=stderr", "--v=0"]
     return subprocess.run(base + args, capture_output=True, text=True, timeout=120)
+
+
+# -- processes of a torch.distributed group ------------------------------------------------------
+def run_ranks(code: str, world: int, *args: str, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """Run the Python script ``code`` in ``world`` processes started together, as ``torchrun`` would.
+
+    Each process has ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (a free
+    port) set, ``OMP_NUM_THREADS=1``, the repository root as its working directory and ``sys.argv[1:] ==
+    args``; the script calls ``torch.distributed.init_process_group("gloo")``. Returns each rank's completed
+    process (returncode, stdout, stderr as text) in rank order; a rank still running after ``timeout``
+    seconds is killed (returncode -9).
+    """
+    import os
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    deadline, done = time.monotonic() + timeout, []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done

@@ -9,16 +9,34 @@ of features, ``d_out`` the width of the site written (``d_in`` for an SAE).
 
 Members a transcoder may have besides these: ``skip_term(x) -> [.., d_out] | None``, a linear
 skip connection added to what it writes (:func:`mishax_py.circuits.transcoders.skip_term`
-reads it where present).
+reads it where present); ``cross_W_dec``: ``{later layer: [d_sae, d_out]}``, what its features also
+write to the MLP outputs of later layers (one layer of a cross-layer transcoder;
+:func:`mishax_py.circuits.transcoders.cross_decoders` reads it where present).
+
+A cross-layer transcoder (``saes.CrossLayerTranscoder``) satisfies :class:`CrossLayerTranscoderLike`:
+its ``layer_transcoders()`` gives ``{layer: transcoder}``, each layer's encoder and decoders as a
+:class:`TranscoderLike` with ``cross_W_dec``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["SAELike", "TranscoderLike"]
+__all__ = ["CrossLayerTranscoderLike", "SAELike", "TranscoderLike", "decode_at", "encode_at"]
+
+
+def encode_at(sae: SAELike, x: torch.Tensor) -> torch.Tensor:
+    """``sae.encode(x)`` computed on the SAE's device (``W_dec``'s) and returned on ``x``'s: an SAE kept on one
+    device serves a site on another (a layer of a model split by accelerate). Differentiable."""
+    return sae.encode(x.to(sae.W_dec.device)).to(x.device)
+
+
+def decode_at(sae: SAELike, f: torch.Tensor) -> torch.Tensor:
+    """``sae.decode(f)`` in the SAE's dtype, computed on its device and returned on ``f``'s. Differentiable."""
+    return sae.decode(f.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).to(f.device)
 
 
 @runtime_checkable
@@ -86,4 +104,15 @@ class TranscoderLike(Protocol):
 
     def decode(self, f: torch.Tensor, /) -> torch.Tensor:
         """What the features write, ``[..., d_out]`` (``f @ W_dec + b_dec``; no skip connection)."""
+        ...
+
+
+@runtime_checkable
+class CrossLayerTranscoderLike(Protocol):
+    """A cross-layer transcoder: features of each layer read that layer's MLP input and write to the MLP
+    outputs of that layer and every later one. Attribution graphs take it as ``transcoders=``."""
+
+    def layer_transcoders(self) -> Mapping[int, TranscoderLike]:
+        """``{layer: transcoder}``: each layer's features as a :class:`TranscoderLike` whose ``W_dec``/``b_dec``
+        write its own layer and whose ``cross_W_dec`` (``{later layer: [d_sae, d_out]}``) the later ones."""
         ...

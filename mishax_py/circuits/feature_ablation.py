@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mishax_py.circuits.dictionaries import SAELike
+from mishax_py.circuits.dictionaries import SAELike, decode_at, encode_at
 from mishax_py.interventions import Intervention
 from mishax_py.runtime import SiteEvent
 
@@ -32,12 +32,12 @@ class _NodeAblation(Intervention):
         if event.rows is not None:
             raise ValueError("feature-circuit ablations do not run inside row-restricted sweeps")
         x = value.reshape(*value.shape[:2], -1)
-        f = self.sae.encode(x)
-        err = x.to(f.dtype) - self.sae.decode(f)
+        f = encode_at(self.sae, x)
+        err = x.to(f.dtype) - decode_at(self.sae, f)
         T = x.shape[1]
         f = torch.where(self.keep_f[:T], f, self.abl_f[:, :T].to(f.dtype))
         err = torch.where(self.keep_e[:T, None], err, self.abl_e[:, :T].to(err.dtype))
-        return (self.sae.decode(f) + err).to(value.dtype).reshape(value.shape)
+        return (decode_at(self.sae, f) + err).to(value.dtype).reshape(value.shape)
 
     def __repr__(self) -> str:
         return f"NodeAblation(kept {int(self.keep_f.sum())} features, {int(self.keep_e.sum())} error nodes)"

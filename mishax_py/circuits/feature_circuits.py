@@ -59,19 +59,33 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.circuits.dictionaries import SAELike
+from mishax_py.circuits.dictionaries import SAELike, decode_at, encode_at
 from mishax_py.circuits.feature_ablation import ablate_complement
 from mishax_py.circuits.feature_edges import feature_edges
+from mishax_py.devices import execution_device
 from mishax_py.inputs import Ids, Metric, as_ids, metric_float, prompt_pair
 from mishax_py.interventions import Intervention
+from mishax_py.memory import (
+    MemoryEstimate,
+    announce_chunking,
+    check_estimate,
+    checked,
+    estimate_run,
+    fit_chunk,
+    memory_budget,
+    register_estimator,
+    study_estimate,
+)
 from mishax_py.studies.attribution import site_gradients
+from mishax_py.studies.attribution.budget import attribution_estimate
 from mishax_py.studies.attribution.gradients import IG_STEPS
 from mishax_py.studies.conventions import check_direction
 
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["ABLATIONS", "CircuitNode", "FeatureCircuit", "SAEs", "ablate_complement", "feature_circuit"]
+__all__ = ["ABLATIONS", "CircuitNode", "FeatureCircuit", "SAEs", "ablate_complement", "feature_circuit",
+           "feature_circuit_estimate"]
 
 # (site, position, feature index; -1 for the error node)
 CircuitNode = tuple[str, int, int]
@@ -213,8 +227,8 @@ def _split(sae: SAELike, value: torch.Tensor, site: str) -> tuple[torch.Tensor, 
         raise ValueError(f"the SAE for {site!r} has width {d_sae_in} but the site's values are "
                          f"{tuple(value.shape)} ({x.shape[-1]} per position)")
     with torch.no_grad():
-        f = sae.encode(x).float()
-        err = x.float() - sae.decode(f.to(sae.W_dec.dtype)).float()
+        f = encode_at(sae, x).float()
+        err = x.float() - decode_at(sae, f).float()
     return f, err
 
 
@@ -236,6 +250,7 @@ def feature_circuit(
     progress: bool | None = None,
     method: str = "atp",
     steps: int = IG_STEPS,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> FeatureCircuit:
     """Attribute ``metric`` to SAE features and error nodes, select a circuit and its edges (module docs).
@@ -270,6 +285,10 @@ def feature_circuit(
         method: the estimator of node effects: ``"atp"`` or ``"ig"`` (``steps`` interpolation
             points per site).
         steps: integrated-gradients steps (the default of every study, 16).
+        max_memory: the memory budget (bytes or ``"8GiB"``; default :func:`mishax_py.memory.memory_budget`):
+            the peak (:func:`feature_circuit_estimate`) is checked before any forward; the default
+            ``batch_size`` shrinks to fit it (announced by a :class:`~mishax_py.memory.MemoryChunkingWarning`),
+            and a run that cannot fit raises :class:`~mishax_py.memory.MemoryBudgetError` naming estimate and budget.
         **hf_kwargs: passed to the model (e.g. ``attention_mask``).
 
     Raises:
@@ -305,10 +324,16 @@ def feature_circuit(
     by_site = _sae_map(im, saes, sites)
     names = list(by_site)
     B = run.shape[0]
-    batch_size = batch_size or 8 * B
+    est = feature_circuit_estimate(im, run.shape, by_site, method, steps=steps, batch_size=batch_size,
+                                   edges=edges and len(names) > 1, max_memory=max_memory, top_k=top_k)
+    check_estimate(est, max_memory=max_memory, device=execution_device(im),
+                   reduce=f"use fewer SAE sites, fewer prompt rows (the run has {B}) or fewer positions")
+    if batch_size is None:
+        batch_size = est.chunks["batch_size"]
+        announce_chunking(f"feature_circuit(method={method!r})", batch_size, 8 * B, "rows", est.budget or 0)
 
     # -- node values on the run, patch values --------------------------------------------
-    with torch.no_grad():
+    with torch.no_grad(), checked():
         _, cache = im.run_with_cache(run, sites=names, **hf_kwargs)
         if source is not None:
             _, source_cache = im.run_with_cache(source, sites=names, **hf_kwargs)
@@ -328,12 +353,13 @@ def feature_circuit(
         sae = by_site[s]
         fp, ep = patch_nodes[s]
         with torch.no_grad():
-            x = sae.decode(fp.to(sae.W_dec.dtype)).float() + ep
+            x = decode_at(sae, fp).float() + ep
         toward[s] = x.expand(B, *x.shape[1:]).reshape(cache[s].shape).to(cache[s].dtype)
 
     # -- node effects ------------------------------------------------------------------------
-    gradients = site_gradients(im, run, metric, names, method=method, toward=toward, steps=steps,
-                               batch_size=batch_size, progress=progress, **hf_kwargs)
+    with checked():  # the whole peak was checked above
+        gradients = site_gradients(im, run, metric, names, method=method, toward=toward, steps=steps,
+                                   batch_size=batch_size, progress=progress, **hf_kwargs)
     grads = gradients.grads
     effects, err_effects = {}, {}
     for s in names:
@@ -341,7 +367,7 @@ def feature_circuit(
         g = grads[s].reshape(B, run.shape[1], -1)  # dm/dx [b, p, d]
         f, e = run_nodes[s]
         fp, ep = patch_nodes[s]
-        g_f = g @ sae.W_dec.detach().float().T  # dm/df [b, p, d_sae]
+        g_f = g @ sae.W_dec.detach().float().to(g.device).T  # dm/df [b, p, d_sae]
         effects[s] = ((fp - f) * g_f).sum(0)
         err_effects[s] = ((ep - e) * g).sum((0, 2))
 
@@ -369,6 +395,59 @@ def feature_circuit(
         circuit.edges = feature_edges(im, run, circuit, run_nodes, grads, edge_threshold, batch_size, progress,
                                       hf_kwargs)
     return circuit
+
+
+def feature_circuit_estimate(im: InstrumentedModel, shape: Sequence[int], by_site: Mapping[str, SAELike],
+                             method: str, *, steps: int = IG_STEPS, batch_size: int | None = None,
+                             edges: bool = True, max_memory: int | str | None = None,
+                             top_k: int | None = None) -> MemoryEstimate:
+    """The peak memory of :func:`feature_circuit` on ``shape = (B, T)`` inputs with the SAEs ``by_site``.
+
+    Held: per site, the features of the run and of the patch and the feature gradients (``3·B·T·d_sae``
+    fp32) and the effects (``T·d_sae``). Steps: the node gradients
+    (:func:`~mishax_py.studies.attribution.budget.attribution_estimate` of ``site_gradients``: one forward
+    and backward, or IG chunks) and, with ``edges``, one chunk of edge replicas (a forward and backward of
+    ``batch_size`` rows; with ``top_k`` at most ``top_k`` downstream nodes, so ``top_k·B`` rows). The default
+    ``batch_size`` is the largest multiple of ``B`` up to ``8·B`` whose chunks fit the budget. The SAEs' own
+    parameters exist before the call and are not counted.
+    """
+    B, T = int(shape[0]), int(shape[1])
+    names = list(by_site)
+    nodes = sum((3 * B + 1) * T * int(sae.W_dec.shape[0]) * 4 for sae in by_site.values())
+    held = MemoryEstimate({"feature_nodes": nodes})
+    grads = attribution_estimate(im, B, T, names, method, steps=steps, batch_size=batch_size,
+                                 max_memory=max_memory, what="feature_circuit")
+    budget = grads.budget if grads.budget is not None else memory_budget(execution_device(im), max_memory)
+    rows = grads.chunks.get("batch_size", 8 * B)
+    steps_est = {"its node gradients": grads + held}
+    if edges:
+        def chunk(n: int) -> MemoryEstimate:  # a forward with autograd; the backward stops at the upstream site
+            fwd = estimate_run(im, n, T, grad=True)
+            return MemoryEstimate({k: v for k, v in fwd.parts.items() if k != "backward"}) + held
+
+        if batch_size is None:
+            rows = min(rows, fit_chunk(chunk, default=8 * B, budget=budget, minimum=B, step=B))
+        largest = min(rows, top_k * B) if top_k is not None else rows
+        steps_est[f"a chunk of {largest} edge replica rows"] = chunk(largest)
+    return study_estimate(f"feature_circuit(method={method!r}, {len(names)} SAE sites, {B} rows x {T} positions)",
+                          steps_est, budget=budget, chunks={"batch_size": rows})
+
+
+def _estimate_feature_circuit(im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids | None, metric: Metric, *,
+                              saes: SAEs, sites: Sequence[str] | None = None, edges: bool = True,
+                              batch_size: int | None = None, method: str = "atp", steps: int = IG_STEPS,
+                              max_memory: int | str | None = None, **kwargs: Any) -> MemoryEstimate:
+    """:func:`mishax_py.memory.estimate_memory` of :func:`feature_circuit`."""
+    run = as_ids(clean_ids, im)
+    by_site = _sae_map(im, saes, sites)
+    top_k = kwargs.get("top_k")
+    if top_k is None and kwargs.get("node_threshold") is None:
+        top_k = 5
+    return feature_circuit_estimate(im, run.shape, by_site, method, steps=steps, batch_size=batch_size,
+                                    edges=edges and len(by_site) > 1, max_memory=max_memory, top_k=top_k)
+
+
+register_estimator(feature_circuit, _estimate_feature_circuit)
 
 
 def _nonzero_items(t: torch.Tensor) -> list[tuple[tuple[int, int], float]]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.circuits.dictionaries import SAELike
+from mishax_py.circuits.dictionaries import SAELike, decode_at, encode_at
 from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.progress import progress_bar
 from mishax_py.runtime import Handler, SiteEvent
@@ -29,7 +29,7 @@ def _nodes_as_leaves(sae: SAELike, f_leaf: torch.Tensor, e_leaf: torch.Tensor) -
     """The upstream site: its value unchanged, its gradient routed to the feature and error leaves."""
 
     def h(v: torch.Tensor, event: SiteEvent) -> torch.Tensor:
-        xh = sae.decode(f_leaf.to(sae.W_dec.dtype)).float()
+        xh = decode_at(sae, f_leaf).float()
         moved = (xh - xh.detach()) + (e_leaf - e_leaf.detach())  # zero in value; gradient to the leaves
         return v.detach() + moved.reshape(v.shape).to(v.dtype)
 
@@ -41,9 +41,9 @@ def _split_in_graph(sae: SAELike, stash: dict[str, torch.Tensor]) -> Handler:
 
     def h(v: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         y = v.reshape(*v.shape[:2], -1)
-        g = sae.encode(y).float()
+        g = encode_at(sae, y).float()
         stash["f"] = g
-        stash["e"] = y.float() - sae.decode(g.to(sae.W_dec.dtype)).float()
+        stash["e"] = y.float() - decode_at(sae, g).float()
         return v
 
     return h
@@ -89,7 +89,7 @@ def feature_edges(
         fp_u, ep_u = circuit.ablation_values[up]
         df_u, de_u = (fp_u - f_u).unsqueeze(0), (ep_u - e_u).unsqueeze(0)  # right vectors [1, B, T, .]
         g_d = grads[down].reshape(B, T, -1)  # dm/dy at the downstream site
-        gf_d = g_d @ sae_d.W_dec.detach().float().T  # dm/dg for downstream features
+        gf_d = g_d @ sae_d.W_dec.detach().float().to(g_d.device).T  # dm/dg for downstream features
         for c0 in range(0, len(downs), per_chunk):
             chunk = downs[c0:c0 + per_chunk]
             R = len(chunk)

@@ -137,7 +137,7 @@ class AttributionGraph:
 
     def node_values(self) -> torch.Tensor:
         """``[n_nodes]`` the value each target row decomposes (pre-activations, logit values; NaN for sources)."""
-        v = torch.full((self.n_nodes,), float("nan"), dtype=self.adjacency.dtype)
+        v = torch.full((self.n_nodes,), float("nan"), dtype=self.adjacency.dtype, device=self.adjacency.device)
         v[: self.n_features] = self.pre_activations.to(v.dtype)
         v[self.logit_index(0):] = self.logit_values.to(v.dtype)
         return v
@@ -206,7 +206,7 @@ class AttributionGraph:
 
     # -- pruning and export ----------------------------------------------------------------
     def logit_weights(self) -> torch.Tensor:
-        w = torch.zeros(self.n_nodes, dtype=self.adjacency.dtype)
+        w = torch.zeros(self.n_nodes, dtype=self.adjacency.dtype, device=self.adjacency.device)
         w[self.logit_index(0):] = self.logit_probabilities.to(w.dtype)
         return w
 

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from mishax_py.circuits.graph import AttributionGraph
 
-__all__ = ["PrunedGraph", "compute_influence", "normalise_rows", "prune", "share_threshold"]
+__all__ = ["PrunedGraph", "compute_influence", "normalise_rows", "partial_influence", "prune", "share_threshold"]
 
 
 @dataclass
@@ -62,6 +62,52 @@ def compute_influence(A: torch.Tensor, weights: torch.Tensor, max_iter: int = 10
     raise RuntimeError("influence did not converge: the adjacency matrix has a cycle")
 
 
+def partial_influence(rows: torch.Tensor, row_sources: torch.Tensor, weights: torch.Tensor, *,
+                      row_sums: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Influence of every source on the logits through the rows of the adjacency computed so far: ``[n_sources]``.
+
+    circuit-tracer's *partial influence*, which an attribution graph uses to pick the features whose rows it
+    computes next: with ``N = |rows|`` normalised by row (each row's absolute edges sum to 1), the weight
+    ``w`` starts at the rows (``weights``: the logit probabilities at the logit rows, 0 elsewhere) and flows
+    back through computed rows only: ``x = w + x N_rr + ...`` over the rows that are themselves sources
+    (``N_rr`` the columns of ``N`` at those rows' own nodes), and the influence is ``x N``. When every target
+    row is computed this is :func:`compute_influence` of the whole graph at its source columns.
+
+    Args:
+        rows: ``[n_rows, n_sources]`` the computed rows (target x source, as the adjacency).
+        row_sources: ``[n_rows]`` the source column of each row's own node, ``-1`` for a node that is no
+            source (a logit).
+        weights: ``[n_rows]`` the starting weight of each row.
+        row_sums: ``[n_rows]`` ``rows.abs().sum(1)`` if already known.
+        chunk: rows per step of the final product (bounds the temporary ``|rows|`` to ``chunk x n_sources``).
+
+    Raises:
+        RuntimeError: when the flow does not end (the rows have a cycle).
+    """
+    n = rows.shape[0]
+    if n == 0:
+        return rows.new_zeros(rows.shape[1])
+    sums = (rows.abs().sum(1) if row_sums is None else row_sums).clamp(min=1e-10)
+    is_src = row_sources >= 0
+    M = rows.new_zeros(n, n)
+    if bool(is_src.any()):
+        M[:, is_src] = rows[:, row_sources[is_src]].abs() / sums[:, None]
+    x = weights.to(rows.dtype).clone()
+    total = x.clone()
+    for _ in range(n + 1):
+        x = x @ M
+        if not bool(x.any()):
+            break
+        total += x
+    else:
+        raise RuntimeError("influence did not converge: the adjacency rows have a cycle")
+    out = rows.new_zeros(rows.shape[1])
+    scaled = total / sums
+    for i in range(0, n, chunk):
+        out += scaled[i:i + chunk] @ rows[i:i + chunk].abs()
+    return out
+
+
 def share_threshold(scores: torch.Tensor, share: float) -> torch.Tensor:
     """The score above which the largest ``scores`` add up to ``share`` of their total (0-dim)."""
     s = scores.flatten().sort(descending=True).values
@@ -69,7 +115,7 @@ def share_threshold(scores: torch.Tensor, share: float) -> torch.Tensor:
     if total <= 0:
         return s[0] if s.numel() else torch.tensor(0.0)
     cum = s.cumsum(0) / total
-    k = int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype)).item())
+    k = int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype, device=cum.device)).item())
     return s[min(k, s.numel() - 1)]
 
 

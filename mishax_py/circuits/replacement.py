@@ -33,9 +33,12 @@ from mishax_py.circuits.dictionaries import TranscoderLike
 from mishax_py.circuits.transcoders import (
     TranscoderMap,
     Transcoders,
+    cross_decoders,
+    cross_layer_writes,
     transcoder_features,
     transcoder_map,
     transcoder_output,
+    transcoder_outputs,
 )
 from mishax_py.inputs import Ids, as_ids
 from mishax_py.interventions import Hook
@@ -64,8 +67,9 @@ def replacement_interventions(
     Args:
         im: the instrumented model.
         ids: the prompt (``[pos]`` or ``[batch, pos]``) whose replacement model to build.
-        transcoders: as for :func:`~mishax_py.circuits.build.attribution_graph` (``{layer: tc}``
-            or a list with ``site``/``output_site``). Layers without one keep their MLP output
+        transcoders: as for :func:`~mishax_py.circuits.build.attribution_graph` (``{layer: tc}``,
+            a list with ``site``/``output_site``, or a cross-layer transcoder, whose clamped features
+            also change what they write to later layers). Layers without one keep their MLP output
             on ``ids`` as a constant (the graph's error node).
         clamps: ``(layer, position, feature, value)``: set that transcoder feature's activation
             at that position to ``value`` (0 ablates it), before decoding.
@@ -87,14 +91,13 @@ def replacement_interventions(
     sites = {s for pair in norms for s in pair} | {site for _, site in tcs.values()} | {*patterns, *mlp_outs}
     with torch.no_grad():
         _, base = im.run_with_cache(ids, sites=sorted(sites))
-        error = {}
-        for L in range(n_layers):
-            y = base[mlp_outs[L]]
-            if L in tcs:
-                tc, x = tcs[L][0], base[tcs[L][1]]
-                y = y - transcoder_output(tc, transcoder_features(tc, x)[1], x).to(y.dtype)
-            error[L] = y
+        inputs = {L: base[site] for L, (_, site) in tcs.items()}
+        written = transcoder_outputs(tcs, {L: transcoder_features(tc, inputs[L])[1] for L, (tc, _) in tcs.items()},
+                                     inputs)  # a cross-layer transcoder's features also write later layers
+        error = {L: base[mlp_outs[L]] - written[L].to(base[mlp_outs[L]].dtype) if L in written
+                 else base[mlp_outs[L]] for L in range(n_layers)}
     current: dict[str, torch.Tensor] = {}  # this run's values of the sites other hooks read
+    feats_now: dict[int, torch.Tensor] = {}  # this run's (clamped) features, for the later layers they write
     out: dict[str, list[Hook]] = {}
 
     def add(site: str, fn: SiteFn) -> None:
@@ -119,27 +122,58 @@ def replacement_interventions(
     if freeze_attention:
         for L in range(n_layers):
             add(patterns[L], constant(base[patterns[L]]))
+    writers = {L: [S for S, (tc, _) in tcs.items() if L in cross_decoders(tc)] for L in range(n_layers)}
     for L in range(n_layers):
         if L not in tcs:
-            add(mlp_outs[L], constant(error[L]))
+            if writers[L]:
+                add(mlp_outs[L], _cross_written(tcs, feats_now, writers[L], L, error[L]))
+            else:
+                add(mlp_outs[L], constant(error[L]))
             continue
         tc, in_site = tcs[L]
         add(in_site, keep(in_site))
         edits = [(p, f, v) for layer, p, f, v in checked if layer == L]
-        add(mlp_outs[L], _replaced_mlp(current, tc, in_site, edits, error[L]))
+        add(mlp_outs[L], _replaced_mlp(current, tc, in_site, edits, error[L], L, tcs, feats_now, writers[L]))
     return out
 
 
+def _cross_writes(tcs: TranscoderMap, feats_now: dict[int, torch.Tensor], sources: list[int], layer: int
+                  ) -> torch.Tensor | None:
+    """What this run's features of the earlier layers ``sources`` write to ``layer``'s MLP output, or ``None``."""
+    total = None
+    for S in sources:
+        w = cross_layer_writes(tcs[S][0], feats_now[S])[layer]
+        total = w if total is None else total + w
+    return total
+
+
+def _cross_written(tcs: TranscoderMap, feats_now: dict[int, torch.Tensor], sources: list[int], layer: int,
+                   err: torch.Tensor) -> SiteFn:
+    """A layer without its own transcoder that earlier (cross-layer) features write: their writes + its error."""
+
+    def mlp(value: torch.Tensor) -> torch.Tensor:
+        w = _cross_writes(tcs, feats_now, sources, layer)
+        assert w is not None
+        return (w + err.float()).to(value.dtype)
+
+    return mlp
+
+
 def _replaced_mlp(current: dict[str, torch.Tensor], tc: TranscoderLike, in_site: str,
-                  edits: list[tuple[int, int, float]], err: torch.Tensor) -> SiteFn:
-    """The MLP output of the replacement model: the transcoder on this run's input (features clamped) + error."""
+                  edits: list[tuple[int, int, float]], err: torch.Tensor, layer: int, tcs: TranscoderMap,
+                  feats_now: dict[int, torch.Tensor], sources: list[int]) -> SiteFn:
+    """The MLP output of the replacement model: the transcoder on this run's input (features clamped) + error,
+    plus what earlier layers' (clamped) features of a cross-layer transcoder write here."""
 
     def mlp(value: torch.Tensor) -> torch.Tensor:
         x = current[in_site]
         f = transcoder_features(tc, x)[1]
         for p, i, v in edits:
             f[:, p, i] = v  # f is a fresh tensor
-        return (transcoder_output(tc, f, x) + err.float()).to(value.dtype)
+        feats_now[layer] = f
+        out = transcoder_output(tc, f, x) + err.float()
+        cross = _cross_writes(tcs, feats_now, sources, layer)
+        return (out if cross is None else out + cross).to(value.dtype)
 
     return mlp
 

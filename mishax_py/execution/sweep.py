@@ -51,12 +51,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.devices import execution_device, model_dtype
+from mishax_py.distributed import active_split
 from mishax_py.execution.forward import repeat_rows
 from mishax_py.hf_compat import CACHE_KWARG, output_cache
 from mishax_py.inputs import Ids, model_inputs
 from mishax_py.interventions.base import Intervention, Interventions
 from mishax_py.interventions.watch import SelectionWatch
-from mishax_py.memory import available_ram, check_budget, estimate_run, get_max_memory, memory_budget
+from mishax_py.memory import (
+    MemoryEstimate,
+    announce_chunking,
+    available_ram,
+    check_budget,
+    estimate_run,
+    get_max_memory,
+    memory_budget,
+    register_estimator,
+    study_estimate,
+)
 from mishax_py.naming import layer_site
 from mishax_py.progress import progress_bar
 from mishax_py.runtime import Handler, RunContext, SiteEvent, activate, active_context
@@ -65,7 +77,7 @@ from mishax_py.sites import UnknownSiteError
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["default_batch_size", "stacked_sweep", "sweep"]
+__all__ = ["chunk_estimate", "default_batch_size", "stacked_sweep", "sweep"]
 
 
 @dataclass
@@ -173,6 +185,10 @@ def sweep(
                       else default_batch_size(im, B, P, metric is None, max_memory=max_memory))
     if rows_per_chunk < 1:
         raise ValueError(f"batch_size must be >= 1, got {rows_per_chunk}")
+    if batch_size is None and (max_memory is not None or get_max_memory() is not None):
+        wanted = min(default_batch_size(im, B, P, metric is None), max(len(active), 1) * B)
+        announce_chunking(f"sweep ({len(active)} variants of {B} rows x {P} positions)", rows_per_chunk, wanted,
+                          "rows", memory_budget(execution_device(im), max_memory))
     per_chunk = max(1, rows_per_chunk // B)
     _check_chunk_memory(im, B, P, min(per_chunk, max(len(active), 1)), len(plans), metric is None, max_memory,
                         batch_size)
@@ -235,13 +251,29 @@ def stacked_sweep(
     metric depends on (steering vectors, model weights, through the shared prefix too). Other
     keywords as for :func:`sweep`. A metric returning ``None`` or results of different shapes are
     errors: use :func:`sweep` for arbitrary per-variant outputs.
+
+    Inside :func:`mishax_py.distributed.split`, each rank runs its share of the variants and every rank
+    returns the whole stacked tensor (``grad=True`` cannot split: gradients do not cross ranks).
     """
     ids, kwargs = model_inputs(ids, im, kwargs)
+    sp = active_split()
+    if sp is not None and len(variants):
+        if grad:
+            raise ValueError("im.sweep(grad=True) cannot run inside mishax_py.distributed.split(): gradients do not "
+                             "cross ranks; call it outside the split() block")
+
+        def share(mine: list[int]) -> torch.Tensor:
+            results = sweep(im, ids, [variants[i] for i in mine], metric=metric, batch_size=batch_size,
+                            progress=progress, **kwargs)
+            return torch.stack(_as_tensors(results)) if results else torch.empty(0, device=ids.device)
+
+        with torch.no_grad():
+            return sp.map(len(variants), share, what="im.sweep variants")
     with torch.enable_grad() if grad else torch.no_grad():
         results = sweep(im, ids, variants, metric=metric, batch_size=batch_size, progress=progress, **kwargs)
         if not results:
             if metric is None:
-                dtype = next(im.model.parameters()).dtype
+                dtype = model_dtype(im)
                 return torch.empty((0, *ids.shape, im.family.dims.vocab), dtype=dtype, device=ids.device)
             return torch.empty((0,), device=ids.device)
         stacked = torch.stack(_as_tensors(results))
@@ -367,7 +399,7 @@ def _run_chunk(
     kwargs = repeat_rows(hf_kwargs, B, n)
     if kv_prefix is not None:  # positions < p0 come from the clean run's KV cache, tiled per variant
         cache = copy.deepcopy(kv_prefix)
-        cache.batch_select_indices(torch.arange(B, device=ids.device).repeat(n))
+        cache.batch_select_indices(torch.arange(B).repeat(n))  # CPU indices: valid for every layer's device
         kwargs.update({CACHE_KWARG: cache, "use_cache": True})
         ids = ids[:, p0:]
     if prefix is not None:
@@ -422,14 +454,14 @@ def default_batch_size(im: InstrumentedModel, B: int, P: int, keep_logits: bool 
     faster).
     """
     per_row = estimate_run(im, 1, P, grad=torch.is_grad_enabled(), keep_logits=keep_logits).total
-    param = next(im.model.parameters())
-    if param.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(param.device)
+    device = execution_device(im)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         budget, cap = free // 2, 4096
     else:
         budget, cap = min(available_ram() // 4, 4 << 30), 256
     if max_memory is not None or get_max_memory() is not None:
-        budget = min(budget, memory_budget(param.device, max_memory))
+        budget = min(budget, memory_budget(device, max_memory))
     rows = min(max(budget // max(per_row, 1), 1), cap)
     return max(B, rows // B * B)
 
@@ -441,16 +473,50 @@ def _check_chunk_memory(im: InstrumentedModel, B: int, P: int, n: int, n_variant
     The estimate: one forward of ``n * B`` rows (with autograd's share when grad is on), the clean run's
     logits, and without a metric every variant's logits (the results, and their stacked copy).
     """
-    grad = torch.is_grad_enabled()
-    est = estimate_run(im, n * B, P, grad=grad)
-    per_logits = estimate_run(im, B, P, keep_logits=True).parts["logits"]
-    est = est.plus(clean_logits=per_logits)
-    if keep_logits:
-        est = est.plus(results=2 * n_variants * per_logits)
+    est = chunk_estimate(im, B, P, n, n_variants, keep_logits)
     if n > 1:
         fewer = f"a smaller batch_size (now {n} variants of {B} rows per forward)"
     else:
         fewer = f"fewer rows in ids (B = {B}: one variant per forward already)"
     reduce = f"pass {fewer}, fewer positions (P = {P})" + (", a metric (to keep fewer logits)" if keep_logits else "")
     check_budget(est, f"sweep (a chunk of {n} variant(s) x {B} rows x {P} positions, {n_variants} variants)",
-                 device=next(im.model.parameters()).device, max_memory=max_memory, reduce=reduce)
+                 device=execution_device(im), max_memory=max_memory, reduce=reduce)
+
+
+def chunk_estimate(im: InstrumentedModel, B: int, P: int, n: int, n_variants: int, keep_logits: bool
+                   ) -> MemoryEstimate:
+    """The peak of a sweep's largest chunk (``n`` variants of ``B`` rows of ``P`` positions): one forward of
+    ``n * B`` rows (with autograd's share when grad is on), the clean run's logits, and without a metric every
+    variant's logits (the results, and their stacked copy)."""
+    est = estimate_run(im, n * B, P, grad=torch.is_grad_enabled())
+    per_logits = estimate_run(im, B, P, keep_logits=True).parts["logits"]
+    est = est.plus(clean_logits=per_logits)
+    if keep_logits:
+        est = est.plus(results=2 * n_variants * per_logits)
+    return est
+
+
+def _estimate_sweep(im: InstrumentedModel, ids: Ids, variants: Sequence[Interventions],
+                    metric: Callable[[torch.Tensor], Any] | None = None, batch_size: int | None = None,
+                    progress: bool | None = None, *, share_prefix: bool = True, share_positions: bool = True,
+                    max_memory: int | str | None = None, **hf_kwargs: Any) -> MemoryEstimate:
+    """:func:`mishax_py.memory.estimate_memory` of :func:`sweep`: its largest chunk, with the rows it would choose."""
+    ids, hf_kwargs = model_inputs(ids, im, hf_kwargs)
+    B, P = ids.shape
+    rows = batch_size if batch_size is not None else default_batch_size(im, B, P, metric is None,
+                                                                         max_memory=max_memory)
+    n = min(max(1, rows // B), max(len(variants), 1))
+    est = chunk_estimate(im, B, P, n, len(variants), metric is None)
+    return study_estimate("sweep", {f"a chunk of {n} variant(s) x {B} rows x {P} positions": est},
+                          budget=memory_budget(execution_device(im), max_memory), chunks={"batch_size": n * B})
+
+
+def _estimate_stacked_sweep(im: InstrumentedModel, ids: Ids, variants: Sequence[Interventions],
+                            metric: Callable[[torch.Tensor], Any] | None = None, *, batch_size: int | None = None,
+                            progress: bool | None = None, grad: bool = False, **kwargs: Any) -> MemoryEstimate:
+    with torch.set_grad_enabled(grad):
+        return _estimate_sweep(im, ids, variants, metric, batch_size, progress, **kwargs)
+
+
+register_estimator(sweep, _estimate_sweep)
+register_estimator(stacked_sweep, _estimate_stacked_sweep)

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from greenlet import GreenletExit, getcurrent, greenlet
 
+from mishax_py.memory import check_budget, estimate_run
 from mishax_py.runtime import SiteEvent, activate
 
 if TYPE_CHECKING:
@@ -96,7 +97,13 @@ class Walker:
         from mishax_py.inputs import model_inputs
 
         self.im = im
+        max_memory = hf_kwargs.pop("max_memory", None)
         self.ids, hf_kwargs = model_inputs(ids, im, hf_kwargs)  # text and tokenizer output too; checked
+        # one forward: fail before it starts when its estimate exceeds the budget (mishax_py.memory)
+        rows, pos = self.ids.shape
+        check_budget(estimate_run(im, rows, pos, grad=torch.is_grad_enabled()),
+                     f"im.walk (one forward of {rows} rows x {pos} positions)", device=self.ids.device,
+                     max_memory=max_memory, reduce="walk fewer rows or positions at a time")
         self.sites: list[str] = im.site_names() if sites is None else im.resolve(sites)
         self.hf_kwargs = hf_kwargs
         self._state = _State.NEW

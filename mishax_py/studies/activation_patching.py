@@ -36,6 +36,9 @@ Either way a patch that copies a value equal to the one already there (e.g. ever
 the first token where the two prompts differ) is not run: its result is the base run's metric.
 ``interventions=`` apply in every run (the base and source runs and each patched run), before
 the patch at a site they share.
+
+Inside :func:`mishax_py.distributed.split` each rank runs the base and source runs and its share of the
+patches (either engine); every rank returns the whole grid.
 """
 
 from __future__ import annotations
@@ -45,10 +48,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.execution.sweep import sweep
+from mishax_py.distributed import active_split
+from mishax_py.execution.sweep import chunk_estimate, default_batch_size, sweep
 from mishax_py.inputs import Ids, Metric, metric_float, prompt_pair
 from mishax_py.interventions import Patch
-from mishax_py.memory import cache_bytes, check_budget, estimate_run, model_device
+from mishax_py.memory import (
+    MemoryEstimate,
+    announce_chunking,
+    cache_bytes,
+    check_estimate,
+    estimate_run,
+    get_max_memory,
+    memory_budget,
+    model_device,
+    register_estimator,
+    study_estimate,
+)
 from mishax_py.naming import site_kind
 from mishax_py.runtime import active_context
 from mishax_py.studies.conventions import (
@@ -59,7 +74,7 @@ from mishax_py.studies.conventions import (
     check_positions,
     with_interventions,
 )
-from mishax_py.studies.packed import GridPatch, packed_sites, run_packed
+from mishax_py.studies.packed import GridPatch, default_rows, largest_pass_rows, packed_sites, run_packed
 from mishax_py.studies.result import PatchingResult
 
 if TYPE_CHECKING:
@@ -67,7 +82,7 @@ if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
     from mishax_py.interventions import Interventions
 
-__all__ = ["ENGINES", "HEAD_SITES", "STREAM_SITES", "activation_patching"]
+__all__ = ["ENGINES", "HEAD_SITES", "STREAM_SITES", "activation_patching", "patching_estimate"]
 
 STREAM_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITES = ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern")
@@ -152,7 +167,7 @@ def activation_patching(
     base_ids, source_ids = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     names = [im.layer_site(layer, kind) for layer in layer_list]
     base_sites = names + packed_sites(im, kind, layer_list) if packed else names
-    _check_memory(im, base_sites, names, clean.shape[0], T, packed, max_memory)
+    _check_memory(im, base_sites, names, clean.shape[0], T, packed, max_memory, batch_size, len(patches))
     with torch.no_grad():
         base_logits, base_cache = im.run_with_cache(base_ids, sites=base_sites, interventions=interventions,
                                                     max_memory=max_memory, **hf_kwargs)
@@ -170,7 +185,9 @@ def activation_patching(
                 values[patch.index] = base_metric
             else:
                 todo.append(patch)
-        if todo:
+        def run(todo: list[GridPatch]) -> None:
+            if not todo:
+                return
             if packed:
                 run_packed(im, kind, todo, values, metric, base_ids, base_logits, base_cache, source_cache,
                            batch_size, progress, max_memory=max_memory)
@@ -178,32 +195,98 @@ def activation_patching(
                 _run_rows(im, kind, todo, values, metric, base_ids, source_cache, interventions, batch_size, progress,
                           dict(hf_kwargs, max_memory=max_memory))
 
+        sp = active_split()
+        if sp is None or packed:  # the packed engine splits its packed rows itself (run_packed)
+            run(todo)
+        elif todo:  # mishax_py.distributed.split(): each rank runs its share of the patches, all get every metric
+
+            def share(mine: list[int]) -> torch.Tensor:
+                run([todo[i] for i in mine])
+                return torch.stack([values[todo[i].index] for i in mine]) if mine else torch.empty(0)
+
+            done = sp.map(len(todo), share, what="activation_patching patches")
+            for patch, value in zip(todo, done, strict=True):
+                values[patch.index] = value
+
     clean_metric, corrupt_metric = ((source_metric, base_metric) if direction == "denoise"
                                     else (base_metric, source_metric))
     return PatchingResult(values, axes, labels, kind, direction, clean_metric, corrupt_metric)
 
 
 def _check_memory(im: InstrumentedModel, base_sites: list[str], names: list[str], B: int, T: int, packed: bool,
-                  max_memory: int | str | None) -> None:
-    """Fail before any forward when the base and source runs, or the smallest pass after them, cannot fit.
+                  max_memory: int | str | None, batch_size: int | None = None, n_patches: int = 0) -> None:
+    """Fail before any forward when the base and source runs, or the smallest pass after them, cannot fit
+    (:func:`patching_estimate` with one patch per pass), and say when the budget makes the passes smaller
+    than the engine's default would make them for ``n_patches`` patches
+    (:class:`~mishax_py.memory.MemoryChunkingWarning`)."""
+    smallest = patching_estimate(im, base_sites, names, B, T, packed, B if packed else 1, max_memory)
+    check_estimate(smallest, max_memory=max_memory, device=model_device(im),
+                   reduce=f"patch fewer prompt rows at a time (clean_ids has {B}), fewer positions, or fewer layers")
+    if packed and batch_size is None and (max_memory is not None or get_max_memory() is not None):
+        announce_chunking(f"activation_patching (packed rows of {T + 1} tokens)",
+                          default_rows(im, T + 1, T, max_memory=max_memory),
+                          min(default_rows(im, T + 1, T), max(n_patches, 1) * B), "rows",
+                          smallest.budget or 0, stacklevel=4)
+
+
+def patching_estimate(im: InstrumentedModel, base_sites: list[str], names: list[str], B: int, T: int, packed: bool,
+                      rows: int | None, max_memory: int | str | None,
+                      patches: Sequence[GridPatch] | None = None) -> MemoryEstimate:
+    """The peak of activation patching: the larger of its base and source runs and of one pass of ``rows`` rows.
 
     Estimates (:func:`mishax_py.memory.estimate_run`): the two caching runs -- one forward of the ``B``
     prompt rows, the base cache (``base_sites``), the source cache (``names``) and both runs' logits
-    held -- and then the smallest pass of the engine with those held: one packed template of ``B`` rows
-    of ``T + 1`` tokens over a key/value prefix of ``T`` (packed), or one full-length variant of ``B``
-    rows (rows engine, with the clean run's logits).
+    held -- and then one pass of the engine with those held: ``rows`` packed rows of ``T + 1`` tokens over a
+    key/value prefix of ``T`` (packed; default :func:`mishax_py.studies.packed.default_rows`), or ``rows``
+    full-length variants of ``B`` rows (rows engine, with the clean run's logits; default
+    :func:`mishax_py.execution.sweep.default_batch_size`). With ``patches`` the pass is the largest one they
+    make (:func:`mishax_py.studies.packed.largest_pass_rows`; rows engine: at most one variant per patch).
     """
-    device = model_device(im)
     held = estimate_run(im, B, T, keep_logits=True).parts["logits"] * 2
     held += cache_bytes(im, base_sites, B, T) + cache_bytes(im, names, B, T)
     runs = estimate_run(im, B, T).plus(caches_and_logits=held)
-    step = (estimate_run(im, B, T + 1, kv_len=T) if packed else estimate_run(im, B, T, keep_logits=True))
-    step = step.plus(caches_and_logits=held)
-    worst = step if step.total > runs.total else runs
-    what = "its smallest patching pass" if worst is step else "its base and source runs"
-    check_budget(worst, f"activation_patching ({what}: {B} prompt rows x {T} positions, caching "
-                 f"{len(set(base_sites) | set(names))} sites)", device=device, max_memory=max_memory,
-                 reduce=f"patch fewer prompt rows at a time (clean_ids has {B}), fewer positions, or fewer layers")
+    if packed:
+        rows = rows or default_rows(im, T + 1, T, max_memory=max_memory)
+        per_pass = (largest_pass_rows(patches, T, B, rows) if patches is not None else max(1, rows // B) * B)
+        step = estimate_run(im, per_pass, T + 1, kv_len=T).plus(caches_and_logits=held)
+        desc = f"a pass of {per_pass} packed rows of {T + 1} tokens"
+    else:
+        with torch.no_grad():
+            per_pass = rows * B if rows else default_batch_size(im, B, T, False, max_memory=max_memory)
+            n = max(1, min(per_pass // B, len(patches) if patches is not None else per_pass))
+            per_pass = n * B
+            step = chunk_estimate(im, B, T, n, n, False).plus(caches_and_logits=held)
+        desc = f"a chunk of {n} patched variant(s) x {B} rows"
+    budget = memory_budget(model_device(im), max_memory)
+    return study_estimate(f"activation_patching ({B} prompt rows x {T} positions, caching "
+                          f"{len(set(base_sites) | set(names))} sites)",
+                          {"its base and source runs": runs, desc: step}, budget=budget,
+                          chunks={"batch_size": per_pass})
+
+
+def _estimate_activation_patching(
+    im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids, metric: Metric, *, site: str = "resid_pre",
+    by: str | Sequence[str] | None = None, direction: str = "denoise", layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None, interventions: Interventions | None = None,
+    batch_size: int | None = None, progress: bool | None = None, method: str = "exact", engine: str = "auto",
+    pos_labels: Sequence[str] | None = None, max_memory: int | str | None = None, **hf_kwargs: Any,
+) -> MemoryEstimate:
+    """:func:`mishax_py.memory.estimate_memory` of :func:`activation_patching` (:func:`patching_estimate`)."""
+    clean, corrupt = prompt_pair(im, clean_ids, corrupt_ids)
+    kind = _check_site(site)
+    mode = _check_by(kind, by)
+    layer_list = check_layers(layers, im.n_layers)
+    packed = _use_packed(im, engine, interventions, hf_kwargs)
+    names = [im.layer_site(layer, kind) for layer in layer_list]
+    base_sites = names + packed_sites(im, kind, layer_list) if packed else names
+    B, T = clean.shape
+    patches, _, _ = _enumerate(mode, layer_list, check_positions(positions, T), _n_heads(im, kind))
+    # a patch of positions before the first token where the prompts differ copies equal values: it is not run
+    differs = (clean != corrupt).any(0).nonzero()
+    first = int(differs[0]) if len(differs) else T
+    patches = [p for p in patches if max(p.positions) >= first]
+    rows = batch_size if packed or batch_size is None else max(1, batch_size // B)
+    return patching_estimate(im, base_sites, names, B, T, packed, rows, max_memory, patches)
 
 
 def _check_site(site: str) -> str:
@@ -307,3 +390,6 @@ def _run_rows(im: InstrumentedModel, kind: str, todo: list[GridPatch], values: t
                     batch_size=batch_size, progress=progress, **hf_kwargs)
     for patch, r in zip(todo, results, strict=True):
         values[patch.index] = r
+
+
+register_estimator(activation_patching, _estimate_activation_patching)

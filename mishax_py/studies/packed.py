@@ -19,16 +19,21 @@ The logits of positions ``< p`` are the base run's. Results equal a plain loop o
 runs up to float reassociation (~1e-6, fp32). The engine needs a family whose model takes Hugging
 Face's key/value cache keyword and a ``{layer type: 4-D float mask}`` attention mask
 (``im.family.supports_kv_prefix``), and ``rot_k`` / ``v`` sites.
+
+Inside :func:`mishax_py.distributed.split` the packed rows (row templates) are dealt to the ranks, so each
+rank runs whole rows packed as one process packs them (dealing single patches would break the pairs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.devices import execution_device, model_dtype
+from mishax_py.distributed import active_split
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.inputs import Metric, metric_float
 from mishax_py.memory import available_ram, estimate_run, get_max_memory, memory_budget
@@ -39,7 +44,7 @@ if TYPE_CHECKING:
     from mishax_py.cache import ActivationCache
     from mishax_py.instrumented import InstrumentedModel
 
-__all__ = ["GridPatch", "PrefixKV", "default_rows", "packed_sites", "run_packed"]
+__all__ = ["GridPatch", "PrefixKV", "default_rows", "largest_pass_rows", "packed_sites", "run_packed"]
 
 
 @dataclass
@@ -130,6 +135,18 @@ def _pack(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
     return rows
 
 
+def largest_pass_rows(patches: Sequence[GridPatch], T: int, B: int, rows_per_pass: int) -> int:
+    """The rows of the largest forward :func:`run_packed` makes for ``patches`` (an upper bound when some are
+    skipped as equal): per layer, the templates packed from its patches, at most ``rows_per_pass // B`` of
+    them per pass, each ``B`` rows."""
+    per_pass = max(1, rows_per_pass // B)
+    most = 0
+    for layer in {p.layer for p in patches}:
+        templates = _pack([_Segment(i, p.start, T) for i, p in enumerate(patches) if p.layer == layer], T + 1)
+        most = max(most, min(len(templates), per_pass))
+    return max(most, 1) * B
+
+
 def default_rows(im: InstrumentedModel, row_len: int, cache_len: int, *, max_memory: int | str | None = None) -> int:
     """Rows per packed forward from a memory estimate.
 
@@ -141,14 +158,14 @@ def default_rows(im: InstrumentedModel, row_len: int, cache_len: int, *, max_mem
     :func:`mishax_py.memory.set_max_memory`).
     """
     per_row = estimate_run(im, 1, row_len, kv_len=cache_len).total
-    param = next(im.model.parameters())
-    if param.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(param.device)
+    device = execution_device(im)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         budget = free // 2
     else:
         budget = min(available_ram() // 4, 2 << 30)
     if max_memory is not None or get_max_memory() is not None:
-        budget = min(budget, memory_budget(param.device, max_memory))
+        budget = min(budget, memory_budget(device, max_memory))
     return max(1, int(budget // per_row))
 
 
@@ -163,7 +180,7 @@ def run_packed(im: InstrumentedModel, kind: str, todo: list[GridPatch], values: 
     """
     B, T = base_ids.shape
     n_layers = im.n_layers
-    dtype = next(im.model.parameters()).dtype
+    dtype = model_dtype(im)
 
     # per layer: the base run's keys/values as the attention sees them, [B, kv, T, d]
     lo = min(p.layer for p in todo)
@@ -176,27 +193,59 @@ def run_packed(im: InstrumentedModel, kind: str, todo: list[GridPatch], values: 
         raise ValueError(f"batch_size must be >= 1, got {rows_per_pass}")
     per_pass = max(1, rows_per_pass // B)  # templates per pass (a pass holds all B rows of a template)
 
-    # group by layer, pack each layer's patches into row templates, cut into passes
-    passes: list[tuple[int, list[list[_Segment]]]] = []
+    # group by layer, pack each layer's patches into row templates (cut into passes by `run`)
+    rows_all: list[tuple[int, list[_Segment]]] = []
     for layer in sorted({p.layer for p in todo}):
-        templates = _pack([_Segment(i, p.start, T) for i, p in enumerate(todo) if p.layer == layer], capacity)
-        passes += [(layer, templates[k:k + per_pass]) for k in range(0, len(templates), per_pass)]
+        segments = [_Segment(i, p.start, T) for i, p in enumerate(todo) if p.layer == layer]
+        rows_all += [(layer, t) for t in _pack(segments, capacity)]
 
-    bar = progress_bar(len(passes), "patching", progress, unit="pass")
-    try:
-        for layer, templates in passes:
-            out = _packed_pass(im, kind, layer, templates, todo, base_ids, base_cache, source_cache, keys, vals, dtype)
-            for t, template in enumerate(templates):
-                for seg in template:
-                    full = torch.stack([
-                        torch.cat([base_logits[b, : seg.start], out[t * B + b, seg.offset: seg.offset + seg.length]])
-                        for b in range(B)
-                    ])
-                    values[todo[seg.patch].index] = metric_float(metric(full), "metric(patched logits)")
-            del out
-            bar.update(1)
-    finally:
-        bar.close()
+    def run(chosen: list[int]) -> None:
+        """Run the row templates ``rows_all[k]``, ``k`` in ``chosen`` (ascending), ``per_pass`` of a layer per pass."""
+        passes: list[tuple[int, list[list[_Segment]]]] = []
+        for k in chosen:
+            layer, template = rows_all[k]
+            if passes and passes[-1][0] == layer and len(passes[-1][1]) < per_pass:
+                passes[-1][1].append(template)
+            else:
+                passes.append((layer, [template]))
+        bar = progress_bar(len(passes), "patching", progress, unit="pass")
+        try:
+            for layer, templates in passes:
+                out = _packed_pass(im, kind, layer, templates, todo, base_ids, base_cache, source_cache, keys, vals,
+                                   dtype)
+                for t, template in enumerate(templates):
+                    for seg in template:
+                        full = torch.stack([
+                            torch.cat([base_logits[b, : seg.start],
+                                       out[t * B + b, seg.offset: seg.offset + seg.length]])
+                            for b in range(B)
+                        ])
+                        values[todo[seg.patch].index] = metric_float(metric(full), "metric(patched logits)")
+                del out
+                bar.update(1)
+        finally:
+            bar.close()
+
+    sp = active_split()
+    if sp is None:
+        run(list(range(len(rows_all))))
+        return
+    # mishax_py.distributed.split(): each rank runs its share of the row templates (whole packed rows, so the
+    # packing is one process's); every rank gets every patch's metric
+    width = max(len(t) for _, t in rows_all)
+
+    def share(mine: list[int]) -> torch.Tensor:
+        run(mine)
+        done = torch.full((len(mine), width), float("nan"))
+        for r, k in enumerate(mine):
+            for j, seg in enumerate(rows_all[k][1]):
+                done[r, j] = values[todo[seg.patch].index]
+        return done
+
+    done = sp.map(len(rows_all), share, what="activation_patching packed rows")
+    for k, (_, template) in enumerate(rows_all):
+        for j, seg in enumerate(template):
+            values[todo[seg.patch].index] = done[k, j]
 
 
 def _layer_windows(im: InstrumentedModel) -> tuple[list[str], dict[str, int | None]]:
@@ -246,10 +295,14 @@ def _packed_pass(im: InstrumentedModel, kind: str, layer: int, templates: list[l
 
     pos_d = pos.repeat_interleave(B, dim=0).to(device)  # [R, S]; row t * B + b
     row_b = torch.arange(B, device=device).repeat(n_t)  # [R]
-    kv = PrefixKV({i: keys[i][row_b] for i in keys if i >= layer}, {i: vals[i][row_b] for i in vals if i >= layer}, T)
+    # each layer's keys/values (and cached values) stay on that layer's device (a model split by accelerate)
+    kv = PrefixKV({i: keys[i][row_b.to(keys[i].device)] for i in keys if i >= layer},
+                  {i: vals[i][row_b.to(vals[i].device)] for i in vals if i >= layer}, T)
     start_site, patch_site = im.layer_site(layer, "resid_pre"), im.layer_site(layer, kind)
-    start_value = base_cache[start_site][row_b[:, None], pos_d]  # [R, S, d]
-    patch_fn = _packed_patch(kind, templates, todo, source_cache[patch_site], B, T, device)
+    base_start = base_cache[start_site]
+    start_value = base_start[row_b[:, None].to(base_start.device), pos_d.to(base_start.device)]  # [R, S, d]
+    source = source_cache[patch_site]  # on the patched layer's device, as the value it is written into
+    patch_fn = _packed_patch(kind, templates, todo, source, B, T, source.device)
 
     ctx = RunContext()
     ctx.start_layer = layer

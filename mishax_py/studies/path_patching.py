@@ -19,6 +19,8 @@ is the metric of step 3; ``res.clean`` / ``res.corrupt`` the unpatched runs' met
 does this for every head alone as the sender and returns a ``[layer, head]`` result.
 
 ``interventions=`` apply in every run (both caches, step 2 and step 3), before the study's own edits.
+Inside :func:`mishax_py.distributed.split`, ``path_patching_by_head`` runs steps 2 and 3 of each rank's share
+of the sender heads there; every rank returns the whole grid.
 """
 
 from __future__ import annotations
@@ -28,9 +30,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mishax_py.execution.sweep import sweep
+from mishax_py.devices import execution_device
+from mishax_py.distributed import active_split
+from mishax_py.execution.sweep import chunk_estimate, default_batch_size, sweep
 from mishax_py.inputs import Ids, Metric, metric_float, prompt_pair
 from mishax_py.interventions import Hook, Intervention, Patch, PositionsLike
+from mishax_py.memory import (
+    MemoryEstimate,
+    cache_bytes,
+    check_estimate,
+    checked,
+    estimate_run,
+    memory_budget,
+    register_estimator,
+    rows_and_positions,
+    study_estimate,
+)
 from mishax_py.studies.conventions import check_direction, check_layers, with_interventions
 from mishax_py.studies.result import PatchingResult
 
@@ -39,7 +54,7 @@ if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
     from mishax_py.interventions import Interventions
 
-__all__ = ["Receiver", "Sender", "path_patching", "path_patching_by_head"]
+__all__ = ["Receiver", "Sender", "path_patching", "path_patching_by_head", "path_patching_estimate"]
 
 #: A sender: ``(layer, head)`` (that head's ``attn.z``) or a site name such as ``"blocks.0.mlp_out"``.
 Sender = tuple[int, int] | str
@@ -61,6 +76,7 @@ def path_patching(
     freeze_mlps: bool = False,
     sender_positions: PositionsLike = None,
     receiver_positions: PositionsLike = None,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> PatchingResult:
     """The metric after patching the effect of ``senders`` on ``receivers`` through direct paths only.
@@ -86,6 +102,9 @@ def path_patching(
             an int, a list, a slice, or one list per batch row (e.g. each prompt's subject token).
         receiver_positions: the positions at which receivers are patched in step 3 (default all),
             e.g. the final token for the name-mover queries of the IOI circuit (Wang et al.).
+        max_memory: the memory budget (bytes or ``"8GiB"``; default :func:`mishax_py.memory.memory_budget`):
+            the peak (:func:`path_patching_estimate`) is checked before any forward, and a run that cannot fit
+            raises :class:`~mishax_py.memory.MemoryBudgetError` naming estimate and budget.
         **hf_kwargs: passed to the model (``attention_mask``, ...).
 
     Returns a 0-dim :class:`PatchingResult`: ``float(res)`` is the metric of step 3 (compare with
@@ -100,10 +119,15 @@ def path_patching(
     recv_heads, recv_sites = _parse_receivers(im, receivers, freeze_mlps)
     base, source = (clean, corrupt) if direction == "noise" else (corrupt, clean)
     frozen = _frozen_sites(im, freeze_mlps)
-    with torch.no_grad():
+    wanted = [im.layer_site(layer, "attn.z") for layer in sender_heads] + sender_sites
+    recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
+    est = path_patching_estimate(im, *rows_and_positions(clean), frozen, list(dict.fromkeys(wanted)), recorded, 1,
+                                 max_memory)
+    check_estimate(est, max_memory=max_memory, device=execution_device(im),
+                   reduce=f"patch fewer prompt rows at a time (clean_ids has {clean.shape[0]}) or fewer positions")
+    with torch.no_grad(), checked():
         # 1. the base and source caches
         base_logits, base_cache = im.run_with_cache(base, sites=frozen, interventions=interventions, **hf_kwargs)
-        wanted = [im.layer_site(layer, "attn.z") for layer in sender_heads] + sender_sites
         source_logits, source_cache = im.run_with_cache(source, sites=list(dict.fromkeys(wanted)),
                                                         interventions=interventions, **hf_kwargs)
         base_metric = metric_float(metric(base_logits), "metric(base logits)")
@@ -111,7 +135,6 @@ def path_patching(
         del base_logits, source_logits
         # 2. senders from the source run, everything else frozen; record the receivers
         step2 = _path_step2(im, base_cache, source_cache, sender_heads, sender_sites, freeze_mlps, sender_positions)
-        recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
         _, step2_cache = im.run_with_cache(base, sites=recorded, interventions=with_interventions(interventions, step2),
                                            **hf_kwargs)
         # 3. the base run with only the receivers patched
@@ -140,6 +163,7 @@ def path_patching_by_head(
     freeze_mlps: bool = False,
     sender_positions: PositionsLike = None,
     receiver_positions: PositionsLike = None,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> PatchingResult:
     """:func:`path_patching` with each attention head alone as the sender: a ``[layer, head]`` grid.
@@ -165,28 +189,42 @@ def path_patching_by_head(
     z_sites = [im.layer_site(i, "attn.z") for i in range(im.n_layers)]
     senders = [(layer, head) for layer in layer_list for head in range(n_heads)]
     recorded = list(dict.fromkeys(list(recv_heads) + recv_sites))
-    with torch.no_grad():
+    est = path_patching_estimate(im, *rows_and_positions(clean), frozen, z_sites, recorded, len(senders), max_memory,
+                                 batch_size=batch_size)
+    check_estimate(est, max_memory=max_memory, device=execution_device(im),
+                   reduce=f"patch fewer sender layers, fewer prompt rows (clean_ids has {clean.shape[0]}), or pass a "
+                          "smaller batch_size")
+    with torch.no_grad(), checked():
         base_logits, base_cache = im.run_with_cache(base, sites=frozen, interventions=interventions, **hf_kwargs)
         source_logits, source_cache = im.run_with_cache(source, sites=z_sites, interventions=interventions,
                                                         **hf_kwargs)
         base_metric = metric_float(metric(base_logits), "metric(base logits)")
         source_metric = metric_float(metric(source_logits), "metric(source logits)")
         del base_logits, source_logits
-        # 2. per sender head: senders from the source, the rest frozen; a Hook keeps each receiver's value
-        step2_values: list[dict[str, torch.Tensor]] = [{} for _ in senders]
-        step2 = []
-        for j, (layer, head) in enumerate(senders):
-            variant = _path_step2(im, base_cache, source_cache, {layer: [head]}, [], freeze_mlps, sender_positions)
-            for name in recorded:
-                variant.setdefault(name, []).append(Hook(_keep_into(step2_values[j], name)))
-            step2.append(with_interventions(interventions, variant))
-        sweep(im, base, step2, metric=_discard, batch_size=batch_size, progress=progress, **hf_kwargs)
-        # 3. per sender head: the base run with only the receivers patched to their step-2 values
-        step3 = [with_interventions(interventions, _path_step3(values, recv_heads, recv_sites, receiver_positions))
-                 for values in step2_values]
-        results = sweep(im, base, step3, metric=metric, batch_size=batch_size, progress=progress, **hf_kwargs)
-    values = torch.tensor([metric_float(r, "metric(path-patched logits)") for r in results],
-                          dtype=torch.float32).view(len(layer_list), n_heads)
+
+        def run(chosen: list[int]) -> torch.Tensor:
+            """Steps 2 and 3 for the sender heads ``senders[j]``, ``j`` in ``chosen``: their metrics ``[len]``."""
+            # 2. per sender head: senders from the source, the rest frozen; a Hook keeps each receiver's value
+            step2_values: list[dict[str, torch.Tensor]] = [{} for _ in chosen]
+            step2 = []
+            for j, (layer, head) in enumerate(senders[i] for i in chosen):
+                variant = _path_step2(im, base_cache, source_cache, {layer: [head]}, [], freeze_mlps, sender_positions)
+                for name in recorded:
+                    variant.setdefault(name, []).append(Hook(_keep_into(step2_values[j], name)))
+                step2.append(with_interventions(interventions, variant))
+            sweep(im, base, step2, metric=_discard, batch_size=batch_size, progress=progress, max_memory=max_memory,
+                  **hf_kwargs)
+            # 3. per sender head: the base run with only the receivers patched to their step-2 values
+            step3 = [with_interventions(interventions, _path_step3(values, recv_heads, recv_sites, receiver_positions))
+                     for values in step2_values]
+            results = sweep(im, base, step3, metric=metric, batch_size=batch_size, progress=progress,
+                            max_memory=max_memory, **hf_kwargs)
+            return torch.tensor([metric_float(r, "metric(path-patched logits)") for r in results], dtype=torch.float32)
+
+        sp = active_split()  # mishax_py.distributed.split(): each rank runs its share of the sender heads
+        flat = (run(list(range(len(senders)))) if sp is None
+                else sp.map(len(senders), run, what="path_patching_by_head sender heads"))
+    values = flat.view(len(layer_list), n_heads)
     labels = {"layer": [str(x) for x in layer_list], "head": [str(h) for h in range(n_heads)]}
     clean_metric, corrupt_metric = (base_metric, source_metric) if direction == "noise" else (source_metric,
                                                                                               base_metric)
@@ -294,3 +332,64 @@ def _layer_head(x: Any, n_layers: int, n_heads: int, what: str, form: str) -> tu
     if not (0 <= layer < n_layers and 0 <= head < n_heads):
         raise ValueError(f"{what} {tuple(x)} out of range: layer in [0, {n_layers}), head in [0, {n_heads})")
     return layer, head
+
+
+# -- memory (mishax_py.memory.estimate_memory) ---------------------------------------------------------------------
+def path_patching_estimate(im: InstrumentedModel, B: int, T: int, frozen: Sequence[str], source_sites: Sequence[str],
+                           recorded: Sequence[str], n_senders: int, max_memory: int | str | None, *,
+                           batch_size: int | None = None) -> MemoryEstimate:
+    """The peak of path patching (:func:`mishax_py.memory.estimate_run` for each forward, no grad).
+
+    Held: the base run's cache of the ``frozen`` sites, the source run's of ``source_sites`` and the receivers'
+    step-2 values (``recorded``, once per sender: ``n_senders``). Steps: the caching source run (the base run's
+    logits held), and step 2 and 3 -- one forward of ``B`` rows (:func:`path_patching`) or one sweep chunk of
+    :func:`mishax_py.execution.sweep.default_batch_size` rows (:func:`path_patching_by_head`, ``n_senders``
+    variants, or ``batch_size``).
+    """
+    held = (cache_bytes(im, list(frozen), B, T) + cache_bytes(im, list(source_sites), B, T)
+            + n_senders * cache_bytes(im, list(recorded), B, T))
+    logits = estimate_run(im, B, T, keep_logits=True).parts["logits"]
+    with torch.no_grad():
+        rows = batch_size or (B if n_senders <= 1 else default_batch_size(im, B, T, False, max_memory=max_memory))
+        n = min(max(1, rows // B), max(n_senders, 1))
+        step = chunk_estimate(im, B, T, n, n_senders, False)
+    steps = {"its base and source runs": estimate_run(im, B, T).plus(caches_and_logits=held + logits),
+             f"steps 2 and 3 ({n} sender variant(s) x {B} rows per forward)": step.plus(caches=held)}
+    what = "path_patching_by_head" if n_senders > 1 else "path_patching"
+    return study_estimate(f"{what} ({B} prompt rows x {T} positions)", steps,
+                          budget=memory_budget(execution_device(im), max_memory), chunks={"batch_size": n * B})
+
+
+def _estimate_path_patching(im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids, metric: Metric, *,
+                            senders: Sequence[Sender], receivers: Sequence[Receiver], direction: str = "noise",
+                            interventions: Interventions | None = None, method: str = "exact",
+                            freeze_mlps: bool = False, sender_positions: PositionsLike = None,
+                            receiver_positions: PositionsLike = None, max_memory: int | str | None = None,
+                            **hf_kwargs: Any) -> MemoryEstimate:
+    clean, _ = prompt_pair(im, clean_ids, corrupt_ids)
+    sender_heads, sender_sites = _parse_senders(im, senders)
+    recv_heads, recv_sites = _parse_receivers(im, receivers, freeze_mlps)
+    wanted = [im.layer_site(layer, "attn.z") for layer in sender_heads] + sender_sites
+    return path_patching_estimate(im, *rows_and_positions(clean), _frozen_sites(im, freeze_mlps),
+                                  list(dict.fromkeys(wanted)), list(dict.fromkeys(list(recv_heads) + recv_sites)), 1,
+                                  max_memory)
+
+
+def _estimate_path_patching_by_head(im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids, metric: Metric, *,
+                                    receivers: Sequence[Receiver], direction: str = "noise",
+                                    layers: Sequence[int] | None = None, interventions: Interventions | None = None,
+                                    batch_size: int | None = None, progress: bool | None = None,
+                                    method: str = "exact", freeze_mlps: bool = False,
+                                    sender_positions: PositionsLike = None, receiver_positions: PositionsLike = None,
+                                    max_memory: int | str | None = None, **hf_kwargs: Any) -> MemoryEstimate:
+    clean, _ = prompt_pair(im, clean_ids, corrupt_ids)
+    recv_heads, recv_sites = _parse_receivers(im, receivers, freeze_mlps)
+    n_senders = len(check_layers(layers, im.n_layers)) * im.family.dims.n_heads
+    z_sites = [im.layer_site(i, "attn.z") for i in range(im.n_layers)]
+    return path_patching_estimate(im, *rows_and_positions(clean), _frozen_sites(im, freeze_mlps), z_sites,
+                                  list(dict.fromkeys(list(recv_heads) + recv_sites)), n_senders, max_memory,
+                                  batch_size=batch_size)
+
+
+register_estimator(path_patching, _estimate_path_patching)
+register_estimator(path_patching_by_head, _estimate_path_patching_by_head)

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
+from mishax_py.devices import materialised_weight
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -83,7 +85,8 @@ def _hf(im: InstrumentedModel) -> PreTrainedModel:
 
 
 def _config(im: InstrumentedModel) -> PretrainedConfig:
-    return _hf(im).config
+    """The text decoder's config (a multimodal Gemma 3's ``text_config``)."""
+    return _hf(im).config.get_text_config()
 
 
 def n_heads(im: InstrumentedModel) -> int:
@@ -438,10 +441,9 @@ def sae_activations(im: InstrumentedModel, sae: SAE, ids: torch.Tensor) -> torch
 def _final_norm(im: InstrumentedModel) -> tuple[torch.Tensor, float]:
     """The final norm's weight ``w`` (the norm multiplies by ``1 + w``) and its ``eps``."""
     norm = getattr(_hf(im).get_decoder(), "norm", None)
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+    if not isinstance(norm, torch.nn.Module) or not isinstance(getattr(norm, "weight", None), torch.Tensor):
         raise TypeError(f"{type(im.model).__name__} has no final norm with a weight at get_decoder().norm")
-    return weight.detach().float(), float(getattr(norm, "eps", 1e-6))
+    return materialised_weight(norm).float(), float(getattr(norm, "eps", 1e-6))
 
 
 def unembedding_directions(im: InstrumentedModel, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -453,7 +455,7 @@ def unembedding_directions(im: InstrumentedModel, targets: torch.Tensor | None =
     ``scale * x · direction[t]`` where ``scale = 1 / rms(x_final)`` (:func:`final_norm_scale`).
     De-meaning over the vocabulary removes what raises every logit alike (softmax ignores it).
     """
-    W_U = _hf(im).get_output_embeddings().weight.detach().float()
+    W_U = materialised_weight(_hf(im).get_output_embeddings()).float()  # loaded where accelerate offloads it
     gain = 1.0 + _final_norm(im)[0].to(W_U.device)
     mean = W_U.mean(0)
     rows = W_U if targets is None else W_U[targets.to(W_U.device)]

@@ -1,10 +1,11 @@
-"""``mishax-py demo``: an end-to-end interpretability study of a Gemma 2 model -- the computation.
+"""``mishax-py demo``: an end-to-end interpretability study of a Gemma 2 or Gemma 3 model -- the computation.
 
 This module runs the study and collects every number in one results dict; the analyses it
 runs live in :mod:`mishax_py.zoo.analyses`, the prompts in :mod:`mishax_py.zoo.tasks`, and
 the report (figures, ``index.html``, ``results.json``, every sentence chosen from the
 numbers) in :mod:`mishax_py.zoo.report`. On the bundled ``gemma2-tiny`` (default; offline,
-under a minute on 2 CPU cores) the study:
+under a minute on 2 CPU cores) or ``gemma3-tiny`` (its SAEs and transcoders in Gemma Scope 2's
+layout) the study:
 
 1. **Task accuracy** -- induction and key-value recall accuracy on fresh prompts, by length.
 2. **Activation patching** -- clean ``<bos> A A`` vs corrupt ``<bos> B A`` induction prompts;
@@ -24,8 +25,9 @@ under a minute on 2 CPU cores) the study:
    features, and clamping one feature at the answer position of recall prompts.
 7. **Attribution graph** (when transcoders are bundled) of one induction prompt.
 
-``run_demo(out, model=PATH)`` runs the same study on any Gemma 2 checkpoint folder with
-random-token induction prompts drawn from its vocabulary (the SAE sections are skipped).
+``run_demo(out, model=PATH)`` runs the same study on any Gemma 2 or Gemma 3 checkpoint folder
+(loaded and instrumented by its ``model_type``, :func:`mishax_py.zoo.models.load_checkpoint`)
+with random-token induction prompts drawn from its vocabulary (the SAE sections are skipped).
 
 Why over 500 lines: one function per stage of the study (seven stages, each running its
 analyses and laying out every number it measured as JSON-ready results), plus the model
@@ -93,12 +95,17 @@ class Subject:
     tokenizer: PreTrainedTokenizerBase | None = None
 
     @property
+    def config(self) -> Any:
+        """The text decoder's config (``config.text_config`` of a multimodal Gemma 3, else ``config``)."""
+        return self.model.config.get_text_config()
+
+    @property
     def n_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        return self.im.family.dims.n_layers
 
     @property
     def n_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
+        return self.im.family.dims.n_heads
 
     @property
     def offset(self) -> int:
@@ -122,12 +129,12 @@ class Subject:
 
 
 def load_subject(model: str | None) -> Subject:
-    """The bundled model (``None`` or a zoo name) or a local Gemma 2 checkpoint folder, instrumented.
+    """The bundled model (``None`` or a zoo name) or a local Gemma 2 / Gemma 3 checkpoint folder, instrumented
+    (by its ``model_type``: :func:`mishax_py.zoo.models.instrument`).
 
     Loading is :func:`mishax_py.zoo.models.load_checkpoint` (the CLI's loader); raises
     ``FileNotFoundError`` naming what to fetch when ``model`` is neither.
     """
-    import instrumentation.gemma2 as g2
     from mishax_py.zoo.models import MODELS, instrument, load_checkpoint
 
     name = model or "gemma2-tiny"
@@ -137,7 +144,7 @@ def load_subject(model: str | None) -> Subject:
         content = torch.arange(tasks.CONTENT_START, tasks.VOCAB_SIZE)
         # bundled models are Gemma 2 or Gemma 3: instrument by config.model_type
         return Subject(name, hf, instrument(hf), True, lambda i: names[i], content, tasks.BOS_ID, tok)
-    cfg = hf.config
+    cfg = hf.config.get_text_config()
     special: set[int] = set()
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(cfg, key, None)
@@ -155,7 +162,7 @@ def load_subject(model: str | None) -> Subject:
         return str(s) if s is not None else str(i)
 
     bos = cfg.bos_token_id if isinstance(cfg.bos_token_id, int) else None
-    return Subject(str(Path(name)), hf, g2.instrument(hf), False, token_name, pool, bos, tok)
+    return Subject(str(Path(name)), hf, instrument(hf), False, token_name, pool, bos, tok)
 
 
 # ----------------------------------------------------------------------------------- study
@@ -217,10 +224,11 @@ def compute_results(model: str | None = None, *, progress: bool = True, seed: in
     try:
         st.start("load")
         subject = load_subject(model)
-        cfg = subject.model.config
+        cfg = subject.config
         results["model"] = {
             "name": subject.name, "bundled": subject.bundled, "n_layers": subject.n_layers,
-            "family": "Gemma 3" if str(getattr(cfg, "model_type", "")).startswith("gemma3") else "Gemma 2",
+            "family": "Gemma 3" if str(getattr(subject.model.config, "model_type", "")).startswith("gemma3")
+            else "Gemma 2",
             "n_heads": subject.n_heads, "n_kv_heads": int(cfg.num_key_value_heads), "d_model": int(cfg.hidden_size),
             "vocab_size": int(cfg.vocab_size), "layer_types": list(getattr(cfg, "layer_types", None) or []),
             "sliding_window": getattr(cfg, "sliding_window", None),
@@ -488,10 +496,12 @@ def _sae_features(subject: Subject, named: list[A.Head], seed: int) -> tuple[Res
             "promoted_tokens": [subject.token_name(int(t)) for t in promoted[j]],
             "promoted_token_ids": [int(t) for t in promoted[j]], "promotion_margin": float(top2[0] - top2[1]),
         })  # fmt: skip
+    full_registry = sae_registry(subject.name)
     registry = [{k: e[k] for k in ("name", "kind", "site", "output_site", "d_sae", "l0", "fvu", "delta_lm_loss")
-                 if k in e} for e in sae_registry(subject.name)["saes"]]  # fmt: skip
+                 if k in e} for e in full_registry["saes"]]  # fmt: skip
     return {
         "available": True, "sae": name, "site": sae.site, "layer": layer, "induction_layer": top_layer,
+        "format": full_registry.get("format", "gemma_scope_npz"),
         "d_sae": sae.d_sae, "registry": sae.metadata.get("registry", {}), "bundled_saes": registry,
         "prompts": len(data), "top_k_carriers": TOP_K_CARRIERS, "n_carrier_features": int((counts > 0).sum()),
         "features": feats, "l0_on_prompts": float(on[:, 1:].sum(-1).float().mean()),
@@ -557,7 +567,7 @@ def _attribution_graph(subject: Subject, seed: int) -> tuple[Results, dict[str, 
         predicted = int(subject.im.run(ids)[0, -1].argmax())
     graph = attribution_graph(subject.im, ids, list(found.values()), tokenizer=subject.tokenizer, max_n_logits=3,
                               batch_size=64, progress=False)  # fmt: skip
-    names = [subject.token_name(i) for i in range(int(subject.model.config.vocab_size))]
+    names = [subject.token_name(i) for i in range(int(subject.config.vocab_size))]
     srcs = [(_node_name(node, names), float(w)) for node, w in graph.top_sources(graph.logit_index(0), k=6)]
     data = graph.to_json()
     return {

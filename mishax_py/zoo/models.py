@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel
 
 __all__ = [
-    "ZooModel", "MODELS", "DATA_DIR", "INSTRUMENTATION", "model_path", "load", "load_checkpoint", "build_tokenizer",
-    "instrument",
+    "ZooModel", "MODELS", "DATA_DIR", "INSTRUMENTATION", "FAMILY_LABELS", "model_path", "load", "load_checkpoint",
+    "build_tokenizer", "instrument", "supported_model_types",
 ]  # fmt: skip
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -88,12 +88,21 @@ MODELS: dict[str, ZooModel] = {
     ),
 }
 
-# config.model_type -> (transformers causal-LM class name, instrumentation module) for the
-# checkpoints the zoo loads: the bundled models and local Gemma 2 / Gemma 3 text folders.
+# config.model_type -> (transformers class name, instrumentation module) for the checkpoints the zoo
+# loads: the bundled models and local Gemma 2 / Gemma 3 folders (``gemma3``: the multimodal 4B-27B
+# checkpoints, whose text decoder is instrumented).
 INSTRUMENTATION: dict[str, tuple[str, str]] = {
     "gemma2": ("Gemma2ForCausalLM", "instrumentation.gemma2"),
     "gemma3_text": ("Gemma3ForCausalLM", "instrumentation.gemma3"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "instrumentation.gemma3"),
 }
+#: config.model_type -> the family's name as the CLI and the demo print it.
+FAMILY_LABELS: dict[str, str] = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "gemma3": "Gemma 3"}
+
+
+def supported_model_types() -> str:
+    """The ``model_type`` values the zoo loads, for error messages: ``'gemma2', 'gemma3_text', 'gemma3'``."""
+    return ", ".join(repr(t) for t in INSTRUMENTATION)
 
 
 def _model_class(folder: Path) -> type[PreTrainedModel]:
@@ -108,7 +117,7 @@ def _model_class(folder: Path) -> type[PreTrainedModel]:
     model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
     if model_type not in INSTRUMENTATION:
         raise ValueError(f"{folder}: config.json model_type {model_type!r} is not supported "
-                         f"(supported: {', '.join(INSTRUMENTATION)})")  # fmt: skip
+                         f"(supported: {supported_model_types()})")  # fmt: skip
     cls: type[PreTrainedModel] = getattr(transformers, INSTRUMENTATION[model_type][0])
     return cls
 
@@ -124,7 +133,7 @@ def instrument(model: PreTrainedModel) -> InstrumentedModel:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in INSTRUMENTATION:
         raise ValueError(f"no instrumentation for model_type {model_type!r} "
-                         f"(supported: {', '.join(INSTRUMENTATION)})")  # fmt: skip
+                         f"(supported: {supported_model_types()})")  # fmt: skip
     module = importlib.import_module(INSTRUMENTATION[model_type][1])
     im: InstrumentedModel = module.instrument(model)
     return im
@@ -216,9 +225,12 @@ def load(
 def load_checkpoint(
     name_or_path: str, *, tokenizer: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load a bundled model by name, or a local Gemma 2 checkpoint folder, offline.
+    """Load a bundled model by name, or a local Gemma 2 / Gemma 3 checkpoint folder, offline.
 
-    The one loader behind ``mishax-py sites --model`` and ``mishax-py demo --model``.
+    The one loader behind ``mishax-py sites --model`` and ``mishax-py demo --model``. A folder's
+    class follows its config's ``model_type`` (``INSTRUMENTATION``: ``Gemma2ForCausalLM``,
+    ``Gemma3ForCausalLM``, ``Gemma3ForConditionalGeneration``); :func:`instrument` then picks the
+    instrumentation module the same way.
 
     Args:
         name_or_path: a key of ``MODELS`` (see :func:`load`) or a folder written by
@@ -232,6 +244,7 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: ``name_or_path`` is neither a bundled model nor a folder (the message
             says what to download), or a bundled model's files are missing.
+        ValueError: the folder's ``model_type`` is not one the zoo loads (names it and the supported ones).
     """
     if name_or_path in MODELS:
         bundled, bundled_tok = load(name_or_path)
@@ -242,9 +255,7 @@ def load_checkpoint(
             f"{name_or_path!r} is neither a bundled model ({', '.join(MODELS)}) nor a local folder. Download a "
             "checkpoint first (e.g. `hf download google/gemma-2-2b --local-dir DIR`) and pass DIR."
         )
-    from transformers import Gemma2ForCausalLM
-
-    model = Gemma2ForCausalLM.from_pretrained(folder, attn_implementation="eager", local_files_only=True).eval()
+    model = _model_class(folder).from_pretrained(folder, attn_implementation="eager", local_files_only=True).eval()
     tok: PreTrainedTokenizerBase | None = None
     tok_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if tokenizer and any((folder / f).is_file() for f in tok_files):

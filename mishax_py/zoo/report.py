@@ -224,6 +224,14 @@ def attention_sentence(att: Results) -> str:
             "attention on this prompt: " + "; ".join(parts) + ".")
 
 
+def _sae_files(sf: Results) -> str:
+    """How the bundled SAEs are stored, by the registry's ``format`` (results.json before it: Gemma Scope)."""
+    if sf.get("format") == "gemma_scope_2":
+        return ("Gemma Scope 2 folders, <code>params.safetensors</code> + <code>config.json</code> whose hook points "
+                "give the sites,")
+    return "Gemma Scope <code>params.npz</code> files"
+
+
 def sae_site_sentence(sf: Results) -> str:
     """Which SAE's features are studied, and where it reads relative to the induction heads."""
     layer, ind = sf["layer"], sf["induction_layer"]
@@ -380,7 +388,7 @@ def _sae_section(r: Results) -> Section:
     return Section(
         title,
         [
-            "Bundled JumpReLU SAEs and transcoders (Gemma Scope <code>params.npz</code> files loaded with "
+            f"Bundled JumpReLU SAEs and transcoders ({_sae_files(sf)} loaded with "
             "<code>saes.load</code>; numbers measured on held-out task prompts; Δ LM loss: increase of the "
             "cross-entropy on the tasks' scored tokens when the site is replaced by the reconstruction).",
             sae_site_sentence(sf) + " At every position of the repeated half, each feature's direct effect on the "

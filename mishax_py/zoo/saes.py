@@ -1,14 +1,24 @@
-"""SAEs and transcoders shipped for the bundled models (``load_saes("gemma2-tiny")``).
+"""SAEs and transcoders shipped for the bundled models (``load_saes("gemma2-tiny")``, ``load_saes("gemma3-tiny")``).
 
-The files live in ``mishax_py/zoo/data/<model>-saes/``: one folder per SAE holding a
-Gemma Scope ``params.npz`` (``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``;
-float32) and a ``registry.json`` written by ``scripts/train_tiny_saes.py`` with, per SAE:
-``name``, ``kind`` (``"sae"`` or ``"transcoder"``), ``site`` / ``output_site``, ``d_in``,
-``d_sae``, and the numbers measured on held-out task prompts -- ``l0``, ``fvu``,
+The files live in ``mishax_py/zoo/data/<model>-saes/``, in the layout of the release each family's
+SAEs come in:
+
+* ``gemma2-tiny``: Gemma Scope -- one folder per SAE holding a ``params.npz`` (``W_enc``, ``W_dec``,
+  ``b_enc``, ``b_dec``, ``threshold``; float32); transcoders read ``blocks.L.ln2_normalized``.
+* ``gemma3-tiny``: Gemma Scope 2 (:mod:`saes.gemma_scope_2`) -- ``resid_post/layer_{L}_width_{W}_l0_small/``
+  and ``transcoder/layer_{L}_width_{W}_l0_small/``, each holding ``params.safetensors`` (``w_enc``,
+  ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``; float32) and ``config.json`` (``hf_hook_point_in``/``_out``
+  name the transformers modules, from which the loader infers the sites); transcoders read
+  ``blocks.L.ln2`` (the pre-feedforward norm's output) and write ``blocks.L.mlp_out``.
+
+Each folder has a ``registry.json`` written by ``scripts/train_tiny_saes.py`` (``--model``) with, per
+SAE: ``name``, ``kind`` (``"sae"`` or ``"transcoder"``), ``site`` / ``output_site``, ``path`` (relative),
+``d_in``, ``d_sae``, and the numbers measured on held-out task prompts -- ``l0``, ``fvu``,
 ``dead_fraction``, ``delta_lm_loss`` (increase of the task cross-entropy when the site
 is replaced by the reconstruction) and the task accuracies when spliced.
 
-Loading goes through the real Gemma Scope loader, ``saes.load(path, site=..., output_site=...)``.
+Loading goes through the real loaders, ``saes.load(path, site=..., output_site=...)`` (Gemma Scope's
+``params.npz`` or Gemma Scope 2's folder).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from mishax_py.zoo.models import DATA_DIR
 __all__ = ["SAE_MODELS", "sae_dir", "sae_registry", "has_saes", "load_saes"]
 
 # Bundled model name -> folder (under ``DATA_DIR``) holding its SAEs and registry.json.
-SAE_MODELS: dict[str, str] = {"gemma2-tiny": "gemma2-tiny-saes"}
+SAE_MODELS: dict[str, str] = {"gemma2-tiny": "gemma2-tiny-saes", "gemma3-tiny": "gemma3-tiny-saes"}
 
 
 def sae_dir(model: str = "gemma2-tiny") -> Path:
@@ -46,7 +56,8 @@ def sae_registry(model: str = "gemma2-tiny") -> dict[str, Any]:
     """
     path = sae_dir(model) / "registry.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; rebuild the SAEs with `python scripts/train_tiny_saes.py`")
+        raise FileNotFoundError(f"{path} is missing; rebuild the SAEs with "
+                                f"`python scripts/train_tiny_saes.py --model {model}`")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -57,10 +68,10 @@ def load_saes(
     kind: str | None = None,
     device: Any = None,
 ) -> dict[str, Any]:
-    """Load the bundled SAEs of ``model`` through ``saes.load`` (the Gemma Scope ``params.npz`` loader).
+    """Load the bundled SAEs of ``model`` through ``saes.load`` (the Gemma Scope / Gemma Scope 2 loaders).
 
     Args:
-        model: a bundled model with SAEs (``"gemma2-tiny"``).
+        model: a bundled model with SAEs (``"gemma2-tiny"``, ``"gemma3-tiny"``).
         names: only these registry names (default: all), e.g. ``["res-L1", "transcoder-L1"]``.
         kind: only ``"sae"`` or only ``"transcoder"`` entries.
         device: move the parameters there.

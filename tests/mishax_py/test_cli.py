@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 import mishax_py.cli as cli
 from mishax_py.cli import main
 from mishax_py.zoo.models import model_path
-from tests.helpers import make_model, needs_model
+from tests.helpers import make_gemma3, make_model, needs_model
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -65,6 +65,50 @@ def test_a_filter_matching_no_site_is_one_line(ckpt: Path, capsys: pytest.Captur
     assert main(["sites", "--model", str(ckpt), "--filter", pattern]) == 2
     line = one_error_line(capsys)
     assert repr(pattern) in line and says in line, line
+
+
+def test_sites_on_a_gemma3_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model DIR`` of a ``Gemma3ForCausalLM`` folder: loaded as Gemma 3 and instrumented by
+    ``instrumentation.gemma3`` (its own sites listed), through the zoo's dispatch by ``model_type``."""
+    ckpt = tmp_path / "gemma3"
+    make_gemma3(seed=3).save_pretrained(ckpt)
+    capsys.readouterr()
+    assert main(["sites", "--model", str(ckpt), "--filter", "blocks.*.attn.q_normed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Gemma 3: 6 layers, d_model 32, 4 heads (2 kv) × d_head 8, d_mlp 48, vocab 64"
+    assert [line.split()[0] for line in lines[1:-1]] == [f"blocks.{i}.attn.q_normed" for i in range(6)]
+    assert lines[-1] == "6 sites"
+    assert main(["sites", "--model", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.5.attn.k_normed" in out and "blocks.0.attn.rot_q" in out
+
+
+def test_sites_on_a_multimodal_gemma3_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``Gemma3ForConditionalGeneration`` folder (model_type ``gemma3``): the text decoder's sites."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = make_gemma3(seed=4).config
+    text.vocab_size = 300
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                       boi_token_index=297, eoi_token_index=298)
+    ckpt = tmp_path / "gemma3-mm"
+    Gemma3ForConditionalGeneration(cfg).eval().save_pretrained(ckpt)
+    capsys.readouterr()
+    assert main(["sites", "--model", str(ckpt), "--filter", "blocks.2.attn.*_normed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Gemma 3: 6 layers, d_model 32, 4 heads (2 kv) × d_head 8, d_mlp 48, vocab 300"
+    assert [line.split()[0] for line in lines[1:-1]] == ["blocks.2.attn.q_normed", "blocks.2.attn.k_normed"]
+
+
+def test_an_unsupported_model_type_names_it_and_the_supported_ones(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = _folder(tmp_path, "llama")
+    (path / "model.safetensors").write_text("unused")
+    assert main(["sites", "--model", str(path)]) == 2
+    line = one_error_line(capsys)
+    assert "model_type 'llama'" in line and all(t in line for t in ("'gemma2'", "'gemma3_text'", "'gemma3'")), line
 
 
 def _folder(tmp_path: Path, kind: str) -> Path:

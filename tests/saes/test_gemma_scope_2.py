@@ -36,7 +36,7 @@ def gs2_params(seed: int = 0, *, affine: bool = False) -> dict[str, torch.Tensor
         "threshold": torch.rand(D_SAE, generator=g) * 0.5,
     }
     if affine:
-        p["affine_skip_connection"] = torch.randn(D, D, generator=g) / D**0.5  # [d_out, d_in], not symmetric
+        p["affine_skip_connection"] = torch.randn(D, D, generator=g) / D**0.5  # [d_in, d_out], not symmetric
     return p
 
 
@@ -87,8 +87,8 @@ def formula(p: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, 
     pre = x @ p["w_enc"] + p["b_enc"]
     f = (pre > p["threshold"]) * torch.relu(pre)
     x_hat = f @ p["w_dec"] + p["b_dec"]
-    if "affine_skip_connection" in p:
-        x_hat = x_hat + x @ p["affine_skip_connection"].T
+    if "affine_skip_connection" in p:  # x @ A, untransposed (saes.gemma_scope_2 docs: the sources)
+        x_hat = x_hat + x @ p["affine_skip_connection"]
     return f, x_hat
 
 

@@ -74,6 +74,11 @@ for atp-layer, whose replicas run one layer without gradients), so memory is bou
 head-chunk by head-chunk in float64, its ``[batch, heads, q, k]`` temporaries bounded by
 :data:`mishax_py.studies.attribution.qk.MAX_CHUNK_ELEMENTS`. Long runs show a progress bar
 (``progress=True``/``False``; default: on a terminal only).
+
+Across processes (inside :func:`mishax_py.distributed.split`): ``"atp*"``/GradDrop splits its replicas,
+``"atp-layer"`` its elements, ``"ig"`` its ``layers x steps`` interpolations and ``"ig-input"`` its steps over
+the ranks; plain ``"atp"`` (with or without the QK fix) is one forward and backward that every rank runs
+whole. Every rank returns the whole estimate.
 """
 
 from __future__ import annotations
@@ -83,8 +88,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mishax_py.devices import execution_device
 from mishax_py.inputs import Ids, Metric, prompt_pair
+from mishax_py.memory import (
+    MemoryEstimate,
+    announce_chunking,
+    check_estimate,
+    checked,
+    register_estimator,
+    rows_and_positions,
+)
 from mishax_py.studies.attribution.atp import atp_estimate
+from mishax_py.studies.attribution.budget import attribution_estimate, default_batch_size, replica_rows
 from mishax_py.studies.attribution.gradients import IG_STEPS, check_steps, plain_run, site_gradients
 from mishax_py.studies.attribution.ig import ig_estimate, ig_input_estimate
 from mishax_py.studies.attribution.layer import atp_layer_estimate
@@ -135,6 +150,7 @@ def attribution_patching(
     qk_fix: bool | None = None,
     graddrop: bool | None = None,
     pos_labels: Sequence[str] | None = None,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> AttributionResult:
     """Estimate activation patching of ``site`` at every layer (and position/head) from gradients.
@@ -169,6 +185,11 @@ def attribution_patching(
             (default: on for ``"atp*"`` on those sites).
         graddrop: AtP* GradDrop (default: on for ``"atp*"``); see :mod:`mishax_py.studies.attribution.atp`.
         pos_labels: tick labels of the position axis, one per patched position.
+        max_memory: the memory budget (bytes or ``"8GiB"``; default :func:`mishax_py.memory.memory_budget`).
+            Before any forward the peak is estimated (:func:`mishax_py.memory.estimate_memory` gives the same
+            estimate): the default ``batch_size`` of the replicated methods shrinks to fit it, with a
+            :class:`~mishax_py.memory.MemoryChunkingWarning` naming the chunk, and a run that cannot fit even
+            one replica per forward raises :class:`~mishax_py.memory.MemoryBudgetError` naming estimate and budget.
         **hf_kwargs: passed to the model (e.g. ``attention_mask``).
 
     Returns:
@@ -201,24 +222,36 @@ def attribution_patching(
         check_steps(steps)
     if batch_size is not None and batch_size < batch:
         raise ValueError(f"batch_size ({batch_size}) must be at least the input batch ({batch})")
-    batch_size = batch_size or (32 if method == "atp-layer" else 8) * batch  # atp-layer: one layer, no grad
+    n_elements = _elements_per_site(im, plan.by, len(pos_list))
+    est = attribution_estimate(im, batch, n_pos, plan.names, method, steps=steps, batch_size=batch_size,
+                               qk_fix=bool(qk_fix), graddrop=bool(graddrop), max_memory=max_memory,
+                               n_elements=n_elements)
+    check_estimate(est, max_memory=max_memory, device=execution_device(im),
+                   reduce=f"attribute fewer layers or positions, or fewer prompt rows (clean_ids has {batch})")
+    if batch_size is None:
+        batch_size = est.chunks["batch_size"]
+        announce_chunking(f"attribution_patching(method={method!r})", batch_size,
+                          min(default_batch_size(method, batch), replica_rows(im, method, batch, len(plan.names),
+                                                                                 steps, bool(graddrop), n_elements)),
+                          "rows", est.budget or 0)
     pos_mask = torch.zeros(n_pos, dtype=torch.bool, device=clean.device)
     pos_mask[pos_list] = True
 
     source, target = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
     grid = Grid(plan=plan, batch=batch, batch_size=batch_size, pos_mask=pos_mask, interventions=interventions,
                 hf=hf_kwargs, progress=progress)
-    est: Estimate
-    if method == "ig":
-        est = ig_estimate(im, source, target, metric, grid, steps=steps)
-    elif method == "ig-input":
-        est = ig_input_estimate(im, source, target, metric, grid, steps=steps)
-    elif method == "atp-layer":
-        est = atp_layer_estimate(im, source, target, metric, grid, layers)
-    else:
-        est = atp_estimate(im, source, target, metric, grid, qk_kind=qk_kind if qk_fix else None,
-                           graddrop=graddrop)
-    effects, gd = est.effects, est.graddrop
+    result: Estimate
+    with checked():  # the whole peak was checked above
+        if method == "ig":
+            result = ig_estimate(im, source, target, metric, grid, steps=steps)
+        elif method == "ig-input":
+            result = ig_input_estimate(im, source, target, metric, grid, steps=steps)
+        elif method == "atp-layer":
+            result = atp_layer_estimate(im, source, target, metric, grid, layers)
+        else:
+            result = atp_estimate(im, source, target, metric, grid, qk_kind=qk_kind if qk_fix else None,
+                                  graddrop=graddrop)
+    effects, gd = result.effects, result.graddrop
     axes = grid_axes(plan.by)
     if "pos" in axes:  # keep the patched positions only, in the order given
         index = torch.tensor(pos_list, device=effects.device)
@@ -226,7 +259,7 @@ def attribution_patching(
         if gd is not None:
             gd = gd.index_select(len(axes), index)
     score = gd.abs().sum(0) / max(1, n_layers - 1) if gd is not None else effects.abs()
-    m_tgt, m_src = est.target_metric, est.source_metric
+    m_tgt, m_src = result.target_metric, result.source_metric
     clean_m, corrupt_m = (m_src, m_tgt) if direction == "denoise" else (m_tgt, m_src)
     effects = effects.detach().float().cpu()
     return AttributionResult(
@@ -249,6 +282,7 @@ def attribution_patching_sites(
     layers: Sequence[int] | None = None,
     interventions: Interventions | None = None,
     method: str = "atp",
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> AttributionResults:
     """Plain AtP for several sites at once: one source forward, one target forward and one backward.
@@ -262,6 +296,7 @@ def attribution_patching_sites(
             ``{"attn.z": "head", "resid_pre": "pos"}`` to choose ``by`` per site.
         direction, layers, interventions, **hf_kwargs: as for :func:`attribution_patching`.
         method: the estimator; only ``"atp"`` (the one that shares a backward pass between sites).
+        max_memory: the memory budget, checked before any forward as for :func:`attribution_patching`.
 
     Returns:
         :class:`~mishax_py.studies.attribution.result.AttributionResults`: ``{site: AttributionResult}``
@@ -279,16 +314,23 @@ def attribution_patching_sites(
     layers = check_layers(layers, im.n_layers)
     plans = {key: plan_site(im, key, by, layers) for key, by in spec.items()}
     all_names = list(dict.fromkeys(n for plan in plans.values() for n in plan.names))
+    est = attribution_estimate(im, *rows_and_positions(clean), all_names, "atp", max_memory=max_memory,
+                               what="attribution_patching_sites")
+    check_estimate(est, max_memory=max_memory, device=execution_device(im),
+                   reduce=f"attribute fewer sites or layers, or fewer prompt rows (clean_ids has {clean.shape[0]})")
     source, target = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
     src_store, m_src = plain_run(im, source, metric, all_names, interventions, hf_kwargs)
-    tgt_values, grads, m_tgt = site_gradients(im, target, metric, all_names, interventions=interventions, **hf_kwargs)
+    with checked():  # checked above
+        tgt_values, grads, m_tgt = site_gradients(im, target, metric, all_names, interventions=interventions,
+                                                  **hf_kwargs)
     clean_m, corrupt_m = (m_src, m_tgt) if direction == "denoise" else (m_tgt, m_src)
     positions = list(range(clean.shape[1]))
     out: dict[str, AttributionResult] = {}
     for key, plan in plans.items():
-        effects = torch.stack([
-            reduce_to_grid((src_store[n] - tgt_values[n]).float() * grads[n], plan.layout, plan.by) for n in plan.names
-        ]).detach().float().cpu()
+        effects = torch.stack([  # each layer's grid from its own device (a model split over devices)
+            reduce_to_grid((src_store[n] - tgt_values[n]).float() * grads[n], plan.layout, plan.by).detach().cpu()
+            for n in plan.names
+        ]).float()
         out[key] = AttributionResult(
             values=effects + m_tgt, axes=grid_axes(plan.by), labels=grid_labels(plan, layers, positions, None),
             site=plan.kind, direction=direction, clean=clean_m, corrupt=corrupt_m, effects=effects, method="atp",
@@ -296,3 +338,50 @@ def attribution_patching_sites(
             under_interventions=bool(interventions), interventions=interventions or None,
         )
     return AttributionResults(out)
+
+
+# -- memory (mishax_py.memory.estimate_memory) -------------------------------------------------------------------
+def _estimate_attribution_patching(
+    im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids, metric: Metric, *, site: str = "resid_pre",
+    by: Any = None, direction: str = "denoise", layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None, interventions: Interventions | None = None,
+    batch_size: int | None = None, progress: bool | None = None, method: str = "atp", steps: int = IG_STEPS,
+    qk_fix: bool | None = None, graddrop: bool | None = None, pos_labels: Sequence[str] | None = None,
+    max_memory: int | str | None = None, **hf_kwargs: Any,
+) -> MemoryEstimate:
+    """:func:`mishax_py.memory.estimate_memory` of :func:`attribution_patching` (:func:`attribution_estimate`)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    clean, _ = prompt_pair(im, clean_ids, corrupt_ids)
+    plan = plan_site(im, site, by, check_layers(layers, im.n_layers))
+    star = method == "atp*"
+    qk = (star and QK_KINDS.get(plan.kind) is not None) if qk_fix is None else qk_fix
+    n_pos = len(check_positions(positions, clean.shape[1]))
+    return attribution_estimate(im, *rows_and_positions(clean), plan.names, method, steps=steps, batch_size=batch_size,
+                                qk_fix=bool(qk), graddrop=star if graddrop is None else graddrop,
+                                max_memory=max_memory, n_elements=_elements_per_site(im, plan.by, n_pos))
+
+
+def _elements_per_site(im: InstrumentedModel, by: str, n_pos: int) -> int:
+    """At most how many elements one site's grid has (atp-layer runs a replica per element)."""
+    heads = im.family.dims.n_heads
+    return {"pos": n_pos, "layer": 1, "head": heads, "head_pos": heads * n_pos}.get(by, n_pos * heads)
+
+
+def _estimate_attribution_patching_sites(
+    im: InstrumentedModel, clean_ids: Ids, corrupt_ids: Ids, metric: Metric, *,
+    sites: Mapping[str, Any] | Sequence[str],
+    direction: str = "denoise", layers: Sequence[int] | None = None, interventions: Interventions | None = None,
+    method: str = "atp", max_memory: int | str | None = None, **hf_kwargs: Any,
+) -> MemoryEstimate:
+    """:func:`mishax_py.memory.estimate_memory` of :func:`attribution_patching_sites`."""
+    clean, _ = prompt_pair(im, clean_ids, corrupt_ids)
+    spec = dict(sites) if isinstance(sites, Mapping) else dict.fromkeys(sites)
+    layer_list = check_layers(layers, im.n_layers)
+    names = list(dict.fromkeys(n for key, by in spec.items() for n in plan_site(im, key, by, layer_list).names))
+    return attribution_estimate(im, *rows_and_positions(clean), names, "atp", max_memory=max_memory,
+                                what="attribution_patching_sites")
+
+
+register_estimator(attribution_patching, _estimate_attribution_patching)
+register_estimator(attribution_patching_sites, _estimate_attribution_patching_sites)

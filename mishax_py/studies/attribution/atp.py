@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mishax_py.distributed import active_split
 from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.inputs import Metric
 from mishax_py.naming import layer_of
@@ -53,7 +54,7 @@ def dropper(rows: torch.Tensor) -> Handler:
 
     def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         shape = [-1] + [1] * (value.ndim - 1)
-        return torch.where(rows.view(shape), value.detach(), value)
+        return torch.where(rows.view(shape).to(value.device), value.detach(), value)
 
     return h
 
@@ -129,56 +130,78 @@ def atp_estimate(
     drop_layers = list(range(im.n_layers)) if graddrop else []
     n_rep = 1 + len(drop_layers)
     per_chunk = max(1, batch_size // batch)
-    results: list[torch.Tensor] = []  # per replica: [n_layers, ...]
-    m_tgt = float("nan")
-    bar = progress_bar(n_rep, "attribution (GradDrop replicas)", progress if n_rep > per_chunk else False)
     score_fns = ({n: ScoreFn(im.family.attention(layer_index[n])) for n in names} if qk_kind in ("q", "k")
                  else {})
     checked = False
-    for r0 in range(0, n_rep, per_chunk):
-        reps = list(range(r0, min(n_rep, r0 + per_chunk)))
-        ids = target.repeat(len(reps), 1)
-        hfr = repeat_rows(hf, batch, len(reps))
-        handlers: list[tuple[str, Handler]] = []
-        for i, r in enumerate(reps):
-            if r == 0:
-                continue
-            rows = torch.zeros(len(reps) * batch, dtype=torch.bool, device=ids.device)
-            rows[i * batch:(i + 1) * batch] = True
-            handlers += [(site, dropper(rows)) for site in _drop_sites(im, drop_layers[r - 1])]
-        store: dict[str, torch.Tensor] = {}
-        for n in dict.fromkeys(grad_sites + tgt_keep):
-            handlers.append((n, grad_recorder(store, n)))
-        with torch.enable_grad():
-            logits = forward_with(im, ids, handlers, interventions, hfr)
-            ms = metric_per_replica(metric, logits, batch, differentiable=True)
-            grads = torch.autograd.grad(ms.sum(), [store[n] for n in grad_sites], allow_unused=True)
-        if r0 == 0:
-            m_tgt = float(ms[0].detach())
-        gmap = {n: (g if g is not None else torch.zeros_like(store[n])).detach()
-                for n, g in zip(grad_sites, grads, strict=True)}
-        for i, _r in enumerate(reps):
-            rs = slice(i * batch, (i + 1) * batch)
-            per_layer_vals = []
-            for n in names:
-                if qk_kind is None:
-                    delta = mask_positions((src_store[n] - store[n].detach()[rs]).float(), layout, pos_mask)
-                    per_layer_vals.append(reduce_to_grid(delta * gmap[n][rs].float(), layout, by))
+
+    def run(todo: list[int]) -> tuple[list[torch.Tensor], list[float]]:
+        """The estimate ``[n_layers, ...]`` of each replica in ``todo`` (0: plain, 1 + l: drops layer l), and
+        each replica's metric."""
+        nonlocal checked
+        results: list[torch.Tensor] = []  # per replica: [n_layers, ...]
+        metrics: list[float] = []
+        bar = progress_bar(len(todo), "attribution (GradDrop replicas)", progress if len(todo) > per_chunk else False)
+        for c0 in range(0, len(todo), per_chunk):
+            reps = todo[c0:c0 + per_chunk]
+            ids = target.repeat(len(reps), 1)
+            hfr = repeat_rows(hf, batch, len(reps))
+            handlers: list[tuple[str, Handler]] = []
+            for i, r in enumerate(reps):
+                if r == 0:
                     continue
-                sites = per_layer[n]
-                tgt = {s: store[sites[s]].detach()[rs] for s in ("rot_q", "rot_k", "scores")}
-                src = {s: src_store[sites[s]] for s in needed}
-                n_rep_kv = tgt["rot_q"].shape[2] // tgt["rot_k"].shape[2]
-                score_fn = score_fns.get(n)
-                if score_fn is not None and not checked:  # each layer's recomputation, once
-                    check_scores(score_fn, sites["scores"], tgt["rot_q"], tgt["rot_k"], tgt["scores"], n_rep_kv)
-                per_layer_vals.append(
-                    qk_fix_layer(qk_kind, by, score_fn, n_rep_kv, tgt, src, gmap[sites["pattern"]][rs],
-                                 pos_mask).float()
-                )
-            checked = True
-            results.append(torch.stack(per_layer_vals))
-        del logits, store, grads, gmap
-        bar.update(len(reps))
-    bar.close()
+                rows = torch.zeros(len(reps) * batch, dtype=torch.bool, device=ids.device)
+                rows[i * batch:(i + 1) * batch] = True
+                handlers += [(site, dropper(rows)) for site in _drop_sites(im, drop_layers[r - 1])]
+            store: dict[str, torch.Tensor] = {}
+            for n in dict.fromkeys(grad_sites + tgt_keep):
+                handlers.append((n, grad_recorder(store, n)))
+            with torch.enable_grad():
+                logits = forward_with(im, ids, handlers, interventions, hfr)
+                ms = metric_per_replica(metric, logits, batch, differentiable=True)
+                grads = torch.autograd.grad(ms.sum(), [store[n] for n in grad_sites], allow_unused=True)
+            metrics += [float(m) for m in ms.detach()]
+            gmap = {n: (g if g is not None else torch.zeros_like(store[n])).detach()
+                    for n, g in zip(grad_sites, grads, strict=True)}
+            for i, _r in enumerate(reps):
+                rs = slice(i * batch, (i + 1) * batch)
+                per_layer_vals = []
+                for n in names:
+                    if qk_kind is None:
+                        delta = mask_positions((src_store[n] - store[n].detach()[rs]).float(), layout, pos_mask)
+                        per_layer_vals.append(reduce_to_grid(delta * gmap[n][rs].float(), layout, by))
+                        continue
+                    sites = per_layer[n]
+                    tgt = {s: store[sites[s]].detach()[rs] for s in ("rot_q", "rot_k", "scores")}
+                    src = {s: src_store[sites[s]] for s in needed}
+                    n_rep_kv = tgt["rot_q"].shape[2] // tgt["rot_k"].shape[2]
+                    score_fn = score_fns.get(n)
+                    if score_fn is not None and not checked:  # each layer's recomputation, once
+                        check_scores(score_fn, sites["scores"], tgt["rot_q"], tgt["rot_k"], tgt["scores"], n_rep_kv)
+                    per_layer_vals.append(
+                        qk_fix_layer(qk_kind, by, score_fn, n_rep_kv, tgt, src, gmap[sites["pattern"]][rs],
+                                     pos_mask).float()
+                    )
+                checked = True
+                results.append(torch.stack([v.to(pos_mask.device) for v in per_layer_vals]))  # layers' devices
+            del logits, store, grads, gmap
+            bar.update(len(reps))
+        bar.close()
+        return results, metrics
+
+    sp = active_split() if graddrop else None  # plain AtP is one forward and backward: every rank runs it whole
+    if sp is None:
+        results, metrics = run(list(range(n_rep)))
+    else:  # mishax_py.distributed.split(): each rank runs its share of the GradDrop replicas
+
+        my_metrics: list[float] = []
+
+        def share(mine: list[int]) -> torch.Tensor:
+            res, ms = run(mine)
+            my_metrics.extend(ms)
+            return torch.stack(res) if res else torch.empty(0)
+
+        results = list(sp.map(n_rep, share, what="atp GradDrop replicas"))
+        rank0 = sp.gather(lambda: torch.tensor(my_metrics, dtype=torch.float64), what="atp GradDrop metrics")[0]
+        metrics = [float(m) for m in rank0]
+    m_tgt = metrics[0]  # replica 0 (the plain one; rank 0's first under a split)
     return Estimate(results[0], m_tgt, m_src, torch.stack(results[1:]) if graddrop else None)

@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from mishax_py.devices import execution_device
+from mishax_py.distributed import active_split
 from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.inputs import Ids, Metric, as_ids, metric_value
+from mishax_py.memory import MemoryEstimate, announce_chunking, check_estimate, register_estimator, rows_and_positions
 from mishax_py.progress import progress_bar
 from mishax_py.runtime import Handler, SiteEvent
+from mishax_py.studies.attribution.budget import attribution_estimate
 
 if TYPE_CHECKING:
     from mishax_py.instrumented import InstrumentedModel, Interventions
@@ -84,7 +88,7 @@ def replace_with(value: torch.Tensor) -> Handler:
     """A handler replacing the site's value by ``value`` (cast to the site's dtype)."""
 
     def h(site_value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
-        return value.to(site_value.dtype)
+        return value.to(device=site_value.device, dtype=site_value.dtype)
 
     return h
 
@@ -93,7 +97,7 @@ def replacer(rows: torch.Tensor, interp: torch.Tensor) -> Handler:
     """A handler writing ``interp`` into batch ``rows`` of the site's value (the other rows unchanged)."""
 
     def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
-        return value.index_put((rows,), interp.to(value.dtype))
+        return value.index_put((rows.to(value.device),), interp.to(device=value.device, dtype=value.dtype))
 
     return h
 
@@ -140,34 +144,51 @@ def interpolated_gradients(
     alphas = [(k + 0.5) / steps for k in range(steps)]
     jobs = [(li, a) for li in range(len(names)) for a in alphas]  # one replica of the batch each
     per_chunk = max(1, batch_size // batch)
-    grad_sum = [torch.zeros_like(start[n], dtype=torch.float32) for n in names]
-    bar = progress_bar(len(jobs), "integrated gradients", progress if len(jobs) > per_chunk else False)
-    for j0 in range(0, len(jobs), per_chunk):
-        chunk = jobs[j0:j0 + per_chunk]
-        ids = target.repeat(len(chunk), 1)
-        hfr = repeat_rows(hf, batch, len(chunk))
-        leaves: list[tuple[int, torch.Tensor]] = []
-        handlers: list[tuple[str, Handler]] = []
-        by_site: dict[int, list[int]] = {}
-        for i, (li, _a) in enumerate(chunk):
-            by_site.setdefault(li, []).append(i)
-        for li, reps in by_site.items():
-            n = names[li]
-            delta = toward[n] - start[n]
-            interp = torch.cat([start[n] + chunk[i][1] * delta for i in reps]).requires_grad_(True)
-            rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in reps]).to(ids.device)
-            leaves.append((li, interp))
-            handlers.append((n, replacer(rows, interp)))
-        with torch.enable_grad():
-            logits = forward_with(im, ids, handlers, interventions, hfr)
-            ms = metric_per_replica(metric, logits, batch, differentiable=True)
-            grads = torch.autograd.grad(ms.sum(), [leaf for _, leaf in leaves], allow_unused=True)
-        for (li, leaf), g in zip(leaves, grads, strict=True):
-            if g is not None:
-                grad_sum[li] += g.detach().float().view(-1, batch, *leaf.shape[1:]).sum(0)
-        del logits, grads, leaves
-        bar.update(len(chunk))
-    bar.close()
+
+    def accumulate(todo: list[tuple[int, float]]) -> list[torch.Tensor]:
+        """Per site, the sum of the gradients of the interpolations ``todo`` (float32, the site's shape)."""
+        grad_sum = [torch.zeros_like(start[n], dtype=torch.float32) for n in names]
+        bar = progress_bar(len(todo), "integrated gradients", progress if len(todo) > per_chunk else False)
+        for j0 in range(0, len(todo), per_chunk):
+            chunk = todo[j0:j0 + per_chunk]
+            ids = target.repeat(len(chunk), 1)
+            hfr = repeat_rows(hf, batch, len(chunk))
+            leaves: list[tuple[int, torch.Tensor]] = []
+            handlers: list[tuple[str, Handler]] = []
+            by_site: dict[int, list[int]] = {}
+            for i, (li, _a) in enumerate(chunk):
+                by_site.setdefault(li, []).append(i)
+            for li, reps in by_site.items():
+                n = names[li]
+                delta = toward[n] - start[n]
+                interp = torch.cat([start[n] + chunk[i][1] * delta for i in reps]).requires_grad_(True)
+                rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in reps]).to(ids.device)
+                leaves.append((li, interp))
+                handlers.append((n, replacer(rows, interp)))
+            with torch.enable_grad():
+                logits = forward_with(im, ids, handlers, interventions, hfr)
+                ms = metric_per_replica(metric, logits, batch, differentiable=True)
+                grads = torch.autograd.grad(ms.sum(), [leaf for _, leaf in leaves], allow_unused=True)
+            for (li, leaf), g in zip(leaves, grads, strict=True):
+                if g is not None:
+                    grad_sum[li] += g.detach().float().view(-1, batch, *leaf.shape[1:]).sum(0)
+            del logits, grads, leaves
+            bar.update(len(chunk))
+        bar.close()
+        return grad_sum
+
+    sp = active_split()
+    if sp is None:
+        grad_sum = accumulate(jobs)
+    else:  # mishax_py.distributed.split(): each rank sums its share of the interpolations; partials add in rank order
+        mine = sp.share(len(jobs), "ig interpolations")
+        parts = sp.gather(lambda: torch.cat([g.flatten() for g in accumulate([jobs[i] for i in mine])]),
+                          what="ig gradient sums")
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        grad_sum = [t.view_as(start[n]) for t, n in zip(total.split([start[n].numel() for n in names]), names,
+                                                         strict=True)]
     return {n: grad_sum[i] / steps for i, n in enumerate(names)}
 
 
@@ -190,6 +211,7 @@ def site_gradients(
     method: str = "atp",
     toward: Mapping[str, torch.Tensor] | None = None,
     steps: int = IG_STEPS,
+    max_memory: int | str | None = None,
     **hf_kwargs: Any,
 ) -> SiteGradients:
     """Values of ``sites`` on ``ids`` and the metric's gradient there (the building block of AtP and IG).
@@ -207,6 +229,10 @@ def site_gradients(
             site's value to ``toward[site]`` (same shape), the rest of the model running normally.
         toward: with ``method="ig"``, ``{site: the value to integrate toward}``.
         steps: integrated-gradients steps.
+        max_memory: the memory budget (bytes or ``"8GiB"``; default :func:`mishax_py.memory.memory_budget`),
+            checked before the forward (:func:`~mishax_py.studies.attribution.budget.attribution_estimate`); with
+            ``method="ig"`` the default ``batch_size`` shrinks to fit it, announced by a
+            :class:`~mishax_py.memory.MemoryChunkingWarning`.
         **hf_kwargs: passed to the model (e.g. ``attention_mask``).
 
     Returns:
@@ -217,6 +243,14 @@ def site_gradients(
     if method not in ("atp", "ig"):
         raise ValueError(f"method must be 'atp' or 'ig', got {method!r}")
     batch = ids.shape[0]
+    est = attribution_estimate(im, batch, ids.shape[1], names, method, steps=steps, batch_size=batch_size,
+                               max_memory=max_memory, what="site_gradients")
+    check_estimate(est, max_memory=max_memory, device=execution_device(im),
+                   reduce=f"take gradients at fewer sites, or of fewer rows (ids has {batch})")
+    if method == "ig" and batch_size is None:
+        batch_size = est.chunks["batch_size"]
+        announce_chunking("site_gradients(method='ig')", batch_size, min(8 * batch, len(names) * steps * batch),
+                          "rows", est.budget or 0)
     store: dict[str, torch.Tensor] = {}
     with torch.enable_grad():
         logits = forward_with(im, ids, [(n, grad_recorder(store, n)) for n in names], interventions, hf_kwargs)
@@ -239,3 +273,18 @@ def site_gradients(
                                   steps=steps, batch=batch, batch_size=batch_size or 8 * batch,
                                   interventions=interventions, hf=hf_kwargs, progress=progress)
     return SiteGradients(values, gmap, float(m.detach()))
+
+
+def _estimate_site_gradients(im: InstrumentedModel, ids: Ids, metric: Metric, sites: Sequence[str], *,
+                             interventions: Interventions | None = None, batch_size: int | None = None,
+                             progress: bool | None = None, method: str = "atp",
+                             toward: Mapping[str, torch.Tensor] | None = None, steps: int = IG_STEPS,
+                             max_memory: int | str | None = None, **hf_kwargs: Any) -> MemoryEstimate:
+    """:func:`mishax_py.memory.estimate_memory` of :func:`site_gradients`."""
+    ids = as_ids(ids, im)
+    return attribution_estimate(im, *rows_and_positions(ids), im.resolve(list(sites)), method, steps=steps,
+                                batch_size=batch_size,
+                                max_memory=max_memory, what="site_gradients")
+
+
+register_estimator(site_gradients, _estimate_site_gradients)

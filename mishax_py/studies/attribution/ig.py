@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mishax_py.distributed import active_split
 from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.inputs import Metric
 from mishax_py.progress import progress_bar
@@ -55,8 +56,8 @@ def _products(grid: Grid, src_store: Mapping[str, torch.Tensor], tgt_store: Mapp
     vals = []
     for n in grid.names:
         delta = mask_positions((src_store[n] - tgt_store[n]).float(), grid.layout, grid.pos_mask)
-        vals.append(reduce_to_grid(delta * mean_grads[n], grid.layout, grid.by))
-    return torch.stack(vals)
+        vals.append(reduce_to_grid(delta * mean_grads[n], grid.layout, grid.by).to(grid.pos_mask.device))
+    return torch.stack(vals)  # each layer's row moved from its layer's device to the ids' device
 
 
 def ig_estimate(im: InstrumentedModel, source: torch.Tensor, target: torch.Tensor, metric: Metric, grid: Grid,
@@ -83,23 +84,41 @@ def ig_input_estimate(im: InstrumentedModel, source: torch.Tensor, target: torch
     e_delta = src_store["embed"] - e_tgt
     alphas = [(k + 0.5) / steps for k in range(steps)]
     per_chunk = max(1, batch_size // batch)
-    grad_sum = {n: torch.zeros_like(tgt_store[n], dtype=torch.float32) for n in names}
-    bar = progress_bar(steps, "integrated gradients (input path)", grid.progress if steps > per_chunk else False)
-    for a0 in range(0, steps, per_chunk):
-        chunk = alphas[a0:a0 + per_chunk]
-        ids = target.repeat(len(chunk), 1)
-        interp = torch.cat([e_tgt + a * e_delta for a in chunk])
-        store: dict[str, torch.Tensor] = {}
-        handlers: list[tuple[str, Handler]] = [("embed", replace_with(interp))]
-        handlers += [(n, grad_recorder(store, n)) for n in names]
-        with torch.enable_grad():
-            logits = forward_with(im, ids, handlers, grid.interventions, repeat_rows(grid.hf, batch, len(chunk)))
-            ms = metric_per_replica(metric, logits, batch, differentiable=True)
-            grads = torch.autograd.grad(ms.sum(), [store[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads, strict=True):
-            if g is not None:
-                grad_sum[n] += g.detach().float().view(len(chunk), batch, *g.shape[1:]).sum(0)
-        del logits, grads, store
-        bar.update(len(chunk))
-    bar.close()
+
+    def accumulate(todo: list[float]) -> dict[str, torch.Tensor]:
+        """Per site, the sum of the gradients along the path at the alphas ``todo``."""
+        grad_sum = {n: torch.zeros_like(tgt_store[n], dtype=torch.float32) for n in names}
+        bar = progress_bar(len(todo), "integrated gradients (input path)",
+                           grid.progress if len(todo) > per_chunk else False)
+        for a0 in range(0, len(todo), per_chunk):
+            chunk = todo[a0:a0 + per_chunk]
+            ids = target.repeat(len(chunk), 1)
+            interp = torch.cat([e_tgt + a * e_delta for a in chunk])
+            store: dict[str, torch.Tensor] = {}
+            handlers: list[tuple[str, Handler]] = [("embed", replace_with(interp))]
+            handlers += [(n, grad_recorder(store, n)) for n in names]
+            with torch.enable_grad():
+                logits = forward_with(im, ids, handlers, grid.interventions, repeat_rows(grid.hf, batch, len(chunk)))
+                ms = metric_per_replica(metric, logits, batch, differentiable=True)
+                grads = torch.autograd.grad(ms.sum(), [store[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads, strict=True):
+                if g is not None:
+                    grad_sum[n] += g.detach().float().view(len(chunk), batch, *g.shape[1:]).sum(0)
+            del logits, grads, store
+            bar.update(len(chunk))
+        bar.close()
+        return grad_sum
+
+    sp = active_split()
+    if sp is None:
+        grad_sum = accumulate(alphas)
+    else:  # mishax_py.distributed.split(): each rank sums its share of the steps; partials add in rank order
+        mine = sp.share(steps, "ig-input steps")
+        parts = sp.gather(lambda: torch.cat([g.flatten() for g in accumulate([alphas[i] for i in mine]).values()]),
+                          what="ig-input gradient sums")
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        grad_sum = {n: t.view_as(tgt_store[n]) for t, n in
+                    zip(total.split([tgt_store[n].numel() for n in names]), names, strict=True)}
     return Estimate(_products(grid, src_store, tgt_store, {n: grad_sum[n] / steps for n in names}), m_tgt, m_src)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mishax_py.distributed import active_split
 from mishax_py.execution.forward import forward_with, repeat_rows
 from mishax_py.inputs import Metric
 from mishax_py.progress import progress_bar
@@ -136,8 +137,8 @@ def patch_elements(masks: torch.Tensor, source: torch.Tensor) -> Handler:
 
     def h(value: torch.Tensor, event: SiteEvent) -> torch.Tensor:
         rows = value.view(n, -1, *value.shape[1:])
-        src = source.to(value.dtype).unsqueeze(0)
-        return torch.where(masks.unsqueeze(1), src, rows).reshape(value.shape)
+        src = source.to(device=value.device, dtype=value.dtype).unsqueeze(0)
+        return torch.where(masks.unsqueeze(1).to(value.device), src, rows).reshape(value.shape)
 
     return h
 
@@ -172,38 +173,59 @@ def atp_layer_estimate(im: InstrumentedModel, source: torch.Tensor, target: torc
     for n, layer, s in zip(grid.names, layers, stops, strict=True):
         masks, index, out_shape = element_masks(grid.layout, grid.by, tuple(store[n].shape[1:]), grid.pos_mask)
         differs = (src_store[n] != store[n]).any(0)  # an element equal in both runs has effect 0
-        changed = (masks & differs).flatten(1).any(1)
+        changed = (masks & differs.to(masks.device)).flatten(1).any(1)  # differs: on the layer's device
         plans.append((n, layer, s, masks[changed], index[changed], out_shape))
-    total = sum(len(p[4]) for p in plans)
-    bar = progress_bar(total, "attribution (exact layer per element)", grid.progress if total > per_chunk else False)
+    offsets = [0]
+    for p in plans:
+        offsets.append(offsets[-1] + len(p[4]))
+    total = offsets[-1]
+
+    def estimate(chosen: list[int]) -> torch.Tensor:
+        """The estimates ``[len(chosen)]`` of the elements ``chosen`` (ascending; numbered across ``plans``)."""
+        est = torch.zeros(len(chosen))
+        bar = progress_bar(len(chosen), "attribution (exact layer per element)",
+                           grid.progress if len(chosen) > per_chunk else False)
+        at = 0
+        for pi, (n, layer, s, all_masks, _index, _shape) in enumerate(plans):
+            ks = [c - offsets[pi] for c in chosen if offsets[pi] <= c < offsets[pi + 1]]
+            if not ks:
+                continue
+            masks = all_masks if len(ks) == len(all_masks) else all_masks[ks]
+            start_value = store[starts[layer]]
+            for e0 in range(0, len(ks), per_chunk):
+                chunk = masks[e0:e0 + per_chunk]
+                e = chunk.shape[0]
+                start = start_value.repeat(e, *([1] * (start_value.ndim - 1)))
+                hs: list[tuple[str, Handler]] = [(starts[layer], replace_with(start)),
+                                                 (n, patch_elements(chunk, src_store[n]))]
+                reached: dict[str, torch.Tensor] = {}
+                if s < n_layers:
+                    hs.append((post[s], stopper(reached, post[s])))
+                logits: torch.Tensor | None
+                with torch.no_grad():
+                    try:
+                        logits = forward_with(im, target.repeat(e, 1), hs, grid.interventions,
+                                              repeat_rows(grid.hf, batch, e), start_layer=layer)
+                    except StopForward:
+                        logits = None
+                rows = slice(at + e0, at + e0 + e)
+                if logits is None:
+                    delta = (reached[post[s]].float().view(e, batch, *grad_at[post[s]].shape[1:])
+                             - store[post[s]].float())
+                    est[rows] = (delta * grad_at[post[s]]).flatten(1).sum(1).cpu()
+                else:  # the element's stop layer is past the last one: the patched run is exact
+                    est[rows] = metric_per_replica(metric, logits, batch, differentiable=False).float().cpu() - m_tgt
+                bar.update(e)
+            at += len(ks)
+        bar.close()
+        return est
+
+    sp = active_split()  # mishax_py.distributed.split(): each rank runs its share of the elements
+    flat_est = (estimate(list(range(total))) if sp is None
+                else sp.map(total, estimate, what="atp-layer elements").cpu())
     out = []
-    for n, layer, s, masks, index, out_shape in plans:
-        est = torch.zeros(len(index))
-        start_value = store[starts[layer]]
-        for e0 in range(0, len(index), per_chunk):
-            chunk = masks[e0:e0 + per_chunk]
-            e = chunk.shape[0]
-            start = start_value.repeat(e, *([1] * (start_value.ndim - 1)))
-            hs: list[tuple[str, Handler]] = [(starts[layer], replace_with(start)),
-                                             (n, patch_elements(chunk, src_store[n]))]
-            reached: dict[str, torch.Tensor] = {}
-            if s < n_layers:
-                hs.append((post[s], stopper(reached, post[s])))
-            logits: torch.Tensor | None
-            with torch.no_grad():
-                try:
-                    logits = forward_with(im, target.repeat(e, 1), hs, grid.interventions,
-                                          repeat_rows(grid.hf, batch, e), start_layer=layer)
-                except StopForward:
-                    logits = None
-            if logits is None:
-                delta = reached[post[s]].float().view(e, batch, *grad_at[post[s]].shape[1:]) - store[post[s]].float()
-                est[e0:e0 + e] = (delta * grad_at[post[s]]).flatten(1).sum(1).cpu()
-            else:  # the element's stop layer is past the last one: the patched run is exact
-                est[e0:e0 + e] = metric_per_replica(metric, logits, batch, differentiable=False).float().cpu() - m_tgt
-            bar.update(e)
+    for pi, (_n, _layer, _s, _masks, index, out_shape) in enumerate(plans):
         flat = torch.zeros(math.prod(out_shape))
-        flat[index.cpu()] = est
+        flat[index.cpu()] = flat_est[offsets[pi]:offsets[pi + 1]]
         out.append(flat.view(out_shape))
-    bar.close()
     return Estimate(torch.stack(out), m_tgt, m_src)

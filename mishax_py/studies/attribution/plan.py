@@ -184,7 +184,7 @@ def mask_positions(x: torch.Tensor, layout: str, pos_mask: torch.Tensor) -> torc
     shape = [1] * x.ndim
     axis = 2 if layout == "map" else 1
     shape[axis] = -1
-    return x * pos_mask.view(shape).to(x.dtype)
+    return x * pos_mask.view(shape).to(device=x.device, dtype=x.dtype)  # x: on its layer's device
 
 
 @dataclass(frozen=True)

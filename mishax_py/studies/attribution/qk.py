@@ -138,9 +138,9 @@ def qk_fix_layer(
     """
     if kind != "scores" and score_fn is None:
         raise ValueError(f"the QK fix of {kind!r} nodes needs the layer's ScoreFn")
-    rows = pos_mask.double().view(-1, 1)
-    cols = pos_mask.double().view(1, -1)
     S = tgt["scores"]
+    rows = pos_mask.to(S.device).double().view(-1, 1)  # the layer's device (a model split over devices)
+    cols = rows.view(1, -1)
     b, h, nq, nk = S.shape
     # head chunks bounding the float64 temporaries
     per_head = max(1, b * nq * nk)

@@ -91,9 +91,9 @@ def test_the_study_edits_follow_the_user_interventions() -> None:
     (activation_patching, ["site", "by", "direction", "layers", "positions", "interventions", "batch_size", "progress",
                            "method", "engine", "pos_labels", "max_memory", "hf_kwargs"]),
     (path_patching, ["senders", "receivers", "direction", "interventions", "method", "freeze_mlps",
-                     "sender_positions", "receiver_positions", "hf_kwargs"]),
+                     "sender_positions", "receiver_positions", "max_memory", "hf_kwargs"]),
     (path_patching_by_head, ["receivers", "direction", "layers", "interventions", "batch_size", "progress", "method",
-                             "freeze_mlps", "sender_positions", "receiver_positions", "hf_kwargs"]),
+                             "freeze_mlps", "sender_positions", "receiver_positions", "max_memory", "hf_kwargs"]),
 ], ids=lambda x: getattr(x, "__name__", ""))
 def test_signatures_follow_the_study_convention(study, keywords):
     params = list(inspect.signature(study).parameters.values())

@@ -214,3 +214,35 @@ def test_gemma3_tiny_induction_heads_found_by_patching_match_ground_truth(loaded
     b = tasks.induction_batch(64, seq_len=20, seed=404)
     test = A.ablation_vs_control(im3, b.input_ids, b.targets, b.target_mask, G3_INDUCTION_HEADS, n_controls=4, seed=0)
     assert test.baseline > 0.95 and test.ablated < 0.2
+
+
+# ------------------------------------------------------------------- checkpoint folders by model_type
+def test_load_checkpoint_reads_a_gemma3_folder_by_its_model_type(tmp_path) -> None:
+    """``load_checkpoint(DIR)`` (behind ``--model DIR``) loads a Gemma 3 folder as ``Gemma3ForCausalLM`` with eager
+    attention, and ``instrument`` gives it Gemma 3's sites; the logits equal the saved model's."""
+    from transformers import Gemma3ForCausalLM
+
+    from mishax_py.zoo.models import instrument, load_checkpoint
+    from tests.helpers import make_gemma3
+
+    src = make_gemma3(seed=2)
+    src.save_pretrained(tmp_path / "g3")
+    model, tok = load_checkpoint(str(tmp_path / "g3"))
+    assert type(model) is Gemma3ForCausalLM and tok is None and not model.training
+    assert model.config._attn_implementation == "eager"
+    im = instrument(model)
+    assert "blocks.0.attn.q_normed" in im.site_names() and im.family.name == "gemma3"
+    ids = torch.randint(4, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(im.run(ids), src(input_ids=ids).logits)
+
+
+def test_load_checkpoint_names_an_unsupported_model_type(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mishax_py.zoo.models import load_checkpoint
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"model_type 'llama'.*'gemma2', 'gemma3_text', 'gemma3'"):
+        load_checkpoint(str(tmp_path / "llama"))
