@@ -337,7 +337,7 @@ def estimate_forward_bytes(dims: ModelDims, rows: int, pos: int, *, grad: bool =
       queries, keys and values before and after RoPE). The returned logits are inside this peak;
     * ``masks`` = ``2·R·P·K·e``: the 4-D attention masks (one per layer type: full, sliding);
     * ``kv`` = ``2·L·R·kv_len·H_kv·d_head·e`` when ``kv_len > 0`` (the cached keys and values attended to);
-    * ``autograd`` (``grad=True``) = ``L·R·P·((16·d + 4·d_mlp)·e + 3·H·K·4) + R·P·V·e``: what
+    * ``autograd`` (``grad=True``) = ``L·R·P·((12·d + 4·d_mlp)·e + 3·H·K·4) + R·P·V·e``: what
       backward keeps of every layer (norm inputs, projections, the attention maps in fp32, the MLP)
       and of the logits (the soft-cap's ``tanh``); and ``backward`` = ``R·P·V·e``: the logits' gradient,
       alive at the start of the backward pass on top of what it keeps;
@@ -362,7 +362,7 @@ def estimate_forward_bytes(dims: ModelDims, rows: int, pos: int, *, grad: bool =
     if kv_len:
         parts["kv"] = 2 * L * R * int(kv_len) * H_kv * d_head * e
     if grad:
-        parts["autograd"] = L * R * P * ((16 * d + 4 * d_mlp) * e + 3 * H * K * f) + R * P * V * e
+        parts["autograd"] = L * R * P * ((12 * d + 4 * d_mlp) * e + 3 * H * K * f) + R * P * V * e
         parts["backward"] = R * P * V * e
     if keep_logits:
         parts["logits"] = R * P * V * e
