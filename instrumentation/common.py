@@ -1,5 +1,5 @@
 """What every transformers family module shares: one patcher under one lock, the version warning,
-the switch to eager attention and the ``instrument()`` wrapper.
+the switch to eager attention, the ``instrument()`` wrapper and (for the Gemma families) the site catalogue.
 
 A family module (``instrumentation/gemma2.py``, ``instrumentation/gemma3.py``) builds one
 :class:`SourcePatches` at import (so two threads can never build two patchers of the same functions)
@@ -15,13 +15,16 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import torch
 import transformers
+from torch import nn
 
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
 from mishax_py.hf_compat import CACHE_KWARG
 from mishax_py.instrumented import InstrumentedModel
-from mishax_py.naming import layer_site
+from mishax_py.naming import layer_site, tl_alias
 from mishax_py.runtime import begin_forward, skip_layer, tag
+from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
 
 __all__ = [
     "DECODER_LAYER_PATCHES",
@@ -243,3 +246,80 @@ def frozen_norm_pairs(n_layers: int, in_layer: tuple[tuple[str, str], ...]) -> l
     norm (the last layer's ``resid_post`` -> ``ln_final``)."""
     pairs = [(layer_site(layer, a), layer_site(layer, b)) for layer in range(n_layers) for a, b in in_layer]
     return [*pairs, (layer_site(n_layers - 1, "resid_post"), "ln_final")]
+
+
+def gemma_catalogue(model: Any, base: Any, cfg: Any, *, prefix: str, text_model: str, qk_norm: bool,
+                    scores_where: str, logits_where: str) -> SiteCatalogue:
+    """The sites of one Gemma-style model instance, in forward order (what Gemma 2 and Gemma 3 share).
+
+    Names are spelled by :func:`mishax_py.naming.layer_site`; every site whose value means what
+    TransformerLens's hook means gets its alias from the one table, :func:`mishax_py.naming.tl_alias`.
+
+    Args:
+        model: the module whose forward tags ``logits``; ``base``: the decoder (``embed``, ``layers``, ``ln_final``).
+        cfg: the text config (sizes).
+        prefix: the transformers class prefix in the source locations (``"Gemma2"``); ``text_model``: the
+            decoder class (``"Gemma2Model"``).
+        qk_norm: whether the attention has QK norms (adds ``attn.q_normed``/``attn.k_normed`` after ``attn.v``).
+        scores_where, logits_where: the source locations of ``attn.scores`` and ``logits``.
+    """
+    d_model, d_mlp, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    stream = (BATCH, POS, d_model)
+    where_l, where_a = f"{prefix}DecoderLayer.forward", f"{prefix}Attention.forward"
+    heads_q, heads_kv = (BATCH, POS, n_heads, d_head), (BATCH, POS, n_kv, d_head)
+    attn_map = (BATCH, n_heads, POS, KEY_POS)
+    mlp_dims = (BATCH, POS, d_mlp)
+    before_qk = "before the QK norm" if qk_norm else "pre-RoPE"
+    specs: list[SiteSpec] = [
+        _spec("embed", base, "embed", None, stream, f"{text_model}.forward: embed_tokens(input_ids) (× √d_model)"),
+    ]
+    for L, layer in enumerate(base.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def site(kind: str, owner: nn.Module, local: str, dims: tuple[int | str, ...], where: str,
+                 dtype: torch.dtype | None = None, L: int = L) -> SiteSpec:
+            return _spec(layer_site(L, kind), owner, local, L, dims, where, dtype)
+
+        specs += [
+            site("resid_pre", layer, "resid_pre", stream, f"{where_l}: layer input"),
+            site("ln1", layer, "ln1", stream, f"{where_l}: input_layernorm output"),
+            site("attn.q", attn, "q", heads_q, f"{where_a}: q_proj, per head, {before_qk}"),
+            site("attn.k", attn, "k", heads_kv, f"{where_a}: k_proj, per kv head, {before_qk}"),
+            site("attn.v", attn, "v", heads_kv, f"{where_a}: v_proj, per kv head"),
+        ]
+        if qk_norm:
+            specs += [
+                site("attn.q_normed", attn, "q_normed", heads_q, f"{where_a}: q_norm output, pre-RoPE"),
+                site("attn.k_normed", attn, "k_normed", heads_kv, f"{where_a}: k_norm output, pre-RoPE"),
+            ]
+        specs += [
+            site("attn.rot_q", attn, "rot_q", heads_q, f"{where_a}: query after RoPE"),
+            site("attn.rot_k", attn, "rot_k", heads_kv, f"{where_a}: key after RoPE (before KV cache)"),
+            site("attn.scores", attn, "scores", attn_map, scores_where),
+            site("attn.pattern", attn, "pattern", attn_map, "eager_attention_forward: softmax"),
+            site("attn.z", attn, "z", heads_q, f"{where_a}: per-head output before o_proj"),
+            site("attn_out_pre_norm", layer, "attn_out_pre_norm", stream, f"{where_l}: o_proj output"),
+            site("attn_out", layer, "attn_out", stream, f"{where_l}: post_attention_layernorm output"),
+            site("resid_mid", layer, "resid_mid", stream, f"{where_l}: residual after attention"),
+            site("ln2_normalized", layer.pre_feedforward_layernorm, "normalized", stream,
+                 f"{prefix}RMSNorm.forward: x·rsqrt(mean(x²)+eps), fp32, before the (1+w) gain", dtype=torch.float32),
+            site("ln2", layer, "ln2", stream, f"{where_l}: pre_feedforward_layernorm output"),
+            site("mlp.pre", mlp, "pre", mlp_dims, f"{prefix}MLP.forward: gate_proj(x)"),
+            site("mlp.pre_linear", mlp, "pre_linear", mlp_dims, f"{prefix}MLP.forward: up_proj(x)"),
+            site("mlp.post", mlp, "post", mlp_dims, f"{prefix}MLP.forward: act(gate) * up"),
+            site("mlp_out_pre_norm", layer, "mlp_out_pre_norm", stream, f"{where_l}: down_proj output"),
+            site("mlp_out", layer, "mlp_out", stream, f"{where_l}: post_feedforward_layernorm output"),
+            site("resid_post", layer, "resid_post", stream, f"{where_l}: layer output"),
+        ]
+    specs += [
+        _spec("ln_final", base, "ln_final", None, stream, f"{text_model}.forward: final norm output"),
+        _spec("logits", model, "logits", None, (BATCH, POS, vocab), logits_where),
+    ]
+    return SiteCatalogue(specs)
+
+
+def _spec(name: str, owner: nn.Module, local: str, layer: int | None, dims: tuple[int | str, ...], where: str,
+          dtype: torch.dtype | None = None) -> SiteSpec:
+    """A catalogue entry, aliased by the one TransformerLens table."""
+    return SiteSpec(name, owner, local, layer, dims, where, tl_alias(name), dtype=dtype)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import transformers.models.gemma3.modeling_gemma3 as modeling_gemma3
 from torch import nn
 
@@ -36,14 +35,14 @@ from instrumentation.common import (
     ROTARY_AND_Z_PATCHES,
     SourcePatches,
     frozen_norm_pairs,
+    gemma_catalogue,
     instrument_with,
     model_forward_patches,
 )
 from mishax_py.ast_patcher import ModuleASTPatcher, Replace
 from mishax_py.family import AttentionSpec, ModelDims
 from mishax_py.instrumented import InstrumentedModel
-from mishax_py.naming import layer_site, tl_alias
-from mishax_py.sites import BATCH, KEY_POS, POS, SiteCatalogue, SiteSpec
+from mishax_py.sites import SiteCatalogue
 
 __all__ = ["PATCHES", "VERIFIED_TRANSFORMERS", "Gemma3Family", "build_catalogue", "install", "installed",
            "instrument", "patcher", "uninstall"]
@@ -189,57 +188,7 @@ _FROZEN_IN_LAYER = (("resid_pre", "ln1"), ("attn.q", "attn.q_normed"), ("attn.k"
 def build_catalogue(model: nn.Module) -> SiteCatalogue:
     """The sites of one Gemma 3 model instance, in forward order (names and aliases as in Gemma 2's catalogue)."""
     cfg, base = text_parts(model)
-    d_model, d_mlp, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    stream = (BATCH, POS, d_model)
-    specs: list[SiteSpec] = [
-        _spec("embed", base, "embed", None, stream, "Gemma3TextModel.forward: embed_tokens(input_ids) (× √d_model)"),
-    ]
-    for L, layer in enumerate(base.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        where_l, where_a = "Gemma3DecoderLayer.forward", "Gemma3Attention.forward"
-        heads_q, heads_kv = (BATCH, POS, n_heads, d_head), (BATCH, POS, n_kv, d_head)
-        attn_map = (BATCH, n_heads, POS, KEY_POS)
-
-        def site(kind: str, owner: nn.Module, local: str, dims: tuple[int | str, ...], where: str,
-                 dtype: torch.dtype | None = None, L: int = L) -> SiteSpec:
-            return _spec(layer_site(L, kind), owner, local, L, dims, where, dtype)
-
-        specs += [
-            site("resid_pre", layer, "resid_pre", stream, f"{where_l}: layer input"),
-            site("ln1", layer, "ln1", stream, f"{where_l}: input_layernorm output"),
-            site("attn.q", attn, "q", heads_q, f"{where_a}: q_proj, per head, before the QK norm"),
-            site("attn.k", attn, "k", heads_kv, f"{where_a}: k_proj, per kv head, before the QK norm"),
-            site("attn.v", attn, "v", heads_kv, f"{where_a}: v_proj, per kv head"),
-            site("attn.q_normed", attn, "q_normed", heads_q, f"{where_a}: q_norm output, pre-RoPE"),
-            site("attn.k_normed", attn, "k_normed", heads_kv, f"{where_a}: k_norm output, pre-RoPE"),
-            site("attn.rot_q", attn, "rot_q", heads_q, f"{where_a}: query after RoPE"),
-            site("attn.rot_k", attn, "rot_k", heads_kv, f"{where_a}: key after RoPE (before KV cache)"),
-            site("attn.scores", attn, "scores", attn_map, "eager_attention_forward: scaled, masked logits"),
-            site("attn.pattern", attn, "pattern", attn_map, "eager_attention_forward: softmax"),
-            site("attn.z", attn, "z", heads_q, f"{where_a}: per-head output before o_proj"),
-            site("attn_out_pre_norm", layer, "attn_out_pre_norm", stream, f"{where_l}: o_proj output"),
-            site("attn_out", layer, "attn_out", stream, f"{where_l}: post_attention_layernorm output"),
-            site("resid_mid", layer, "resid_mid", stream, f"{where_l}: residual after attention"),
-            site("ln2_normalized", layer.pre_feedforward_layernorm, "normalized", stream,
-                 "Gemma3RMSNorm.forward: x·rsqrt(mean(x²)+eps), fp32, before the (1+w) gain", dtype=torch.float32),
-            site("ln2", layer, "ln2", stream, f"{where_l}: pre_feedforward_layernorm output"),
-            site("mlp.pre", mlp, "pre", (BATCH, POS, d_mlp), "Gemma3MLP.forward: gate_proj(x)"),
-            site("mlp.pre_linear", mlp, "pre_linear", (BATCH, POS, d_mlp), "Gemma3MLP.forward: up_proj(x)"),
-            site("mlp.post", mlp, "post", (BATCH, POS, d_mlp), "Gemma3MLP.forward: act(gate) * up"),
-            site("mlp_out_pre_norm", layer, "mlp_out_pre_norm", stream, f"{where_l}: down_proj output"),
-            site("mlp_out", layer, "mlp_out", stream, f"{where_l}: post_feedforward_layernorm output"),
-            site("resid_post", layer, "resid_post", stream, f"{where_l}: layer output"),
-        ]
-    specs += [
-        _spec("ln_final", base, "ln_final", None, stream, "Gemma3TextModel.forward: final norm output"),
-        _spec("logits", model, "logits", None, (BATCH, POS, vocab),
-              f"{type(model).__name__}.forward: lm_head output (after the final soft-cap, if any)"),
-    ]
-    return SiteCatalogue(specs)
-
-
-def _spec(name: str, owner: nn.Module, local: str, layer: int | None, dims: tuple[int | str, ...], where: str,
-          dtype: torch.dtype | None = None) -> SiteSpec:
-    """A catalogue entry, aliased by the one TransformerLens table."""
-    return SiteSpec(name, owner, local, layer, dims, where, tl_alias(name), dtype=dtype)
+    return gemma_catalogue(model, base, cfg, prefix="Gemma3", text_model="Gemma3TextModel", qk_norm=True,
+                           scores_where="eager_attention_forward: scaled, masked logits",
+                           logits_where=f"{type(model).__name__}.forward: lm_head output "
+                                        "(after the final soft-cap, if any)")
